@@ -1,0 +1,190 @@
+"""Checkpoints: one orbax Composite per step in workdir/ckpt (MaxText layout).
+
+Items of a step:
+  state      the train-state pytree (params, optax state, step, rng ...)
+  data_iter  the grain iterator position (grain's own orbax handler: one JSON
+             file per process), present when an iterator was given
+  meta       JSON: config, best metrics, anything small
+
+Restoring goes *into* an abstract tree: every leaf's sharding is taken from
+it, so a checkpoint written on one mesh restores onto another.
+
+Where a run starts (`resume_source`): the latest step of workdir/ckpt, else
+`config.resume` (another run's checkpoint: full state), else `config.init`
+(pretrained weights: the trainer loads params only), else scratch.
+"""
+import os
+import pathlib
+from typing import Any, NamedTuple
+
+import grain.checkpoint as grain_ckpt
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from remote_jax.writers import jsonable
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that exists but cannot be read (corrupt, incomplete, mismatched)."""
+
+
+def _abstract(tree):
+  """Leaves -> ShapeDtypeStruct carrying the leaf's sharding (restore target).
+
+  numpy leaves stay numpy (restored on host); shapes without a sharding land
+  on the first device rather than wherever they were saved from.
+  """
+  default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+  def one(x):
+    if isinstance(x, np.ndarray) or np.isscalar(x):
+      return x
+    sharding = getattr(x, "sharding", None) or default
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+  return jax.tree_util.tree_map(one, tree)
+
+
+class Checkpointer:
+  """orbax CheckpointManager over `directory` (normally workdir/ckpt).
+
+  save_every: steps between saves (`save(..., force=True)` saves regardless,
+  e.g. at the end). async_save: write in the background (call `wait()` or
+  `close()` before exit); keep it off in tests.
+  """
+
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3,
+               save_every: int = 1, async_save: bool = True, read_only: bool = False):
+    self.directory = pathlib.Path(directory).absolute()
+    # Exactly every `save_every` steps (orbax's default also saves the first
+    # step it sees), plus on a preemption notice.
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, save_decision_policy=policy,
+        enable_async_checkpointing=async_save, read_only=read_only,
+        create=not read_only)
+    self._mngr = ocp.CheckpointManager(self.directory, options=options)
+
+  @classmethod
+  def for_workdir(cls, workdir: str | os.PathLike, **kw) -> "Checkpointer":
+    return cls(pathlib.Path(workdir) / "ckpt", **kw)
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._mngr.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._mngr.latest_step()
+
+  def save(self, step: int, state: Any, data_iter=None, meta: dict | None = None,
+           force: bool = False) -> bool:
+    """Saves if `step` is due (or `force`) and not already saved; returns whether it did."""
+    step = int(step)
+    if step in self._mngr.all_steps():
+      return False
+    items = {"state": ocp.args.StandardSave(state),
+             "meta": ocp.args.JsonSave(jsonable(meta or {}))}
+    if data_iter is not None:
+      items["data_iter"] = grain_ckpt.CheckpointSave(data_iter)
+    return self._mngr.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state: Any, data_iter=None) -> Any:
+    """The state of `step` restored into `abstract_state`'s structure and
+    shardings; `data_iter` (if given) is moved to the saved position in place."""
+    items = {"state": ocp.args.StandardRestore(_abstract(abstract_state))}
+    saved = self._item_names(step)
+    if data_iter is not None:
+      if "data_iter" not in saved:
+        raise CheckpointError(f"checkpoint step {step} in {self.directory} has no data "
+                              "iterator state, but an iterator was given to restore")
+      items["data_iter"] = grain_ckpt.CheckpointRestore(data_iter)
+    try:
+      out = self._mngr.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:  # orbax raises many types; name the checkpoint
+      raise CheckpointError(
+          f"cannot restore checkpoint step {step} from {self.directory}: "
+          f"{type(e).__name__}: {e}") from e
+    return out["state"]
+
+  def restore_latest(self, abstract_state: Any, data_iter=None) -> tuple[Any, int] | None:
+    """(state, step) of the latest checkpoint, or None when there is none."""
+    step = self.latest_step()
+    if step is None:
+      return None
+    return self.restore(step, abstract_state, data_iter), step
+
+  def load_meta(self, step: int | None = None) -> dict:
+    """The JSON meta item of `step` (default latest)."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    try:
+      return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    except Exception as e:
+      raise CheckpointError(f"cannot read meta of step {step} in {self.directory}: {e}") from e
+
+  def _item_names(self, step: int) -> set[str]:
+    step_dir = self.directory / str(step)
+    if not step_dir.is_dir():
+      raise CheckpointError(f"no checkpoint step {step} in {self.directory} "
+                            f"(have {self.all_steps()})")
+    return {p.name for p in step_dir.iterdir() if p.is_dir()}
+
+  def wait(self) -> None:
+    self._mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self._mngr.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def open_checkpoint(path: str | os.PathLike) -> tuple[Checkpointer, int]:
+  """A read-only Checkpointer and step for `path`: a workdir (uses its ckpt/),
+  a checkpoint root (latest step) or one step directory (that step)."""
+  path = pathlib.Path(path).absolute()
+  if not path.exists():
+    raise FileNotFoundError(f"checkpoint path {path} does not exist")
+  if (path / "ckpt").is_dir():
+    path = path / "ckpt"
+  step = None
+  if path.name.isdigit() and (path / "state").is_dir():
+    path, step = path.parent, int(path.name)
+  ckpt = Checkpointer(path, max_to_keep=None, async_save=False, read_only=True)
+  if step is None:
+    step = ckpt.latest_step()
+    if step is None:
+      raise CheckpointError(f"no finished checkpoint step under {path}")
+  return ckpt, step
+
+
+class Start(NamedTuple):
+  kind: str  # "workdir" | "resume" | "init" | "scratch"
+  path: str | None
+
+
+def resume_source(workdir: str | os.PathLike | None, resume: str | None = None,
+                  init: str | None = None) -> Start:
+  """Where training starts, by precedence: workdir latest > resume > init > scratch.
+
+  A preempted run restarted with the same workdir thus always continues from
+  its own last step, even if its config also names `resume` or `init`.
+  A named `resume`/`init` path that does not exist is an error, not a
+  silent fall-through to scratch.
+  """
+  if workdir is not None:
+    ckpt_dir = pathlib.Path(workdir) / "ckpt"
+    if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+      return Start("workdir", str(ckpt_dir))
+  for kind, path in (("resume", resume), ("init", init)):
+    if path:
+      if not pathlib.Path(path).exists():
+        raise FileNotFoundError(f"config.{kind} = {path!r} does not exist")
+      return Start(kind, str(path))
+  return Start("scratch", None)

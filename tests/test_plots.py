@@ -1,0 +1,112 @@
+"""Plots (PNG files of the expected size) and metric writers (JSONL, TensorBoard)."""
+import json
+import logging
+import struct
+
+import numpy as np
+import pytest
+
+from remote_jax import plots, writers
+
+
+def png_size(path):
+  """(width, height) from the PNG header; asserts the signature."""
+  with open(path, "rb") as f:
+    head = f.read(24)
+  assert head[:8] == b"\x89PNG\r\n\x1a\n"
+  return struct.unpack(">II", head[16:24])
+
+
+def write_run(workdir):
+  with writers.MetricWriter(workdir, enabled=True) as w:
+    w.write_config({"optim": {"lr": 1e-5}, "seed": np.int64(1234)})
+    for step in range(1, 31):
+      w.write(step, {"loss": 2.0 / step, "lr": 1e-5}, split="train")
+    for epoch, step in enumerate((10, 20, 30), start=1):
+      w.write(step, {"epoch": epoch, "f1": 50.0 + epoch, "e-e": {"f1": 40.0}}, split="dev")
+      w.write(step, {"epoch": epoch, "f1": 45.0 + epoch}, split="test")
+    w.write(31, {"loss": float("nan")}, split="train")
+
+
+def test_metric_writer_jsonl_tb_and_config(tmp_path):
+  write_run(tmp_path)
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  records = [json.loads(line) for line in lines]  # every line parses
+  assert len(records) == 30 + 6 + 1
+  assert records[0] == {"step": 1, "split": "train", "loss": 2.0, "lr": 1e-5}
+  assert records[30]["e-e/f1"] == 40.0  # nested dicts flattened
+  assert records[-1]["loss"] is None  # NaN -> null, still valid JSON
+  assert [r["f1"] for r in writers.read_metrics(tmp_path, split="test")] == [46.0, 47.0, 48.0]
+  assert json.loads((tmp_path / "config.json").read_text()) == {
+      "optim": {"lr": 1e-5}, "seed": 1234}
+  scalars = list(writers.iter_event_scalars(tmp_path / "tb"))
+  dev_f1 = [(s, v) for tag, s, v in scalars if tag == "dev/f1"]
+  assert dev_f1 == [(10, 51.0), (20, 52.0), (30, 53.0)]
+  assert ("train/loss", 2, 1.0) in scalars
+
+
+def test_disabled_writer_writes_nothing(tmp_path):
+  w = writers.MetricWriter(tmp_path / "w", enabled=False)
+  w.write_config({"a": 1})
+  w.write(1, {"loss": 1.0}, split="train")
+  w.close()
+  assert not (tmp_path / "w").exists()
+
+
+def test_progress_logs_every_n_steps_without_tty(caplog):
+  p = writers.Progress(total=10, log_every=5, tty=False, enabled=True)
+  with caplog.at_level(logging.INFO, logger="remote_jax.writers"):
+    for step in range(1, 11):
+      status = p.update(step, loss=0.5, examples=32)
+  p.close()
+  assert len(caplog.records) == 2 and "step 10/10" in caplog.records[-1].getMessage()
+  assert status.startswith("loss=0.5000 ex/s=")
+  q = writers.Progress(total=10, tty=False, enabled=True)
+  q.update(1, loss=2.0)
+  assert q.update(2) == "loss=2.0000"  # last loss kept, no ex/s without examples
+  assert writers.Progress(10, enabled=False).update(1, loss=1.0) == ""
+
+
+def test_training_curves(tmp_path):
+  write_run(tmp_path)
+  recs = writers.read_metrics(tmp_path)
+  path = plots.training_curves(recs, tmp_path / "curves.png", figsize=(8, 3), dpi=50)
+  assert png_size(path) == (400, 150)
+  path = plots.training_curves(recs, tmp_path / "by_epoch.png", x="epoch")
+  assert png_size(path) == (1000, 400)
+
+
+def test_confusion_matrix(tmp_path):
+  conf = np.array([[5, 1, 0], [2, 3, 0], [0, 0, 0]])  # an empty row must not divide by 0
+  path = plots.confusion_matrix(conf, ["none", "a", "b"], tmp_path / "c.png",
+                                figsize=(5, 5), dpi=60)
+  assert png_size(path) == (300, 300)
+  with pytest.raises(ValueError, match="relation names"):
+    plots.confusion_matrix(conf, ["none", "a"], tmp_path / "bad.png")
+
+
+def test_router_weights(tmp_path):
+  rng = np.random.default_rng(0)
+  router = rng.dirichlet(np.ones(5), size=(12, 7))  # (N, tokens, E): tokens averaged
+  labels = np.arange(12) % 3
+  path = plots.router_weights(router, labels, ["none", "r1", "r2", "r3"],
+                              [f"V2T_{i}" for i in range(5)], tmp_path / "router.png",
+                              mask=np.arange(12) < 10, figsize=(6, 4), dpi=50)
+  assert png_size(path) == (300, 200)
+  with pytest.raises(ValueError, match="expert names"):
+    plots.router_weights(router, labels, ["none", "r1", "r2"], ["a"], tmp_path / "x.png")
+
+
+def test_ot_diagnostics(tmp_path):
+  diags = {f"{mod}_{lvl}": {"uniform_deviation": dev, "plan_entropy": 1.0 - dev / 10,
+                            "marginal_error": 1e-6}
+           for mod, dev0 in (("text", 0.0), ("vision", 0.5))
+           for lvl, dev in enumerate([dev0, dev0 + 1e-4, 0.3])}
+  assert plots.uniform_plans(diags) == ["text_0", "text_1"]
+  flat = {f"{k}/{n}": v for k, d in diags.items() for n, v in d.items()}  # trainer's form
+  assert plots.uniform_plans(flat) == ["text_0", "text_1"]
+  path = plots.ot_diagnostics(diags, tmp_path / "ot.png", figsize=(9, 3), dpi=40)
+  assert png_size(path) == (360, 120)
+  assert png_size(plots.ot_diagnostics(flat, tmp_path / "flat.png")) == (1200, 350)
+  with pytest.raises(ValueError, match="modality"):
+    plots.ot_diagnostics({"text": {}}, tmp_path / "bad.png")
