@@ -1,0 +1,230 @@
+"""Optimal-transport fusion blocks: the paper's (eqs. 5-8) and the released code's.
+
+`ot_paper`: cost between the raw query tokens (target nu, rows) and source
+tokens (mu, columns), entropic Sinkhorn through ott-jax with a fixed iteration
+count, F' = barycentric map of the plan, out = alpha*query + (1-alpha)*F' with
+alpha = sigmoid(alpha_logit) in R^D (a logit keeps alpha in (0,1) with a
+gradient everywhere, which clipping would not).
+
+`ot_reference`: the released arithmetic (reference_remote.md 3.4): Euclidean
+cost between LN(Linear) projections, K = exp(-C/0.5) + 1e-12, 50 plain-domain
+iterations, out = query + w * (Pi @ source) with a scalar w. On LayerNorm'd
+768-d projections K is the floor everywhere and the plan is uniform: the block
+adds w/n times the mean of the source (`uniform_deviation` ~ 0 shows it).
+
+Both compute in float32 at "highest" matmul precision and cast back.
+"""
+import functools
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from remote_jax.models.fusion import sinkhorn
+from remote_jax.models.fusion.none import (
+  FIELD,
+  batch_mean,
+  cfg_choice,
+  cfg_flag,
+  cfg_number,
+  prepare,
+)
+from remote_jax.models.layers import TorchDense, layer_norm
+
+SOLVERS = ("ott", "jax")
+DIAG_KEYS = ("gate_mean", "marginal_error", "plan_entropy", "uniform_deviation")
+DIFFS = ("unrolled", "implicit")
+
+
+def _finite_grads(fn):
+  """fn, with non-finite input cotangents set to 0 (implicit mode's last guard:
+  one NaN row would otherwise poison every parameter's gradient)."""
+  @jax.custom_vjp
+  def wrapped(*args):
+    return fn(*args)
+
+  def fwd(*args):
+    return jax.vjp(fn, *args)
+
+  def bwd(vjp, g):
+    return tuple(jax.tree.map(lambda t: jnp.where(jnp.isfinite(t), t, 0.0), vjp(g)))
+
+  wrapped.defvjp(fwd, bwd)
+  return wrapped
+
+
+def _weights(mask, pad_weight=0.0):
+  """Uniform weights on valid points, `pad_weight` (relative) on padding. A side
+  with no valid point gets a dummy uniform problem whose result is discarded."""
+  w = jnp.where(mask, 1.0, pad_weight)
+  w = jnp.where(jnp.any(mask, -1, keepdims=True), w, 1.0)
+  return w / jnp.sum(w, -1, keepdims=True)
+
+
+def _masked(x, mask, fill):
+  return jnp.where(mask[..., None], x, fill)
+
+
+def _sow_and_diag(module, plan, a, b, query_mask, source_mask, gate):
+  module.sow("intermediates", "plan", plan)
+  stats = jax.vmap(sinkhorn.plan_stats)(plan, a, b, query_mask, source_mask)
+  ok = stats.pop("ok")
+  diag = batch_mean(stats, ok)
+  diag["gate_mean"] = jnp.mean(gate).astype(jnp.float32)
+  return diag
+
+
+class OTPaper(nn.Module):
+  """Paper eqs. 5-8. See the module docstring and `build_paper` for fields.
+
+  Padded points get zero weight and are replaced by a constant vector (ones,
+  like ott's Cosine padder) before the cost, so nothing NaN leaks into the
+  gradient; masked query rows (and rows with no valid source) return the query.
+  During `init` the block returns the query and zero diagnostics without
+  solving (tracing ott's Sinkhorn at init costs seconds per block).
+  """
+  dim: int
+  epsilon: float = 0.1
+  iters: int = 50
+  cost: str = "cosine"
+  diff: str = "unrolled"
+  solver: str = "ott"
+  tau_a: float = 1.0
+  tau_b: float = 1.0
+  eps_init: float = 1.0
+  eps_decay: float = 1.0
+  alpha_init: float = 0.5
+  mask: bool = True
+  param_dtype: jnp.dtype = jnp.float32
+
+  def _plans(self, x, y, a, b):
+    kw = {"epsilon": self.epsilon, "iters": self.iters, "tau_a": self.tau_a, "tau_b": self.tau_b,
+              "eps_init": self.eps_init, "eps_decay": self.eps_decay}
+    if self.solver == "jax":
+      fn = lambda x, y, a, b: sinkhorn.log_sinkhorn(
+          sinkhorn.cost_matrix(x, y, self.cost), a, b, **kw)
+    else:
+      fn = functools.partial(sinkhorn.ott_plan, cost=self.cost,
+                             implicit=self.diff == "implicit", **kw)
+      if self.diff == "implicit":
+        fn = _finite_grads(fn)
+    return jax.vmap(fn)(x, y, a, b)
+
+  @nn.compact
+  def __call__(self, query, query_mask, source, source_mask, deterministic=True):
+    x, query_mask, y, source_mask = prepare(self, query, query_mask, source, source_mask)
+    logit = math.log(self.alpha_init / (1.0 - self.alpha_init))
+    alpha_logit = self.param(
+        "alpha_logit", nn.with_logical_partitioning(nn.initializers.constant(logit), ("embed",)),
+        (self.dim,), self.param_dtype)
+    if self.is_initializing():   # init needs only the parameter: skip tracing Sinkhorn
+      return query, dict.fromkeys(DIAG_KEYS, jnp.zeros((), jnp.float32))
+    # Where ott NaNs on exact zero weights, padding gets a tiny one (see
+    # sinkhorn.PAD_WEIGHT); its plan entries are zeroed below either way.
+    ott, implicit = self.solver == "ott", self.diff == "implicit"
+    pad_a, pad_b = (sinkhorn.PAD_WEIGHT if ott and (implicit or tau < 1.0) else 0.0
+                    for tau in (self.tau_a, self.tau_b))
+    with jax.default_matmul_precision("highest"):
+      plan = self._plans(_masked(x, query_mask, 1.0), _masked(y, source_mask, 1.0),
+                         _weights(query_mask, pad_a), _weights(source_mask, pad_b))
+      plan = jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+      mass = jnp.sum(plan, -1, keepdims=True)
+      moved = jnp.einsum("bnm,bmd->bnd", plan, y)
+      moved = moved / jnp.where(mass > 0, mass, 1.0)   # barycentre: rows sum to 1
+    alpha = jax.nn.sigmoid(alpha_logit.astype(jnp.float32))
+    fused = alpha * x + (1.0 - alpha) * moved
+    row_ok = query_mask & (mass[..., 0] > 0)
+    out = jnp.where(row_ok[..., None], fused.astype(query.dtype), query)
+    diag = _sow_and_diag(self, plan, _weights(query_mask) * query_mask,
+                         _weights(source_mask) * source_mask, query_mask, source_mask, alpha)
+    return out, diag
+
+
+class OTReference(nn.Module):
+  """The released `OptimalTransportCrossAttention` + scalar residual.
+
+  q = LN(Linear(query)), k = LN(Linear(source)) (torch default init, LN eps
+  1e-5), C = cdist(q, k), K = exp(-C/eps) + 1e-12, u = v = 1 then `iters` x
+  (u = a / max(Kv, 1e-8), v = b / max(K^T u, 1e-8)), a = 1/n, b = 1/m,
+  out = query + w * (diag(u) K diag(v)) @ source. No value projection, no
+  renormalisation (rows of the plan sum to 1/n). `mask=True` (not in the
+  release) restricts a, b and K to valid points and leaves masked rows as is.
+  """
+  dim: int
+  epsilon: float = 0.5
+  iters: int = 50
+  mask: bool = False
+  residual_init: float = 1.0
+  param_dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, query, query_mask, source, source_mask, deterministic=True):
+    x, query_mask, y, source_mask = prepare(self, query, query_mask, source, source_mask)
+    f32, pd = jnp.float32, self.param_dtype
+
+    def project(h, side):
+      dense = TorchDense(self.dim, kernel_axes=("embed", "joined_kv"), dtype=f32,
+                         param_dtype=pd, name=f"{side}_proj")
+      return layer_norm(1e-5, f32, pd, f"{side}_norm")(dense(h))
+
+    w = self.param("w", nn.with_logical_partitioning(
+        nn.initializers.constant(self.residual_init), ()), (), pd)
+    with jax.default_matmul_precision("highest"):
+      q, k = project(x, "q"), project(y, "k")
+    if self.is_initializing():   # parameters exist now; skip the solve
+      return query, dict.fromkeys(DIAG_KEYS, jnp.zeros((), jnp.float32))
+    a, b = _weights(query_mask) * query_mask, _weights(source_mask) * source_mask
+    with jax.default_matmul_precision("highest"):
+      cost = jax.vmap(sinkhorn.safe_cdist)(q, k)
+      solve = functools.partial(sinkhorn.released_plan, epsilon=self.epsilon, iters=self.iters)
+      if self.mask:
+        valid = query_mask[:, :, None] & source_mask[:, None, :]
+        plan = jax.vmap(lambda c, a, b, v: solve(c, a, b, valid=v))(cost, a, b, valid)
+      else:
+        plan = jax.vmap(solve)(cost, a, b)
+      moved = jnp.einsum("bnm,bmd->bnd", plan, y)
+    out = jnp.where(query_mask[..., None], (x + w.astype(f32) * moved).astype(query.dtype),
+                    query)
+    return out, _sow_and_diag(self, plan, a, b, query_mask, source_mask, w)
+
+
+def build_paper(cfg, dim, name):
+  """ot_paper. Defaults: epsilon 0.1 (the paper's lambda, eq. 6, has no value;
+  on cosine costs in [0,2] 0.1 gives a clearly non-uniform yet smooth plan,
+  while the released 0.5 is nearly flat), iters 50 (released), cosine cost,
+  unrolled differentiation (exact gradient of the truncated loop; implicit
+  assumes convergence and is unreliable on low-rank features), balanced,
+  no epsilon schedule, alpha_init 0.5, masks on."""
+  solver = cfg_choice(cfg, "solver", SOLVERS, "ott")
+  diff = cfg_choice(cfg, "diff", DIFFS, "unrolled")
+  if solver == "jax" and diff == "implicit":
+    raise ValueError(f"{FIELD}.diff='implicit' needs {FIELD}.solver='ott' "
+                     f"(the plain-JAX solver is differentiated by unrolling)")
+  return OTPaper(
+      dim=dim,
+      epsilon=cfg_number(cfg, "epsilon", 0.1, lo=0.0, lo_open=True),
+      iters=cfg_number(cfg, "iters", 50, lo=1, integer=True),
+      cost=cfg_choice(cfg, "cost", sinkhorn.COSTS, "cosine"),
+      diff=diff,
+      solver=solver,
+      tau_a=cfg_number(cfg, "tau_a", 1.0, lo=0.0, hi=1.0, lo_open=True),
+      tau_b=cfg_number(cfg, "tau_b", 1.0, lo=0.0, hi=1.0, lo_open=True),
+      eps_init=cfg_number(cfg, "eps_init", 1.0, lo=1.0),
+      eps_decay=cfg_number(cfg, "eps_decay", 1.0, lo=0.0, hi=1.0, lo_open=True),
+      alpha_init=cfg_number(cfg, "alpha_init", 0.5, lo=0.0, hi=1.0, lo_open=True,
+                            hi_open=True),
+      mask=cfg_flag(cfg, "mask", True),
+      name=name)
+
+
+def build_reference(cfg, dim, name):
+  """ot_reference. Defaults are the released constants: epsilon 0.5, iters 50,
+  residual_init 1.0, mask False (the release has no masks)."""
+  return OTReference(
+      dim=dim,
+      epsilon=cfg_number(cfg, "epsilon", 0.5, lo=0.0, lo_open=True),
+      iters=cfg_number(cfg, "iters", 50, lo=1, integer=True),
+      mask=cfg_flag(cfg, "mask", False),
+      residual_init=cfg_number(cfg, "residual_init", 1.0),
+      name=name)
