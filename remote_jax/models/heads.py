@@ -1,0 +1,134 @@
+"""Unified relation head (paper eq. 13 and the classifier; reference_remote.md 3.6).
+
+Per side (head, tail), from the batch fields `{side}_marker`, `{side}_desc`,
+`{side}_obj` (design.md section 1):
+- textual entity (obj == -1): combine([H_T[<s>]; H_T[<k>] or 0])
+- visual object (obj >= 0):   combine([obj_feats[obj]; H_T[<o>]]), the region
+  feature together with its caption marker state (eq. 13).
+`combine` = "mm_linear": one Dense(2D -> D) shared by heads, tails, entities
+and objects (the released code); "concat": the raw 2D concatenation (eq. 13
+read literally; entities zero-padded to 2D so both kinds share a width).
+
+Missing positions (-1) gather zero vectors, as the released code does; a side
+whose primary marker (<s> or <o>) is missing is all zeros (the released code's
+branches all fail then, dropping the region feature too), and
+aux["missing_marker"] (B,) flags an example with such a side.
+
+The classifier is dropout -> [Dense(w) -> act -> dropout]* -> Dense(C) on
+[h_head; h_tail]: hidden=() with dropout 0 is the released single Linear;
+the paper's "MLP + dropout 0.5" is e.g. hidden=(D,), dropout=0.5. The paper
+names no activation; the default is ReLU ("gelu" = exact GELU).
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from remote_jax.models.layers import ACTIVATIONS, TorchDense
+
+Dtype = Any
+SIDES = ("head", "tail")
+POSITION_FIELDS = tuple(f"{s}_{f}" for s in SIDES for f in ("marker", "desc"))
+OBJECT_FIELDS = tuple(f"{s}_obj" for s in SIDES)
+
+
+def validate_indices(batch: dict, num_tokens: int, num_objects: int) -> None:
+  """Raises ValueError naming the field if an index is outside [-1, size).
+
+  Call it on concrete (NumPy) batches; under jit the head clamps instead.
+  """
+  for fields, size, what in ((POSITION_FIELDS, num_tokens, "token positions"),
+                             (OBJECT_FIELDS, num_objects, "object slots")):
+    for field in fields:
+      values = np.asarray(batch[field])
+      bad = (values < -1) | (values >= size)
+      if bad.any():
+        rows = np.flatnonzero(bad)
+        raise ValueError(
+            f"batch[{field!r}] must be in [-1, {size - 1}] ({size} {what}, -1 = "
+            f"missing); got {values.reshape(-1)[rows[:5]].tolist()} at rows "
+            f"{rows[:5].tolist()}")
+
+
+def _is_concrete(batch: dict) -> bool:
+  return not any(isinstance(batch[f], jax.core.Tracer)
+                 for f in POSITION_FIELDS + OBJECT_FIELDS)
+
+
+def gather_rows(x, index):
+  """x (B,N,D), index (B,) -> (B,D): x[b, index[b]], zeros where index < 0.
+
+  Out-of-range indices are clamped (only reachable under jit; see
+  validate_indices).
+  """
+  safe = jnp.clip(index, 0, x.shape[1] - 1)
+  rows = jnp.take_along_axis(x, safe[:, None, None], axis=1)[:, 0]
+  return jnp.where((index >= 0)[:, None], rows, jnp.zeros_like(rows))
+
+
+def combine_mm_linear(module: nn.Module, pairs):
+  dense = TorchDense(pairs.shape[-1] // 2, kernel_axes=("mlp", "embed"),
+                     dtype=module.dtype, param_dtype=module.param_dtype,
+                     name="mm_linear")
+  return dense(pairs)
+
+
+def combine_concat(module: nn.Module, pairs):
+  del module
+  return pairs
+
+
+COMBINES = {"mm_linear": combine_mm_linear, "concat": combine_concat}
+
+
+class RelationHead(nn.Module):
+  """(H_T (B,L,D), obj_feats (B,K,D), batch, deterministic) -> (logits (B,C), aux)."""
+  num_classes: int
+  hidden: tuple[int, ...] = ()
+  dropout: float = 0.0
+  use_desc: bool = True
+  combine: str = "mm_linear"
+  activation: str = "relu"
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, h_t, obj_feats, batch, deterministic=True):
+    if self.combine not in COMBINES:
+      raise ValueError(f"model.head.combine={self.combine!r}: allowed {sorted(COMBINES)}")
+    if self.activation not in ACTIVATIONS:
+      raise ValueError(f"model.head.activation={self.activation!r}: "
+                       f"allowed {sorted(ACTIVATIONS)}")
+    if _is_concrete(batch):
+      validate_indices(batch, h_t.shape[1], obj_feats.shape[1])
+    pairs, present = [], []
+    for side in SIDES:
+      marker = jnp.asarray(batch[f"{side}_marker"], jnp.int32)
+      obj = jnp.asarray(batch[f"{side}_obj"], jnp.int32)
+      h_marker = gather_rows(h_t, marker)
+      h_desc = gather_rows(h_t, jnp.asarray(batch[f"{side}_desc"], jnp.int32))
+      if not self.use_desc:
+        h_desc = jnp.zeros_like(h_desc)
+      entity = jnp.concatenate([h_marker, h_desc], axis=-1)
+      region = jnp.concatenate([gather_rows(obj_feats, obj), h_marker], axis=-1)
+      pairs.append(jnp.where((obj >= 0)[:, None], region, entity))
+      present.append(marker >= 0)
+    pairs = jnp.stack(pairs, axis=1).astype(self.dtype)           # (B,2,2D)
+    present = jnp.stack(present, axis=1)                           # (B,2)
+    sides = COMBINES[self.combine](self, pairs)
+    sides = jnp.where(present[..., None], sides, jnp.zeros_like(sides))
+    x = sides.reshape(sides.shape[0], -1)                          # [h_head; h_tail]
+    act = ACTIVATIONS[self.activation]
+    axes = ("embed", "mlp")
+    for i, width in enumerate(self.hidden):
+      x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+      x = act(TorchDense(width, kernel_axes=axes, dtype=self.dtype,
+                         param_dtype=self.param_dtype, name=f"hidden_{i}")(x))
+      axes = axes[::-1]   # a kernel never carries one logical name twice
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    logits = TorchDense(self.num_classes, kernel_axes=(axes[0], "classes"),
+                        dtype=self.dtype, param_dtype=self.param_dtype,
+                        name="classifier")(x)
+    return logits.astype(jnp.float32), {"missing_marker": ~present.all(axis=1)}
