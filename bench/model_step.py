@@ -1,0 +1,162 @@
+r"""Full-model benchmark: forward, train step, compile time, peak memory, FLOP/s.
+
+  python -m bench.model_step                       # tiny + base shapes, paper semantics
+  python -m bench.model_step --sizes tiny --semantics paper,reference
+  python -m bench.model_step --sizes base --batch 8 --length 256
+
+Prints one JSON object per line. Each configuration runs in its own
+subprocess so that `peak_rss_gib` (the process's maximum resident set, which
+on a CPU holds parameters, optimizer state and activations) belongs to it
+alone. `flops` is XLA's cost analysis of the compiled step; `matmul_peak` is
+this machine's measured fp32 matmul rate (4096^2, same threads), so
+`fraction_of_peak` compares with perf_reference.md's 66% for the released code.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+
+def matmul_peak_gflops(n=4096, reps=3):
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = float("inf")
+  for _ in range(reps):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n ** 3 / best / 1e9
+
+
+def batch_for(meta, batch, rng):
+  from remote_jax import trainer
+  b = trainer.dummy_batch(meta, None, None, batch)
+  L, K = meta["max_length"], meta["num_objects"]
+  b["input_ids"] = rng.integers(1000, 30000, (batch, L)).astype(np.int32)
+  b["attention_mask"][:, int(L * 0.8):] = 0
+  b["obj_pixels"] = rng.normal(size=b["obj_pixels"].shape).astype(np.float32)
+  b["obj_depth"] = rng.normal(size=b["obj_depth"].shape).astype(np.float32)
+  b["obj_boxes"] = rng.uniform(size=b["obj_boxes"].shape).astype(np.float32)
+  b["obj_mask"][:, K - 2:] = False
+  b["head_marker"][:], b["tail_marker"][:] = 1, 5
+  b["head_desc"][:] = L // 2
+  b["tail_obj"][: batch // 2] = 0
+  b["label"] = rng.integers(0, 8, batch).astype(np.int32)
+  return b
+
+
+def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff):
+  import flax.linen as nn
+  import jax
+  import optax
+
+  from configs import common
+  from remote_jax import trainer
+  from remote_jax.models import remote
+
+  cfg = common.model_config(size, semantics)
+  cfg.vision.image_size = crop
+  cfg.vision.patch_size = 32 if crop >= 64 else crop // 2
+  cfg.dtype = dtype
+  cfg.remat = remat
+  if mot:
+    cfg.mot.variant = mot
+  if diff:
+    cfg.mot.diff = diff
+  meta = dict(max_length=length, num_objects=objects, crop_size=crop)
+  rng = np.random.default_rng(0)
+  b = batch_for(meta, batch, rng)
+  model = remote.build(cfg, 28, 30534)
+  t0 = time.perf_counter()
+  params = nn.meta.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, b)["params"])
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  tx = optax.adamw(1e-5, weight_decay=0.01)
+  state = trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                             opt_state=tx.init(params))
+  step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
+  fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, b, jax.random.key(1)).compile()
+  compile_s = time.perf_counter() - t0
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  t0 = time.perf_counter()
+  fwd_c = fwd.lower(params, b).compile()
+  fwd_compile_s = time.perf_counter() - t0
+
+  def timeit(fn, n):
+    out, times = None, []
+    for _ in range(n):
+      t = time.perf_counter()
+      out = fn()
+      jax.block_until_ready(out)
+      times.append(time.perf_counter() - t)
+    return out, times
+
+  _, fwd_times = timeit(lambda: fwd_c(params, b), steps + 1)
+  holder = [state]
+
+  def one_step():
+    holder[0], m = compiled(holder[0], b, jax.random.key(1))
+    return m["loss"]
+
+  _, step_times = timeit(one_step, steps + 1)
+  step_s = float(np.median(step_times[1:]))
+  return dict(
+      size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff, dtype=dtype,
+      batch=batch, tokens=length, objects=objects, crop=crop, params_m=round(n_params / 1e6, 2),
+      init_s=round(init_s, 2), compile_train_s=round(compile_s, 2),
+      compile_forward_s=round(fwd_compile_s, 2),
+      forward_s=round(float(np.median(fwd_times[1:])), 4), train_step_s=round(step_s, 4),
+      samples_per_s=round(batch / step_s, 3), train_gflop=round(flops / 1e9, 1),
+      achieved_gflops=round(flops / step_s / 1e9, 1) if flops else None,
+      peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+      backend=jax.default_backend(), devices=jax.device_count())
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--sizes", default="tiny,base")
+  ap.add_argument("--semantics", default="paper")
+  ap.add_argument("--batch", type=int, default=0, help="0: 8 for tiny, 32 for base")
+  ap.add_argument("--length", type=int, default=0, help="0: 48 for tiny, 128 for base")
+  ap.add_argument("--objects", type=int, default=12)
+  ap.add_argument("--steps", type=int, default=3)
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--remat", action="store_true")
+  ap.add_argument("--mot", default="")
+  ap.add_argument("--diff", default="")
+  ap.add_argument("--one", default="", help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.one:   # child process: one configuration
+    print(json.dumps(run_one(**json.loads(args.one))), flush=True)
+    return
+  print(json.dumps({"matmul_peak_gflops": round(matmul_peak_gflops(), 1)}), flush=True)
+  for size in args.sizes.split(","):
+    for semantics in args.semantics.split(","):
+      one = dict(size=size, semantics=semantics,
+                 batch=args.batch or (8 if size == "tiny" else 32),
+                 length=args.length or (48 if size == "tiny" else 128),
+                 objects=args.objects, crop=32 if size == "tiny" else 64, steps=args.steps,
+                 dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff)
+      out = subprocess.run([sys.executable, "-m", "bench.model_step", "--one", json.dumps(one)],
+                           capture_output=True, text=True, env=dict(os.environ))
+      line = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
+      print(line[0] if line else json.dumps({**one, "error": out.stderr.strip()[-800:]}),
+            flush=True)
+
+
+if __name__ == "__main__":
+  main()

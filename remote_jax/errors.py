@@ -1,0 +1,37 @@
+"""User-facing errors: one clear line instead of a deep traceback.
+
+Errors that describe bad input (a data file, a config field, a checkpoint
+directory) are raised by our own code as ValueError / FileNotFoundError
+(subclasses) whose message already names the file, line or field.
+`user_errors()` prints such a message alone and exits with status 2. The same
+exception types raised inside a library (jax, flax, ...) keep their traceback:
+they are bugs, not bad input.
+"""
+import contextlib
+import os
+import pathlib
+import sys
+import traceback
+
+OUR_CODE = tuple(str(pathlib.Path(__file__).resolve().parents[1] / d)
+                 for d in ("remote_jax", "mi2rage_jax", "configs"))
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+@contextlib.contextmanager
+def user_errors():
+  try:
+    yield
+  except USER_ERRORS as e:
+    if os.environ.get("REMOTE_JAX_TRACEBACK") or not raised_by_us(e):
+      raise
+    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"error: {msg}\n(set REMOTE_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+    sys.exit(2)
+
+
+def raised_by_us(exc):
+  """True when the innermost frame of `exc` is in this project's code."""
+  frames = traceback.extract_tb(exc.__traceback__)
+  return bool(frames) and str(pathlib.Path(frames[-1].filename).resolve()).startswith(OUR_CODE)

@@ -1,0 +1,42 @@
+r"""Scores a checkpoint on a split.
+
+  python -m remote_jax.evaluate --config configs/demo.py --workdir runs/demo --split test
+
+`--checkpoint` may name another workdir, checkpoint root or step directory;
+by default the workdir's latest checkpoint is used. Prints JSON.
+"""
+import json
+import logging
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding ckpt/.")
+_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint path (default: workdir).")
+_SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test).")
+
+
+def main(argv):
+  del argv
+  from remote_jax import errors
+  from remote_jax import metrics
+  from remote_jax import trainer
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  with errors.user_errors():
+    path = _CHECKPOINT.value or _WORKDIR.value
+    if not path:
+      raise ValueError("give --workdir or --checkpoint")
+    s, state, step = trainer.restore(_CONFIG.value, path)
+    res = trainer.evaluate(s, state.params, _SPLIT.value)
+    out = {"checkpoint": str(path), "step": step, "split": _SPLIT.value,
+           **metrics.scalar_metrics(trainer.loggable(res), prefix=_SPLIT.value)}
+    json.dump(out, sys.stdout, indent=2)
+    print()
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,249 @@
+"""REMOTE: encoders + multilevel OT + multimodal MoE + unified relation head.
+
+The co-encoder walks the text and vision towers one layer at a time, so that
+the multilevel optimal transport (paper sec. 5.2) can fuse every level with the
+levels below it before the next layer runs, as the released code does. Level 0
+is the embedding output, level l the output of layer l (after fusion).
+
+Two semantics share this code (configs/common.py:model_config):
+- "paper": each object crop encoded alone (RGB + depth tokens + box position
+  embedding, eq. 4), cosine-cost OT with a convex gate, one MMoE router, an MLP
+  head; masks everywhere.
+- "reference": the released code: all object tokens attend jointly, text K/V
+  prefixed into late ViT layers, object pooling + box embedding after
+  `pool_layer`, object attention inside late BERT FFNs, Euclidean OT that
+  degenerates to mean pooling, two per-token MoE routers, a linear head.
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from remote_jax.models import heads as heads_lib
+from remote_jax.models import moe as moe_lib
+from remote_jax.models.encoders import bert as bert_lib
+from remote_jax.models.encoders import clip_vit as clip_lib
+from remote_jax.models.fusion import FUSIONS
+from remote_jax.models.layers import TorchDense
+from remote_jax.models.layers import masked_mean
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def bert_config(cfg, vocab_size):
+  t = cfg.text
+  return bert_lib.BertConfig(
+      vocab_size=vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
+      num_heads=t.num_heads, intermediate_size=t.intermediate_size,
+      max_position_embeddings=t.max_position_embeddings,
+      type_vocab_size=t.type_vocab_size, hidden_dropout=t.hidden_dropout,
+      attention_dropout=t.attention_dropout, layer_norm_eps=t.layer_norm_eps,
+      initializer_range=t.initializer_range)
+
+
+def clip_config(cfg):
+  v = cfg.vision
+  return clip_lib.CLIPVisionConfig(
+      image_size=v.image_size, patch_size=v.patch_size,
+      hidden_size=v.hidden_size, num_layers=v.num_layers,
+      num_heads=v.num_heads, intermediate_size=v.intermediate_size,
+      layer_norm_eps=v.layer_norm_eps, use_cls=v.use_cls,
+      use_depth=v.use_depth, attention_dropout=v.attention_dropout,
+      initializer_range=v.initializer_range)
+
+
+def mot_levels(cfg_mot, num_layers):
+  """Target levels that get OT fusion, and each one's source levels."""
+  first = 2 if cfg_mot.source_levels == "skip_previous" else 1
+  if cfg_mot.source_levels not in ("all_below", "skip_previous"):
+    raise ValueError(
+        f"model.mot.source_levels={cfg_mot.source_levels!r}: allowed "
+        "'all_below' (paper eq. 5: levels 0..l-1) or 'skip_previous' "
+        "(released code: levels 0..l-2)")
+  if cfg_mot.variant == "none":
+    return {}
+  if cfg_mot.levels == "all":
+    targets = list(range(first, num_layers + 1))
+  else:
+    try:
+      targets = sorted({int(x) for x in str(cfg_mot.levels).split(",") if x})
+    except ValueError as e:
+      raise ValueError(f"model.mot.levels={cfg_mot.levels!r}: 'all' or a "
+                       "comma list of level indices") from e
+    bad = [t for t in targets if not first <= t <= num_layers]
+    if bad:
+      raise ValueError(f"model.mot.levels: {bad} out of range; allowed "
+                       f"{first}..{num_layers} with source_levels="
+                       f"{cfg_mot.source_levels!r}")
+  stop = 1 if cfg_mot.source_levels == "skip_previous" else 0
+  return {t: tuple(range(0, t - stop)) for t in targets}
+
+
+class RemoteModel(nn.Module):
+  """The full model; `cfg` is config.model plus `num_classes`, `vocab_size`."""
+  cfg: Any
+  num_classes: int
+  vocab_size: int
+
+  def setup(self):
+    cfg = self.cfg
+    self.dtype = DTYPES[cfg.dtype]
+    self.text = bert_lib.BertEncoder(bert_config(cfg, self.vocab_size),
+                                     dtype=self.dtype, remat=cfg.remat, name="text")
+    self.vision = clip_lib.CLIPVisionTower(clip_config(cfg), dtype=self.dtype,
+                                           remat=cfg.remat, name="vision")
+    d = cfg.vision.hidden_size
+    if cfg.text.hidden_size != d:
+      raise ValueError(
+          f"model.text.hidden_size={cfg.text.hidden_size} and "
+          f"model.vision.hidden_size={d} must match (fusion works in one width)")
+    self.num_layers = cfg.text.num_layers
+    self.levels = mot_levels(cfg.mot, self.num_layers)
+    if cfg.mot.variant not in FUSIONS:
+      raise ValueError(f"model.mot.variant={cfg.mot.variant!r}: allowed "
+                       f"{sorted(FUSIONS)}")
+    build = FUSIONS[cfg.mot.variant]
+    self.mot_text = {str(t): build(dict(cfg.mot), d, f"mot_text_{t}")
+                     for t in self.levels}
+    self.mot_vision = {str(t): build(dict(cfg.mot), d, f"mot_vision_{t}")
+                       for t in self.levels}
+    if cfg.moe.variant not in moe_lib.MMOE:
+      raise ValueError(f"model.moe.variant={cfg.moe.variant!r}: allowed "
+                       f"{sorted(moe_lib.MMOE)}")
+    self.moe = moe_lib.MMOE[cfg.moe.variant](dict(cfg.moe, dtype=cfg.dtype), d, "moe")
+    self.head = heads_lib.RelationHead(
+        num_classes=self.num_classes, hidden=tuple(cfg.head.hidden),
+        dropout=cfg.head.dropout, use_desc=cfg.head.use_desc, dtype=self.dtype,
+        name="head")
+    if cfg.use_pos:
+      # Box features [l, t, r, b, area] -> model width. New layers use
+      # PyTorch's default init, as the released code (reference_remote.md 3.1).
+      self.box_embed = TorchDense(d, kernel_axes=("position", "embed"),
+                                  dtype=self.dtype, name="box_embed")
+    if cfg.co_encoder:
+      self.pool_norm = nn.LayerNorm(epsilon=1e-12, dtype=self.dtype,
+                                    name="pool_norm")
+      self.pool_dropout = nn.Dropout(0.1)
+
+  # -- pieces -----------------------------------------------------------------
+
+  def embed_objects(self, batch):
+    """Object crops -> (B, K*T, D) tokens and their mask; T tokens per object."""
+    pixels = batch["obj_pixels"].astype(self.dtype)
+    b, k = pixels.shape[:2]
+    flat = pixels.reshape((b * k,) + pixels.shape[2:])
+    depth = None
+    if self.cfg.vision.use_depth:
+      depth = batch["obj_depth"].astype(self.dtype)
+      depth = depth.reshape((b * k,) + depth.shape[2:])
+    tokens = self.vision.embeddings(flat, depth)               # (B*K, T, D)
+    t = tokens.shape[1]
+    tokens = tokens.reshape(b, k, t, -1)
+    if self.cfg.use_pos and not self.cfg.co_encoder:
+      # Paper eq. 4: the box position is added to every RGB and depth token.
+      tokens = tokens + self.box_embed(batch["obj_boxes"].astype(self.dtype))[:, :, None]
+    tokens = self.vision.pre_layrnorm(tokens.reshape(b, k * t, -1))
+    mask = jnp.repeat(batch["obj_mask"], t, axis=1)
+    return tokens, mask, t
+
+  def vision_layer(self, i, v, v_mask, per_object_t, prefix_kv, deterministic):
+    layer = self.vision.layers[i]
+    if per_object_t:
+      b, n, d = v.shape
+      k = n // per_object_t
+      out = layer(v.reshape(b * k, per_object_t, d), deterministic)
+      return out.reshape(b, n, d)
+    mask = v_mask if self.cfg.respect_masks else None
+    # Positional: remat'd layers take static arguments by position.
+    return layer(v, deterministic, prefix_kv, mask)
+
+  def pool_objects(self, v, v_mask, t, batch, deterministic):
+    """Released code after layer `pool_layer`: mean of each object's tokens + box."""
+    b, n, d = v.shape
+    pooled = v.reshape(b, n // t, t, d).mean(axis=2)
+    if self.cfg.use_pos:
+      pooled = pooled + self.box_embed(batch["obj_boxes"].astype(self.dtype))
+    pooled = self.pool_dropout(self.pool_norm(pooled), deterministic=deterministic)
+    return pooled, batch["obj_mask"]
+
+  # -- forward ----------------------------------------------------------------
+
+  def __call__(self, batch, deterministic=True):
+    cfg = self.cfg
+    text_mask = batch["attention_mask"].astype(bool)
+    t_h = self.text.embeddings(batch["input_ids"], batch["token_type_ids"],
+                               deterministic=deterministic)
+    v_h, v_mask, tok_per_obj = self.embed_objects(batch)
+    per_object = cfg.object_attention == "per_object"
+    if cfg.object_attention not in ("per_object", "joint"):
+      raise ValueError(f"model.object_attention={cfg.object_attention!r}: "
+                       "allowed 'per_object', 'joint'")
+    text_levels, text_masks = [t_h], [text_mask]
+    vision_levels, vision_masks = [v_h], [v_mask]
+    ot_diag = {}
+    kv_text = None
+    pooled = False
+    attn_mask = batch["attention_mask"]
+    for i in range(self.num_layers):
+      co = cfg.co_encoder
+      prefix = kv_text if (co and i > cfg.pool_layer) else None
+      v_h = self.vision_layer(i, v_h, v_mask,
+                              tok_per_obj if (per_object and not pooled) else 0,
+                              prefix, deterministic)
+      if co and i == cfg.pool_layer:
+        v_h, v_mask = self.pool_objects(v_h, v_mask, tok_per_obj, batch,
+                                        deterministic)
+        pooled = True
+      visual = v_h if (co and i > cfg.pool_layer) else None
+      visual_mask = v_mask if cfg.respect_masks else None
+      out = self.text.layers[i](t_h, attn_mask, deterministic, None,
+                                co and i >= cfg.pool_layer, visual, visual_mask)
+      if co and i >= cfg.pool_layer:
+        t_h, kv_text = out
+      else:
+        t_h = out
+      level = i + 1
+      if level in self.levels:
+        src = self.levels[level]
+        t_h, diag_t = self.mot_text[str(level)](
+            t_h, text_mask, jnp.concatenate([text_levels[j] for j in src], 1),
+            jnp.concatenate([text_masks[j] for j in src], 1), deterministic)
+        v_h, diag_v = self.mot_vision[str(level)](
+            v_h, v_mask, jnp.concatenate([vision_levels[j] for j in src], 1),
+            jnp.concatenate([vision_masks[j] for j in src], 1), deterministic)
+        ot_diag[f"text_{level}"] = diag_t
+        ot_diag[f"vision_{level}"] = diag_v
+      text_levels.append(t_h)
+      text_masks.append(text_mask)
+      vision_levels.append(v_h)
+      vision_masks.append(v_mask)
+
+    h_t, h_v, moe_aux = self.moe(text_levels, text_mask, vision_levels,
+                                 vision_masks, deterministic=deterministic)
+    if h_v.shape[1] == batch["obj_mask"].shape[1]:
+      obj_feats = h_v
+    else:   # token level: an object's feature is the mean of its tokens
+      b, n, d = h_v.shape
+      k = batch["obj_mask"].shape[1]
+      obj_feats = masked_mean(h_v.reshape(b, k, n // k, d),
+                              v_mask.reshape(b, k, n // k), axis=2)
+    logits, head_aux = self.head(h_t, obj_feats, batch,
+                                 deterministic=deterministic)
+    aux = dict(router=moe_aux.get("router"), ot=ot_diag,
+               missing_marker=head_aux["missing_marker"])
+    return logits.astype(jnp.float32), aux
+
+
+def expert_names(model_cfg):
+  """The MMoE's expert names (static), for logs and the router plot."""
+  moe = moe_lib.MMOE[model_cfg.moe.variant](dict(model_cfg.moe), 1, "moe")
+  levels = model_cfg.text.num_layers + 1
+  return tuple(moe.expert_names(levels, levels))
+
+
+def build(model_cfg, num_classes, vocab_size):
+  return RemoteModel(model_cfg, num_classes=num_classes, vocab_size=vocab_size)
+
+
+MODELS = {"remote": build}

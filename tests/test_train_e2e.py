@@ -1,0 +1,129 @@
+"""End to end on the embedded demo world, through the CLIs: train, checkpoint,
+stop as if killed, resume to identical metrics, evaluate and predict.
+
+The CLIs run in subprocesses on one CPU device and share a persistent XLA
+cache, so the model compiles once for the whole file.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+SMALL_DEMO = dict(seed=3, n_train=48, n_val=16, n_test=16)
+CONFIG = "--config=configs/demo.py:runlocal"
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+  cache = tmp_path_factory.mktemp("xla_cache")
+  data = tmp_path_factory.mktemp("data_cache")
+  environ = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="",
+                 JAX_COMPILATION_CACHE_DIR=str(cache),
+                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
+  return environ, data
+
+
+def overrides(data):
+  return [f"--config.data.cache_dir={data}", "--config.max_steps=6",
+          "--config.eval_every_steps=3", "--config.log_every_steps=3",
+          "--config.model.mot.iters=5", "--config.batch_size=4",
+          "--config.eval_batch_size=8",
+          *(f"--config.data.demo.{k}={v}" for k, v in SMALL_DEMO.items())]
+
+
+def run_cli(env, module, *args):
+  environ, _ = env
+  return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=environ,
+                        capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def full_run(env, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("full")
+  out = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={workdir}", *overrides(env[1]))
+  assert out.returncode == 0, out.stderr[-3000:]
+  return workdir, out
+
+
+def test_train_writes_checkpoints_logs_plots_and_table(full_run):
+  workdir, out = full_run
+  assert "model selected on dev" in out.stdout
+  assert {p.name for p in (workdir / "ckpt").iterdir()} >= {"3", "6"}
+  for name in ("training_curves.png", "ot_diagnostics.png", "router_weights.png",
+               "confusion_test.png"):
+    assert (workdir / "plots" / name).stat().st_size > 1000, name
+  assert list((workdir / "tb").iterdir())
+  records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert {r["split"] for r in records} >= {"train", "dev", "test", "summary"}
+  assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "demo"
+
+
+def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path):
+  full = json.loads((full_run[0] / "summary.json").read_text())
+  cut = [CONFIG, f"--workdir={tmp_path}", *overrides(env[1])]
+  first = run_cli(env, "remote_jax.train", *cut, "--config.stop_after_step=3")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert not (tmp_path / "summary.json").exists()
+  second = run_cli(env, "remote_jax.train", *cut)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "resumed from" in second.stderr
+  resumed = json.loads((tmp_path / "summary.json").read_text())
+  assert resumed["last"]["step"] == full["last"]["step"] == 6
+  for key, value in full["last"].items():
+    assert resumed["last"][key] == pytest.approx(value, abs=1e-6), key
+
+
+def test_evaluate_and_predict_from_checkpoint(env, full_run):
+  workdir, _ = full_run
+  summary = json.loads((workdir / "summary.json").read_text())
+  ev = run_cli(env, "remote_jax.evaluate", CONFIG, f"--workdir={workdir}", "--split=test",
+               *overrides(env[1]))
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  scores = json.loads(ev.stdout)
+  shared = [k for k in scores if k in summary["last"]]
+  assert {"test/f1", "test/acc", "test/precision"} <= set(shared)
+  for key in shared:
+    assert scores[key] == pytest.approx(summary["last"][key], abs=1e-6), key
+
+  pred = run_cli(env, "remote_jax.predict", CONFIG, f"--workdir={workdir}", "--split=test",
+                 *overrides(env[1]))
+  assert pred.returncode == 0, pred.stderr[-3000:]
+  lines = (workdir / "predictions_test.jsonl").read_text().splitlines()
+  assert len(lines) == SMALL_DEMO["n_test"]
+  rec = json.loads(lines[0])
+  assert set(rec) >= {"index", "label", "pred", "probs", "router", "triplet_type"}
+  assert sum(rec["probs"].values()) == pytest.approx(1.0, abs=1e-4)
+  assert sorted(json.loads(l)["index"] for l in lines) == list(range(SMALL_DEMO["n_test"]))
+  correct = sum(json.loads(l)["label"] == json.loads(l)["pred"] for l in lines)
+  assert 100.0 * correct / len(lines) == pytest.approx(summary["last"]["test/acc"], abs=1e-6)
+
+
+def test_umre_without_data_says_where_it_comes_from(env, tmp_path):
+  out = run_cli(env, "remote_jax.train", "--config=configs/umre.py", f"--workdir={tmp_path}")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "data.root" in out.stderr and "Nikol-coder/REMOTE" in out.stderr
+  assert "Traceback" not in out.stderr
+
+
+def test_bad_config_arg_is_one_clear_line(env, tmp_path):
+  out = run_cli(env, "remote_jax.train", "--config=configs/demo.py:mot=sinkhornish",
+                f"--workdir={tmp_path}", f"--config.data.cache_dir={env[1]}",
+                *(f"--config.data.demo.{k}={v}" for k, v in SMALL_DEMO.items()))
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "model.mot.variant" in out.stderr and "Traceback" not in out.stderr
+
+
+@pytest.mark.slow
+def test_demo_learns_well_above_chance(env, tmp_path):
+  """The default demo (make run) trains to an F1 far above chance on every triplet type."""
+  out = run_cli(env, "remote_jax.train", "--config=configs/demo.py", f"--workdir={tmp_path}",
+                f"--config.data.cache_dir={env[1]}")
+  assert out.returncode == 0, out.stderr[-3000:]
+  best = json.loads((tmp_path / "summary.json").read_text())["best_dev"]
+  assert best["test/f1"] > 60.0, best
+  for bucket in ("e-e", "o-o", "e-o"):
+    assert best[f"test/{bucket}/f1"] > 40.0, (bucket, best)
