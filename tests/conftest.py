@@ -7,10 +7,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-# A persistent XLA cache shared by this session's tests and the CLI subprocesses
-# they start: the same program compiles once.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/remote_jax_test_xla_cache_{os.getuid()}")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 import pathlib  # noqa: E402
 
