@@ -52,17 +52,41 @@ _SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "
               "gu", "pel", "ris", "tam", "ko", "vi", "sen")
 _ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
 DEFAULTS = dict(seed=0, n_train=600, n_val=150, n_test=150, image_size=96)
+# Part of the cache key of ensure_demo_dataset: bump when the generated data changes.
+GENERATOR_VERSION = 2
 
 
 def _word(rng, n):
   return "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()
 
 
+def _pools(seed=1234, people=40, places=16, orgs=16):
+  """Fixed casts of invented names, shared by every split and seed: a name recurs across
+  examples of every label, so it carries no label (a name unique to one example would let a
+  tiny model memorise that example instead of learning the relation)."""
+  rng = np.random.default_rng(seed)
+
+  def unique(make, n):
+    out = []
+    while len(out) < n:
+      name = make()
+      if name not in out:
+        out.append(name)
+    return tuple(out)
+
+  return dict(p=unique(lambda: f"{_word(rng, 2)} {_word(rng, 2)}", people),
+              l=unique(lambda: _word(rng, 3), places),
+              o=unique(lambda: f"{_word(rng, 2)} {rng.choice(_ORG_SUFFIX)}", orgs))
+
+
+NAME_POOLS = _pools()
+
+
 def _names(rng):
-  """Invented person, place and organisation names sharing no word (spans stay unique)."""
+  """Person, place and organisation names from the casts, sharing no word (spans stay
+  unique)."""
   while True:
-    names = dict(p=f"{_word(rng, 2)} {_word(rng, 2)}", l=_word(rng, 3),
-                 o=f"{_word(rng, 2)} {rng.choice(_ORG_SUFFIX)}")
+    names = {k: pool[int(rng.integers(len(pool)))] for k, pool in NAME_POOLS.items()}
     words = " ".join(names.values()).split()
     if len(set(words)) == len(words):
       return names
@@ -265,8 +289,9 @@ def demo_params(cfg):
 
 
 def ensure_demo_dataset(root, params):
-  """`root/demo-<hash of params>`, written once (atomically, safe with parallel writers)."""
-  key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+  """`root/demo-<hash of params and GENERATOR_VERSION>`, written once (atomically, safe with parallel writers)."""
+  key = hashlib.sha1(json.dumps(dict(params, generator=GENERATOR_VERSION),
+                                sort_keys=True).encode()).hexdigest()[:10]
   final = pathlib.Path(root) / f"demo-{key}"
   if (final / "DONE").exists():
     return final
