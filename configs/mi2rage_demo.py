@@ -1,0 +1,70 @@
+r"""MI2RAGE on the embedded demo world, both missing-modality settings, on a CPU.
+
+  python -m mi2rage_jax.train --config configs/mi2rage_demo.py --workdir runs/mi2rage_demo
+
+Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
+  setting   both | no_real_text | no_real_image
+  teacher   trained | similarity | random | none          (table 2 ablations)
+  rounds    K, chained generation rounds (0 = no CCG)
+  unimodal  train/test on the real training modality only
+  n_train, n_test   synthetic views per instance in the student (fig. 5)
+  noise     the demo generators' rate of label-irrelevant outputs
+  size      micro | tiny | small | minilm | base (encoder sizes)
+  seed, fast (1 round, 2 steps, a few instances: smoke tests)
+"""
+import ml_collections
+
+from configs import common
+
+# A one-layer model for smoke tests (the "tiny" of configs/common.py has two).
+MICRO = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+
+
+def base_config(arg, **defaults):
+  """The MI2RAGE config shared by the demo and MNRE configs."""
+  spec = dict(setting="both", teacher="trained", rounds=1, unimodal=False, n_train=3,
+              n_test=3, noise=0.3, seed=0, size="tiny", fast=False)
+  spec.update(defaults)
+  arg = common.parse_arg(arg, **spec)
+  sizes = dict(common.TEXT_SIZES, micro=MICRO)
+  vision_sizes = dict(common.VISION_SIZES, micro=MICRO)
+  text = dict(sizes[arg.size], vocab_size=30534, max_position_embeddings=512,
+              type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1,
+              layer_norm_eps=1e-12, initializer_range=0.02, pretrained_dir="")
+  vision = dict(vision_sizes[arg.size], image_size=32, patch_size=8,
+                layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02,
+                pretrained_dir="")
+  optim = dict(lr=5e-4, schedule="linear", warmup_ratio=0.1, weight_decay=0.01,
+               decay_mask="no_bias_norm", clip_norm=1.0)
+  settings = (("no_real_text", "no_real_image") if arg.setting == "both" else (arg.setting,))
+  return ml_collections.ConfigDict(dict(
+      seed=arg.seed,
+      settings=settings,
+      ckpt_every=100,
+      data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
+                demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),
+                train_split="train", test_split="test", image_dir="", relations=(),
+                tokenizer_dir="", max_length=48, image_size=vision["image_size"]),
+      generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={}),
+      ccg=dict(rounds=arg.rounds, n_initial=5, children=2, keep_fraction=0.6),
+      teacher=dict(kind=arg.teacher, steps=400, batch_size=32, eval_batch_size=64,
+                   test_criterion="maxprob", optim=dict(optim)),
+      student=dict(n_train_views=arg.n_train, n_test_views=arg.n_test, append_real=True,
+                   unimodal=arg.unimodal, steps=600, batch_size=16, eval_batch_size=32,
+                   optim=dict(optim)),
+      model=dict(text=text, vision=vision, dropout=0.1, cross_heads=text["num_heads"],
+                 cross_mlp=text["intermediate_size"]),
+      diversity=dict(pca_dim=16, components=3, features="raw"),
+  )), arg
+
+
+def get_config(arg=None):
+  config, arg = base_config(arg)
+  if arg.fast:
+    config.data.demo.update(n_train=12, n_val=2, n_test=6)
+    config.ccg.update(n_initial=3, children=1)
+    config.teacher.update(steps=2, batch_size=8, eval_batch_size=16)
+    config.student.update(steps=2, batch_size=4, eval_batch_size=8)
+    config.ckpt_every = 0
+    config.diversity.pca_dim = 4
+  return config

@@ -1,0 +1,91 @@
+"""Student networks (paper section 3.3, eq. 4, fig. 4), with a view mask.
+
+ImageStudent ("no_real_text": real image + N synthetic texts, fig. 4a):
+  h_CLS of the real image queries M_sub and M_obj, the <s1>/<s2> states of the
+  N captions (each encoded on its own, entity names appended); the same
+  CrossBlock (cross-attention + feed-forward) is applied twice; the two
+  outputs are concatenated -> linear classifier.
+TextStudent ("no_real_image": real text + N synthetic images, fig. 4b):
+  h_<s1> and h_<s2> of the real (marked) text query M_img, the CLS states of
+  the N images; concatenation -> linear classifier.
+
+`view_mask` (B, N) bool marks the real view slots; a masked slot gets zero
+attention, so a student given n < N views computes exactly what it computes
+with the missing views present but masked. At test time the real view of
+the synthetic modality is one more (unmasked) slot.
+
+Batch keys:
+  ImageStudent: pixels (B,H,W,3); view_input_ids, view_token_type_ids,
+    view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N)
+  TextStudent: input_ids, token_type_ids, attention_mask (B,L); subj_pos, obj_pos (B,);
+    view_pixels (B,N,H,W,3); view_mask (B,N)
+"""
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mi2rage_jax.models import common
+
+Dtype = Any
+
+
+class ImageStudent(nn.Module):
+  text: Any
+  vision: Any
+  num_classes: int
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch, deterministic: bool = True):
+    h = common.encode_text("text", self.text, batch["view_input_ids"],
+                           batch["view_token_type_ids"], batch["view_attention_mask"],
+                           deterministic, self.dtype)                   # (B, N, L, D)
+    b, n, _, d = h.shape
+    flat = h.reshape((b * n,) + h.shape[2:])
+    m_sub = common.gather(flat, batch["view_subj_pos"].reshape(-1)).reshape(b, n, d)
+    m_obj = common.gather(flat, batch["view_obj_pos"].reshape(-1)).reshape(b, n, d)
+    _, cls = common.encode_image("vision", self.vision, batch["pixels"], deterministic,
+                                 self.dtype)
+    q = common.project(cls, d, "vision_proj", self.dtype)[:, None]      # (B, 1, D)
+    block = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
+                              name="cross")
+    mask = batch["view_mask"]
+    a_sub = block(q, m_sub, mask, deterministic)[:, 0]
+    a_obj = block(q, m_obj, mask, deterministic)[:, 0]
+    x = jnp.concatenate([a_sub, a_obj], -1)
+    return common.classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
+
+
+class TextStudent(nn.Module):
+  text: Any
+  vision: Any
+  num_classes: int
+  num_heads: int = 4
+  mlp_dim: int = 128
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, batch, deterministic: bool = True):
+    h = common.encode_text("text", self.text, batch["input_ids"], batch["token_type_ids"],
+                           batch["attention_mask"], deterministic, self.dtype)
+    d = h.shape[-1]
+    q = jnp.stack([common.gather(h, batch["subj_pos"]),
+                   common.gather(h, batch["obj_pos"])], 1)              # (B, 2, D)
+    pixels = batch["view_pixels"]
+    b, n = pixels.shape[:2]
+    if n:
+      _, cls = common.encode_image("vision", self.vision, pixels, deterministic, self.dtype)
+      m_img = common.project(cls, d, "vision_proj", self.dtype)         # (B, N, D)
+    else:  # a text-only batch (unimodal / text-only data): one masked dummy slot
+      m_img = jnp.zeros((b, 1, d), h.dtype)
+    mask = batch["view_mask"] if n else jnp.zeros((b, 1), bool)
+    out = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
+                            name="cross")(q, m_img, mask, deterministic)
+    x = out.reshape(b, 2 * d)
+    return common.classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
+

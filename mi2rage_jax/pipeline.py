@@ -1,0 +1,565 @@
+"""MI2RAGE stages for one missing-modality setting, in one workdir.
+
+Settings: "no_real_text" (train on real images + synthetic texts; ImageStudent)
+and "no_real_image" (real texts + synthetic images; TextStudent). During
+training only the real view of the training modality is ever read.
+
+Stages, in order (each writes its outputs, then stages/<name>.done; a finished
+stage is skipped on rerun, an interrupted `fit` resumes from its checkpoint):
+  generate_r  r = 0..K: candidates of round r for train and test instances:
+              round 0 from the real view, round r > 0 chained from the views
+              kept at round r-1 (`ccg.children` per kept view: an int or one
+              per round); appended to
+              the views store views/<split>/ (views.py format).
+  teacher_r   (teacher.kind = trained | similarity) trains on the round-r
+              candidates C_r = kept_{r-1} + new_r: ckpt/teacher_round{r}/.
+  select_r    scores every candidate and writes selections/<split>_round{r}.json:
+              {"round", "criterion", "kept_fraction" | "final",
+               "instances": {id: {"candidates": [view ids], "scores": [...],
+                                  "kept": [view ids], "ranking": [view ids]}}}
+              r < K: per instance the `ccg.keep_fraction` lowest scores (ties by
+              candidate index; selection.py). r = K: the ranking (lowest score
+              first) from which students take their first N views.
+              Scores: train = teacher loss with the true label; test = the
+              label-free `teacher.test_criterion` (default maxprob:
+              -log max_y p(y|v), i.e. the most confident views first).
+  student     trains the student on the first `student.n_train_views` views of
+              each train instance: ckpt/student_n{N}/.
+  test        student on test instances: first `student.n_test_views` views
+              plus the real view of the synthetic modality appended
+              (`student.append_real`): results/test_ntr{N}_nte{M}.json.
+              (student/test markers carry N and M: another n_train/n_test in the
+              same workdir reuses generation, teachers and selections.)
+  diversity   generalised variance (diversity.py) of the generated (V'_r) and
+              kept (V_r) train views per round, and the demo generators'
+              faithful fraction before/after selection: results/diversity.json.
+
+Teacher kinds (ablations): trained (paper), similarity (dual-encoder cosine to
+the real view), random (uniform random scores), none (no filtering: every
+candidate is kept in the chain; the final N are random).
+"""
+import itertools
+import json
+import logging
+import os
+import pathlib
+import time
+
+import jax
+import numpy as np
+
+from mi2rage_jax import data as data_lib
+from mi2rage_jax import diversity as diversity_lib
+from mi2rage_jax import generators as gen_lib
+from mi2rage_jax import models, selection, trainer
+from mi2rage_jax import views as views_lib
+from mi2rage_jax.models.similarity import SimilarityModel
+from remote_jax import metrics as metrics_lib
+from remote_jax.data.tokenizer import MARKERS
+
+log = logging.getLogger(__name__)
+
+SETTINGS = {"no_real_text": "text", "no_real_image": "image"}   # setting -> synthetic modality
+TEACHER_KINDS = ("trained", "similarity", "random", "none")
+_PER_KEYS = set(SETTINGS) | set(SETTINGS.values())
+
+
+def _write_json(path, obj):
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+  os.replace(tmp, path)
+
+
+def _jsonable(x):
+  if isinstance(x, (np.integer,)):
+    return int(x)
+  if isinstance(x, (np.floating,)):
+    return float(x)
+  if isinstance(x, np.ndarray):
+    return x.tolist()
+  raise TypeError(type(x))
+
+
+class Run:
+  """All stages of one setting. `dataset` and `encoder` may be shared between runs."""
+
+  def __init__(self, cfg, workdir, setting, dataset, encoder, writer=None):
+    if setting not in SETTINGS:
+      raise ValueError(f"setting {setting!r}; allowed: {sorted(SETTINGS)}")
+    if cfg.teacher.kind not in TEACHER_KINDS:
+      raise ValueError(f"teacher.kind {cfg.teacher.kind!r}; allowed: {TEACHER_KINDS}")
+    self.cfg, self.setting = cfg, setting
+    self.target = SETTINGS[setting]
+    self.workdir = pathlib.Path(workdir)
+    self.ds, self.enc, self.writer = dataset, encoder, writer
+    self.splits = (cfg.data.train_split, cfg.data.test_split)
+    self.train_split, self.test_split = self.splits
+    self.K = int(cfg.ccg.rounds)
+    self.unimodal = bool(cfg.student.unimodal)
+    self.num_classes = len(dataset.relations)
+    if setting == "no_real_text" and not dataset.has_images:
+      raise ValueError("setting no_real_text needs real images; this dataset has none "
+                       "(text-only data works with no_real_image)")
+    self.generator = None if self.unimodal else gen_lib.build(cfg.generator, self.target)
+    self.size = int(cfg.data.image_size)
+    self._stores = {}
+    self._enc_cache = {}
+    self._view_cache = {}
+    self._cand_cache = {}
+    self._models = {}
+    self._types = {i.id: i.triplet_type for insts in dataset.splits.values() for i in insts}
+
+  def per(self, value):
+    """A config value, or its entry for this setting (or synthetic modality) if a dict."""
+    if hasattr(value, "keys") and value.keys() and set(value.keys()) <= _PER_KEYS:
+      return value[self.setting] if self.setting in value else value[self.target]
+    return value
+
+  def optim(self, optim_cfg):
+    """The optimiser config with per-setting values (e.g. lr) resolved."""
+    return {k: self.per(v) for k, v in dict(optim_cfg).items()}
+
+  def n_views(self, split):
+    scfg = self.cfg.student
+    return int(self.per(scfg.n_train_views if split == self.train_split
+                        else scfg.n_test_views))
+
+  def children(self, r):
+    """Views chained from each kept view in round r >= 1 (an int, or one per round)."""
+    c = self.cfg.ccg.children
+    return int(c[min(r, len(c)) - 1] if isinstance(c, (list, tuple)) else c)
+
+  # ---------------------------------------------------------------- bookkeeping
+  def _done_path(self, name):
+    """stages/<name>.done; student and test markers carry the numbers of views."""
+    if name in ("student", "test"):
+      name += f"_ntr{self.n_views(self.train_split)}"
+    if name.startswith("test"):
+      name += f"_nte{self.n_views(self.test_split)}"
+    return self.workdir / "stages" / f"{name}.done"
+
+  def done(self, name):
+    return self._done_path(name).exists()
+
+  def _stage(self, name, fn):
+    if self.done(name):
+      log.info("[%s] stage %s: done, skipped", self.setting, name)
+      return "skipped"
+    t0 = time.time()
+    log.info("[%s] stage %s: running", self.setting, name)
+    info = fn() or {}
+    _write_json(self._done_path(name), {"seconds": time.time() - t0, **info})
+    return "ran"
+
+  def stage_names(self):
+    if self.unimodal:
+      return ["student", "test"]
+    names = []
+    for r in range(self.K + 1):
+      names += [f"generate_{r}"]
+      if self.cfg.teacher.kind in ("trained", "similarity"):
+        names += [f"teacher_{r}"]
+      names += [f"select_{r}"]
+    return names + ["student", "test", "diversity"]
+
+  def run(self):
+    """Runs (or skips) every stage; returns {stage: "ran" | "skipped"}."""
+    report = {}
+    for name in self.stage_names():
+      stage, _, r = name.partition("_")
+      fn = getattr(self, f"_{stage}")
+      report[name] = self._stage(name, (lambda fn=fn, r=r: fn(int(r))) if r else fn)
+    return report
+
+  # ---------------------------------------------------------------- views
+  def store(self, split):
+    if split not in self._stores:
+      root = self.workdir / "views" / split
+      if (root / "manifest.json").exists():
+        self._stores[split] = views_lib.load_store(root)
+      else:
+        self._stores[split] = views_lib.ViewsStore(root, self.target)
+    return self._stores[split]
+
+  def selection_path(self, split, r):
+    return self.workdir / "selections" / f"{split}_round{r}.json"
+
+  def load_selection(self, split, r):
+    path = self.selection_path(split, r)
+    if not path.exists():
+      raise FileNotFoundError(f"{path} missing: stage select_{r} has not run")
+    return json.loads(path.read_text())["instances"]
+
+  def candidates(self, split, r):
+    """{instance id: [View]} of round r: kept views of round r-1, then new views of r."""
+    if (split, r) in self._cand_cache:
+      return self._cand_cache[(split, r)]
+    store = self.store(split)
+    prev = self.candidates(split, r - 1) if r > 0 else None
+    kept = self.load_selection(split, r - 1) if r > 0 else None
+    out = {}
+    for inst in self.ds.splits[split]:
+      new = self._load_views(store, inst.id, r)
+      if prev is not None:
+        keep = set(kept[inst.id]["kept"])
+        out[inst.id] = [v for v in prev[inst.id] if v.id in keep] + new
+      else:
+        out[inst.id] = new
+    self._cand_cache[(split, r)] = out
+    return out
+
+  def _load_views(self, store, inst_id, r):
+    key = (str(store.root), inst_id, r)
+    if key not in self._view_cache:
+      self._view_cache[key] = store.views(inst_id, r)
+    return self._view_cache[key]
+
+  # ---------------------------------------------------------------- encodings
+  def _caption_enc(self, inst, view):
+    key = ("cap", inst.id, view.id)
+    if key not in self._enc_cache:
+      self._enc_cache[key] = self.enc.encode_caption(view.data, inst)
+    return self._enc_cache[key]
+
+  def _names_enc(self, inst):
+    key = ("names", inst.id)
+    if key not in self._enc_cache:
+      self._enc_cache[key] = self.enc.encode_names(inst)
+    return self._enc_cache[key]
+
+  def _real_text_enc(self, inst):
+    key = ("real", inst.id)
+    if key not in self._enc_cache:
+      self._enc_cache[key] = self.enc.encode_real_text(inst)
+    return self._enc_cache[key]
+
+  def _pixels(self, key, image):
+    if key not in self._enc_cache:
+      self._enc_cache[key] = data_lib.pixels(image, self.size)
+    return self._enc_cache[key]
+
+  def _view_pixels(self, inst, view):
+    return self._pixels(("vpix", inst.id, view.id), view.data)
+
+  def _real_pixels(self, inst):
+    return self._pixels(("rpix", inst.id), data_lib.real_image(inst))
+
+  # ---------------------------------------------------------------- teacher batches
+  def teacher_batch(self, pairs):
+    """Teacher input for [(instance, view)]: the synthetic view and entity names ONLY."""
+    if self.target == "text":
+      b = data_lib.stack([self._caption_enc(i, v) for i, v in pairs])
+    else:
+      b = data_lib.stack([self._names_enc(i) for i, _ in pairs])
+      b["pixels"] = np.stack([self._view_pixels(i, v) for i, v in pairs])
+    b["label"] = np.asarray([i.label for i, _ in pairs], np.int32)
+    return b
+
+  def similarity_batch(self, pairs):
+    """(real view, synthetic view) pairs on the text and image sides."""
+    if self.target == "text":   # real image, synthetic caption
+      b = data_lib.stack([self._caption_enc(i, v) for i, v in pairs])
+      b["pixels"] = np.stack([self._real_pixels(i) for i, _ in pairs])
+    else:                       # real text, synthetic image
+      b = data_lib.stack([self._real_text_enc(i) for i, _ in pairs])
+      b["pixels"] = np.stack([self._view_pixels(i, v) for i, v in pairs])
+    b["label"] = np.arange(len(pairs), dtype=np.int32)
+    return b
+
+  def teacher_model(self):
+    if self.cfg.teacher.kind == "similarity":
+      m = self.cfg.model
+      return SimilarityModel(models.common.bert_config(m.text),
+                             models.common.vision_config(m.vision))
+    return models.build_teacher(self.target, self.cfg.model, self.num_classes)
+
+  def _pairs(self, cands, split):
+    insts = {i.id: i for i in self.ds.splits[split]}
+    return [(insts[iid], v) for iid, vs in cands.items() for v in vs]
+
+  def _fit_teacher(self, r, pairs):
+    if ("teacher", r) in self._models:
+      return self._models[("teacher", r)]
+    tcfg = self.cfg.teacher
+    model = self.teacher_model()
+    make = self.similarity_batch if tcfg.kind == "similarity" else self.teacher_batch
+    bs = int(tcfg.batch_size)
+
+    def sample(rng):
+      return make([pairs[k] for k in rng.choice(len(pairs), bs, replace=len(pairs) < bs)])
+
+    params = trainer.init_params(model, make(pairs[:bs]), int(self.cfg.seed) + 101 * r)
+    params = trainer.load_pretrained(params, self.cfg.model, len(MARKERS))
+    params = trainer.fit(model, params, sample, int(tcfg.steps), self.optim(tcfg.optim),
+                         int(self.cfg.seed) + r, self.workdir / "ckpt" / f"teacher_round{r}",
+                         ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
+                         name=f"{self.setting}/teacher_{r}")
+    self._models[("teacher", r)] = (model, params)
+    return model, params
+
+  # ---------------------------------------------------------------- stages
+  def _generate(self, r):
+    n_views = 0
+    for split in self.splits:
+      store = self.store(split)
+      kept = self.load_selection(split, r - 1) if r > 0 else None
+      prev = self.candidates(split, r - 1) if r > 0 else None
+      for inst in self.ds.splits[split]:
+        if inst.id in store.instance_ids and store.num_rounds(inst.id) > r:
+          continue   # written before an interruption
+        rng = gen_lib.seeded(self.cfg.seed, "generate", split, inst.id, r)
+        if r == 0:
+          real = (data_lib.real_text(inst) if self.target == "image"
+                  else data_lib.real_image(inst))
+          new = self.generator.initial(inst, real, int(self.cfg.ccg.n_initial), rng)
+        else:
+          keep = kept[inst.id]["kept"]
+          parents = [v for v in prev[inst.id] if v.id in keep]
+          new = [c for p in parents
+                 for c in self.generator.chain(inst, p, self.children(r), r, rng)]
+        store.add_round(inst.id, r, new)
+        n_views += len(new)
+      store.save()
+    return {"views": n_views}
+
+  def _teacher(self, r):
+    pairs = self._pairs(self.candidates(self.train_split, r), self.train_split)
+    self._fit_teacher(r, pairs)
+    return {"examples": len(pairs)}
+
+  def _scores(self, r, split, cands):
+    """{instance id: np.array of scores, lower = keep first}."""
+    tcfg = self.cfg.teacher
+    kind = tcfg.kind
+    if kind in ("random", "none"):
+      return {iid: gen_lib.seeded(self.cfg.seed, "random-teacher", split, iid, r).random(len(vs))
+              for iid, vs in cands.items()}
+    pairs = self._pairs(cands, split)
+    model, params = self._fit_teacher(r, self._pairs(self.candidates(self.train_split, r),
+                                                     self.train_split))
+    bs = int(tcfg.eval_batch_size)
+    if kind == "similarity":
+      apply = jax.jit(lambda p, b: model.apply({"params": p}, b, method="pair_scores"))
+      flat = []
+      for s in range(0, len(pairs), bs):
+        chunk = pairs[s:s + bs]
+        pad = chunk + [chunk[-1]] * (bs - len(chunk))
+        flat.append(np.asarray(apply(params, self.similarity_batch(pad)))[:len(chunk)])
+      flat = -np.concatenate(flat)  # most similar first
+    else:
+      logits = trainer.predict(model, params, len(pairs), bs,
+                               lambda idx: self.teacher_batch([pairs[k] for k in idx]))
+      criterion = "loss" if split == self.train_split else tcfg.test_criterion
+      flat = selection.SCORES[criterion](logits, np.asarray([i.label for i, _ in pairs]))
+    out, k = {}, 0
+    for iid, vs in cands.items():
+      out[iid] = flat[k:k + len(vs)]
+      k += len(vs)
+    return out
+
+  def _select(self, r):
+    final = r == self.K
+    frac = 1.0 if self.cfg.teacher.kind == "none" else float(self.cfg.ccg.keep_fraction)
+    info = {}
+    for split in self.splits:
+      cands = self.candidates(split, r)
+      scores = self._scores(r, split, cands)
+      n_final = self.n_views(split)
+      kept = (selection.select_top(scores, n_final) if final
+              else selection.select_fraction(scores, frac))
+      criterion = (self.cfg.teacher.kind if self.cfg.teacher.kind != "trained" else
+                   ("loss" if split == self.train_split else self.cfg.teacher.test_criterion))
+      out = {}
+      for iid, vs in cands.items():
+        ids = [v.id for v in vs]
+        out[iid] = {"candidates": ids, "scores": [float(x) for x in scores[iid]],
+                    "kept": [ids[k] for k in kept[iid]],
+                    "ranking": [ids[k] for k in selection.lowest(scores[iid], len(ids))]}
+      _write_json(self.selection_path(split, r),
+                  {"round": r, "final": final, "criterion": criterion,
+                   "kept_fraction": None if final else frac, "instances": out})
+      info[split] = sum(len(o["kept"]) for o in out.values())
+    return info
+
+  # ---------------------------------------------------------------- students
+  def final_views(self, split, n):
+    """{instance id: first n views of the final ranking} ({} lists when unimodal)."""
+    if self.unimodal:
+      return {i.id: [] for i in self.ds.splits[split]}
+    cands = {iid: {v.id: v for v in vs} for iid, vs in self.candidates(split, self.K).items()}
+    sel = self.load_selection(split, self.K)
+    return {iid: [cands[iid][vid] for vid in sel[iid]["ranking"][:n]] for iid in cands}
+
+  def student_model(self):
+    return models.build_student(self.setting, self.cfg.model, self.num_classes)
+
+  def student_batch(self, insts, views, slots, real_view=False):
+    """Student input; `slots` view slots, filled by `views[id]` (+ the real view appended
+    when `real_view`), the rest masked."""
+    b = len(insts)
+    mask = np.zeros((b, slots), bool)
+    if self.setting == "no_real_text":
+      encs = []
+      for row, inst in enumerate(insts):
+        vs = ([self._names_enc(inst)] if self.unimodal else
+              [self._caption_enc(inst, v) for v in views[inst.id]])
+        if real_view:
+          vs.append(self._real_text_enc(inst))
+        mask[row, :len(vs)] = True
+        vs = vs + [vs[0] if vs else self._names_enc(inst)] * (slots - len(vs))
+        encs.append(data_lib.stack(vs))
+      out = {f"view_{k}": np.stack([e[k] for e in encs]) for k in encs[0]}
+      out["pixels"] = np.stack([self._real_pixels(i) for i in insts])
+    else:
+      out = data_lib.stack([self._real_text_enc(i) for i in insts])
+      pix = np.zeros((b, slots, self.size, self.size, 3), np.float32)
+      for row, inst in enumerate(insts):
+        vs = [self._view_pixels(inst, v) for v in views[inst.id]]
+        if real_view:
+          vs.append(self._real_pixels(inst))
+        mask[row, :len(vs)] = True
+        for k, p in enumerate(vs):
+          pix[row, k] = p
+      out["view_pixels"] = pix
+    out["view_mask"] = mask
+    out["label"] = np.asarray([i.label for i in insts], np.int32)
+    return out
+
+  def _slots(self, n, real=False):
+    if self.setting == "no_real_text" and self.unimodal:
+      return 1
+    return (0 if self.unimodal else n) + int(real)
+
+  def _student_params(self):
+    if "student" in self._models:
+      return self._models["student"]
+    scfg = self.cfg.student
+    n = self.n_views(self.train_split)
+    insts = self.ds.splits[self.train_split]
+    views = self.final_views(self.train_split, n)
+    slots = self._slots(n)
+    model = self.student_model()
+    bs = int(scfg.batch_size)
+
+    def sample(rng):
+      idx = rng.choice(len(insts), bs, replace=len(insts) < bs)
+      return self.student_batch([insts[k] for k in idx], views, slots)
+
+    params = trainer.init_params(model, sample(np.random.default_rng(0)), int(self.cfg.seed))
+    params = trainer.load_pretrained(params, self.cfg.model, len(MARKERS))
+    tag = f"student{'_unimodal' if self.unimodal else ''}_n{n}"
+    params = trainer.fit(model, params, sample, int(scfg.steps), self.optim(scfg.optim),
+                         int(self.cfg.seed) + 7, self.workdir / "ckpt" / tag,
+                         ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
+                         name=f"{self.setting}/student")
+    self._models["student"] = (model, params)
+    return model, params
+
+  def _student(self):
+    self._student_params()
+    return {"n_train_views": self.n_views(self.train_split)}
+
+  def evaluate(self, n_test=None):
+    """Test metrics with n_test synthetic views (default student.n_test_views)."""
+    scfg = self.cfg.student
+    n = self.n_views(self.test_split) if n_test is None else int(n_test)
+    model, params = self._student_params()
+    insts = self.ds.splits[self.test_split]
+    views = self.final_views(self.test_split, n)
+    real = bool(scfg.append_real) and not self.unimodal and self._has_real_target()
+    slots = self._slots(n, real)
+    logits = trainer.predict(model, params, len(insts), int(scfg.eval_batch_size),
+                             lambda idx: self.student_batch([insts[k] for k in idx], views,
+                                                            slots, real))
+    preds = logits.argmax(-1)
+    labels = np.asarray([i.label for i in insts])
+    m = metrics_lib.relation_metrics(preds, labels, self.ds.negative_id,
+                                     triplet_type=np.asarray([i.triplet_type for i in insts]),
+                                     relation_names=self.ds.relations)
+    keep = {k: v for k, v in m.items() if k not in ("confusion", "per_relation")}
+    return {"setting": self.setting, "n_train_views": self.n_views(self.train_split),
+            "n_test_views": n, "append_real": real, "teacher": self.cfg.teacher.kind,
+            "rounds": self.K, "unimodal": self.unimodal, **json.loads(
+                json.dumps(keep, default=_jsonable))}
+
+  def _has_real_target(self):
+    inst = self.ds.splits[self.test_split][0]
+    return inst.image is not None if self.target == "image" else inst.tokens is not None
+
+  def _test(self):
+    res = self.write_test(None)
+    if self.writer is not None:
+      self.writer.write(0, {f"{self.setting}/test/{k}": v for k, v in res.items()
+                            if isinstance(v, float)})
+    return {"f1": res["f1"]}
+
+  def write_test(self, n_test):
+    """Evaluates with n_test synthetic views (None: config) -> results/test_ntr*_nte*.json."""
+    res = self.evaluate(n_test)
+    tag = f"ntr{res['n_train_views']}_nte{res['n_test_views']}"
+    _write_json(self.workdir / "results" / f"test_{tag}.json", res)
+    log.info("[%s] test %s: acc %.2f P %.2f R %.2f F1 %.2f", self.setting, tag, res["acc"],
+                 res["precision"], res["recall"], res["f1"])
+    return res
+
+  # ---------------------------------------------------------------- diversity
+  def view_features(self, vs):
+    kind = self.cfg.diversity.features
+    if kind != "raw":
+      raise ValueError(f"diversity.features {kind!r}; allowed: 'raw'")
+    if self.target == "image":
+      return np.stack([data_lib.pixels(v.data, 16).reshape(-1) for v in vs])
+    return np.stack([_hashed_ngrams(v.data) for v in vs])
+
+  def _diversity(self):
+    dcfg = self.cfg.diversity
+    store = self.store(self.train_split)
+    ids = [i.id for i in self.ds.splits[self.train_split]]
+    n = self.n_views(self.train_split)
+    out = {"pca_dim": int(dcfg.pca_dim), "components": int(dcfg.components),
+           "features": dcfg.features, "rounds": []}
+    for r in range(self.K + 1):
+      sel = self.load_selection(self.train_split, r)
+      cands = self.candidates(self.train_split, r)
+      kept = {iid: set(sel[iid]["ranking"][:n] if r == self.K else sel[iid]["kept"])
+              for iid in ids}
+      out["rounds"].append({
+          "round": r,
+          "generated": self._set_stats([(iid, v) for iid in ids
+                                        for v in self._load_views(store, iid, r)]),
+          "candidates": self._set_stats([(iid, v) for iid in ids for v in cands[iid]]),
+          "kept": self._set_stats([(iid, v) for iid in ids for v in cands[iid]
+                                   if v.id in kept[iid]])})
+    _write_json(self.workdir / "results" / "diversity.json", out)
+    return {}
+
+  def _set_stats(self, pairs):
+    """Size, generalised variance and (demo) faithful fraction of [(instance id, view)]."""
+    dcfg = self.cfg.diversity
+    stats = {"n": len(pairs)}
+    faithful = [(v.meta["faithful"], self._types[iid]) for iid, v in pairs
+                if v.meta and "faithful" in v.meta]
+    if faithful:
+      f = np.asarray(faithful, np.float64)
+      stats["faithful_fraction"] = float(f[:, 0].mean())
+      stats["faithful_by_triplet_type"] = {
+          metrics_lib.TRIPLET_TYPES[t]: float(f[f[:, 1] == t, 0].mean())
+          for t in sorted(set(f[:, 1].astype(int)))}
+    if len(pairs) > int(dcfg.components):
+      stats.update({k: v for k, v in diversity_lib.generalized_variance(
+          self.view_features([v for _, v in pairs]), int(dcfg.pca_dim), int(dcfg.components),
+          int(self.cfg.seed)).items() if k in ("det", "logdet", "log10", "dim")})
+    return stats
+
+
+def _hashed_ngrams(text, dim=512):
+  """Text features for the diversity estimate: hashed unigram+bigram counts."""
+  import zlib  # pylint: disable=import-outside-toplevel
+  words = text.lower().split()
+  feats = np.zeros(dim, np.float32)
+  for gram in words + [a + " " + b for a, b in itertools.pairwise(words)]:
+    feats[zlib.crc32(gram.encode()) % dim] += 1.0
+  return feats
+

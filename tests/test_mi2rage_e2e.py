@@ -1,0 +1,116 @@
+"""MI2RAGE end to end on the demo world, from the CLI: stages, selections, checkpoints, resume."""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from mi2rage_jax import models, trainer
+from tests.test_mi2rage_models import C, model_cfg, random_params
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _cli(workdir, arg, *extra):
+  env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)   # one device is enough here
+  proc = subprocess.run(
+      [sys.executable, "-m", "mi2rage_jax.train", "--config", f"configs/mi2rage_demo.py:{arg}",
+       "--workdir", str(workdir), *extra], cwd=REPO, env=env, capture_output=True, text=True,
+      check=False, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads((workdir / "summary.json").read_text())
+
+
+def _check_outputs(run_dir, rounds):
+  for r in range(rounds + 1):
+    for split in ("train", "test"):
+      sel = json.loads((run_dir / "selections" / f"{split}_round{r}.json").read_text())
+      assert sel["round"] == r and sel["instances"]
+      for entry in sel["instances"].values():
+        assert set(entry["kept"]) <= set(entry["candidates"])
+        assert sorted(entry["ranking"]) == sorted(entry["candidates"])
+    assert (run_dir / "ckpt" / f"teacher_round{r}").is_dir()
+  assert any((run_dir / "ckpt").glob("student*_n*"))
+  assert (run_dir / "views" / "train" / "manifest.json").exists()
+  res = json.loads(next((run_dir / "results").glob("test_*.json")).read_text())
+  assert 0.0 <= res["f1"] <= 100.0 and res["append_real"]
+  div = json.loads((run_dir / "results" / "diversity.json").read_text())
+  assert [d["round"] for d in div["rounds"]] == list(range(rounds + 1))
+
+
+def test_fast_cli_all_stages_then_resume(tmp_path):
+  arg = "fast,size=micro,setting=no_real_text"
+  first = _cli(tmp_path, arg)["no_real_text"]
+  assert set(first["stages"].values()) == {"ran"}
+  assert list(first["stages"]) == ["generate_0", "teacher_0", "select_0", "generate_1",
+                                   "teacher_1", "select_1", "student", "test", "diversity"]
+  run_dir = tmp_path / "no_real_text"
+  _check_outputs(run_dir, 1)
+  selections = (run_dir / "selections" / "train_round1.json").read_text()
+  # A rerun skips every finished stage; a removed stage output is recomputed.
+  (run_dir / "stages" / "test_ntr3_nte3.done").unlink()
+  second = _cli(tmp_path, arg, "--eval_views", "1")["no_real_text"]
+  assert second["stages"]["test"] == "ran"
+  assert {v for k, v in second["stages"].items() if k != "test"} == {"skipped"}
+  assert second["test"]["f1"] == first["test"]["f1"]        # student restored, not retrained
+  assert (run_dir / "selections" / "train_round1.json").read_text() == selections
+  one = json.loads((run_dir / "results" / "test_ntr3_nte1.json").read_text())
+  assert one["n_test_views"] == 1 and second["eval"]["1"]["f1"] == one["f1"]
+
+
+@pytest.mark.slow
+def test_both_settings_end_to_end(tmp_path):
+  summary = _cli(tmp_path, "fast,size=micro")
+  for setting in ("no_real_text", "no_real_image"):
+    assert set(summary[setting]["stages"].values()) == {"ran"}
+    _check_outputs(tmp_path / setting, 1)
+  again = _cli(tmp_path, "fast,size=micro")
+  for setting in ("no_real_text", "no_real_image"):
+    assert set(again[setting]["stages"].values()) == {"skipped"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arg", ["teacher=random", "teacher=none", "teacher=similarity",
+                                 "rounds=0", "unimodal"])
+def test_ablations_run(tmp_path, arg):
+  summary = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
+  assert summary["no_real_image"]["test"]["f1"] >= 0.0
+
+
+def test_fit_resumes_after_an_interruption(tmp_path):
+  model = models.build_teacher("text", model_cfg(), C)
+  ids = np.random.default_rng(0).integers(5, 100, (4, 10)).astype(np.int32)
+  batch = dict(input_ids=ids, token_type_ids=np.zeros_like(ids), attention_mask=np.ones_like(ids),
+               subj_pos=np.array([1, 1, 2, 2], np.int32), obj_pos=np.array([3, 4, 5, 6], np.int32),
+               label=np.array([0, 1, 2, 3], np.int32))
+  params = random_params(model, batch)
+  optim = dict(lr=1e-3, warmup_ratio=0.0)
+
+  def sample(rng):
+    return {**batch, "label": rng.integers(0, C, 4).astype(np.int32)}
+
+  class Interrupt(Exception):
+    pass
+
+  calls = []
+
+  def failing(rng):
+    calls.append(1)
+    if len(calls) == 4:
+      raise Interrupt
+    return sample(rng)
+
+  with pytest.raises(Interrupt):
+    trainer.fit(model, params, failing, 5, optim, 0, tmp_path / "a", ckpt_every=2)
+  resumed = trainer.fit(model, params, sample, 5, optim, 0, tmp_path / "a", ckpt_every=2)
+  straight = trainer.fit(model, params, sample, 5, optim, 0, tmp_path / "b", ckpt_every=2)
+  for x, y in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+  again = trainer.fit(model, params, None, 5, optim, 0, tmp_path / "a")   # finished: restored
+  for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(straight)):
+    np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
