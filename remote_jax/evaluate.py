@@ -9,8 +9,7 @@ import json
 import logging
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -21,9 +20,7 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test)
 
 def main(argv):
   del argv
-  from remote_jax import errors
-  from remote_jax import metrics
-  from remote_jax import trainer
+  from remote_jax import errors, metrics, trainer
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value

@@ -6,8 +6,7 @@ r"""Writes JSONL predictions with class probabilities and MMoE router weights.
 import json
 import logging
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
@@ -39,8 +38,7 @@ def main(argv):
   del argv
   import pathlib
 
-  from remote_jax import errors
-  from remote_jax import trainer
+  from remote_jax import errors, trainer
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value

@@ -11,8 +11,7 @@ import os
 import pathlib
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -28,10 +27,7 @@ def main(argv):
   del argv
   import jax
 
-  from remote_jax import distributed
-  from remote_jax import errors
-  from remote_jax import metrics
-  from remote_jax import trainer
+  from remote_jax import distributed, errors, metrics, trainer
 
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
                       datefmt="%H:%M:%S")

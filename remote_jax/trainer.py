@@ -21,9 +21,7 @@ import optax
 
 from remote_jax import checkpoint as ckpt_lib
 from remote_jax import metrics as metrics_lib
-from remote_jax import optim
-from remote_jax import sharding
-from remote_jax import writers
+from remote_jax import optim, sharding, writers
 from remote_jax.data import pipeline
 from remote_jax.models import remote
 

@@ -69,7 +69,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self.workdir.mkdir(parents=True, exist_ok=True)
       # Held open for the writer's lifetime; closed in close().
-      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+      self._jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
       self._tb = SummaryWriter(logdir=str(self.workdir / "tb"))
 
   def write_config(self, config: Any) -> None:

@@ -17,7 +17,6 @@ Two semantics share this code (configs/common.py:model_config):
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from remote_jax.models import heads as heads_lib
@@ -25,8 +24,7 @@ from remote_jax.models import moe as moe_lib
 from remote_jax.models.encoders import bert as bert_lib
 from remote_jax.models.encoders import clip_vit as clip_lib
 from remote_jax.models.fusion import FUSIONS
-from remote_jax.models.layers import TorchDense
-from remote_jax.models.layers import masked_mean
+from remote_jax.models.layers import TorchDense, masked_mean
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
