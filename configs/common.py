@@ -122,6 +122,9 @@ def model_config(size="tiny", semantics="paper"):
           hidden=(text["hidden_size"],) if paper else (),
           dropout=0.5 if paper else 0.0,
           use_desc=True,
+          # An object whose <o> marker is missing (no captions, truncation): the paper
+          # keeps its region feature; the released code zeroes the whole side.
+          object_without_marker="keep_region" if paper else "zero_side",
       ),
       dtype="float32",
       remat=False,

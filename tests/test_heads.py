@@ -39,8 +39,9 @@ def init(head, h_t, objs, batch):
   return head.init(jax.random.key(0), h_t, objs, batch)
 
 
-def numpy_logits(params, h_t, objs, batch, use_desc, combine):
-  """The released code's per-sample loop (reference_remote.md 3.6), in NumPy."""
+def numpy_logits(params, h_t, objs, batch, use_desc, combine, keep_region=False):
+  """The released code's per-sample loop (reference_remote.md 3.6), in NumPy;
+  `keep_region`: an object side without its marker is [region; 0] instead of 0."""
   p = nn.meta.unbox(params)["params"]
   h_t, objs = np.asarray(h_t), np.asarray(objs)
   rows = []
@@ -49,11 +50,12 @@ def numpy_logits(params, h_t, objs, batch, use_desc, combine):
     for side in ("head", "tail"):
       marker, desc, obj = (int(batch[f"{side}_{f}"][b]) for f in ("marker", "desc", "obj"))
       width = D if combine == "mm_linear" else 2 * D
-      if marker < 0:
+      if marker < 0 and not (keep_region and obj >= 0):
         sides.append(np.zeros(width, np.float32))
         continue
       if obj >= 0:
-        pair = np.concatenate([objs[b, obj], h_t[b, marker]])
+        text = h_t[b, marker] if marker >= 0 else np.zeros(D, np.float32)
+        pair = np.concatenate([objs[b, obj], text])
       else:
         k = h_t[b, desc] if (desc >= 0 and use_desc) else np.zeros(D, np.float32)
         pair = np.concatenate([h_t[b, marker], k])
@@ -78,6 +80,25 @@ def test_gathers_match_a_numpy_loop(combine, use_desc):
       logits, numpy_logits(params, h_t, objs, batch, use_desc, combine),
       rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(aux["missing_marker"], MISSING)
+
+
+@pytest.mark.parametrize("combine", ["mm_linear", "concat"])
+def test_keep_region_object_without_marker(combine):
+  """Paper semantics: the object head of row 4 (no <o1>) keeps its region feature."""
+  h_t, objs, batch = make_inputs()
+  head = RelationHead(C, combine=combine, object_without_marker="keep_region")
+  params = init(head, h_t, objs, batch)
+  logits, aux = head.apply(params, h_t, objs, batch)
+  np.testing.assert_allclose(
+      logits, numpy_logits(params, h_t, objs, batch, True, combine, keep_region=True),
+      rtol=1e-5, atol=1e-5)
+  zero_side = numpy_logits(params, h_t, objs, batch, True, combine)
+  assert np.abs(np.asarray(logits)[4] - zero_side[4]).max() > 1e-3    # row 4 differs
+  np.testing.assert_allclose(np.asarray(logits)[5], zero_side[5], rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(aux["missing_marker"], MISSING)
+  bad = RelationHead(C, object_without_marker="drop")
+  with pytest.raises(ValueError, match="object_without_marker='drop'.*keep_region"):
+    init(bad, h_t, objs, batch)
 
 
 def test_missing_marker_side_is_zero():

@@ -9,10 +9,14 @@ Per side (head, tail), from the batch fields `{side}_marker`, `{side}_desc`,
 and objects (the released code); "concat": the raw 2D concatenation (eq. 13
 read literally; entities zero-padded to 2D so both kinds share a width).
 
-Missing positions (-1) gather zero vectors, as the released code does; a side
-whose primary marker (<s> or <o>) is missing is all zeros (the released code's
-branches all fail then, dropping the region feature too), and
-aux["missing_marker"] (B,) flags an example with such a side.
+Missing positions (-1) gather zero vectors, as the released code does. A side
+whose primary marker (<s> or <o>) is missing (truncated, or no captions: the
+paper's "w/o caption" ablation) is, by `object_without_marker`:
+- "zero_side": all zeros (the released code: its branches all fail then,
+  dropping the region feature too);
+- "keep_region": an object keeps its region feature next to a zero marker
+  state (eq. 13 without the caption part); an entity side is still zeros.
+aux["missing_marker"] (B,) flags an example with a missing primary marker.
 
 The classifier is dropout -> [Dense(w) -> act -> dropout]* -> Dense(C) on
 [h_head; h_tail]: hidden=() with dropout 0 is the released single Linear;
@@ -91,6 +95,7 @@ class RelationHead(nn.Module):
   use_desc: bool = True
   combine: str = "mm_linear"
   activation: str = "relu"
+  object_without_marker: str = "zero_side"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -101,9 +106,12 @@ class RelationHead(nn.Module):
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"model.head.activation={self.activation!r}: "
                        f"allowed {sorted(ACTIVATIONS)}")
+    if self.object_without_marker not in ("zero_side", "keep_region"):
+      raise ValueError(f"model.head.object_without_marker={self.object_without_marker!r}: "
+                       "allowed 'zero_side', 'keep_region'")
     if _is_concrete(batch):
       validate_indices(batch, h_t.shape[1], obj_feats.shape[1])
-    pairs, present = [], []
+    pairs, present, keep = [], [], []
     for side in SIDES:
       marker = jnp.asarray(batch[f"{side}_marker"], jnp.int32)
       obj = jnp.asarray(batch[f"{side}_obj"], jnp.int32)
@@ -115,10 +123,12 @@ class RelationHead(nn.Module):
       region = jnp.concatenate([gather_rows(obj_feats, obj), h_marker], axis=-1)
       pairs.append(jnp.where((obj >= 0)[:, None], region, entity))
       present.append(marker >= 0)
+      keep.append((marker >= 0) | ((obj >= 0) & (self.object_without_marker == "keep_region")))
     pairs = jnp.stack(pairs, axis=1).astype(self.dtype)           # (B,2,2D)
     present = jnp.stack(present, axis=1)                           # (B,2)
     sides = COMBINES[self.combine](self, pairs)
-    sides = jnp.where(present[..., None], sides, jnp.zeros_like(sides))
+    keep = jnp.stack(keep, axis=1)
+    sides = jnp.where(keep[..., None], sides, jnp.zeros_like(sides))
     x = sides.reshape(sides.shape[0], -1)                          # [h_head; h_tail]
     act = ACTIVATIONS[self.activation]
     axes = ("embed", "mlp")

@@ -112,8 +112,9 @@ class RemoteModel(nn.Module):
     self.moe = moe_lib.MMOE[cfg.moe.variant](dict(cfg.moe, dtype=cfg.dtype), d, "moe")
     self.head = heads_lib.RelationHead(
         num_classes=self.num_classes, hidden=tuple(cfg.head.hidden),
-        dropout=cfg.head.dropout, use_desc=cfg.head.use_desc, dtype=self.dtype,
-        name="head")
+        dropout=cfg.head.dropout, use_desc=cfg.head.use_desc,
+        object_without_marker=cfg.head.get("object_without_marker", "zero_side"),
+        dtype=self.dtype, name="head")
     if cfg.use_pos:
       # Box features [l, t, r, b, area] -> model width. New layers use
       # PyTorch's default init, as the released code (reference_remote.md 3.1).
