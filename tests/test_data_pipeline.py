@@ -1,7 +1,10 @@
 """Preprocessing golden values, the tfds cache, and the grain pipeline (padding, state, shards)."""
 import json
+import os
 import pathlib
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from remote_jax.data.records import Entity
 from remote_jax.data.tokenizer import RelationTokenizer
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = ["Alice", "met", "Bob", "in", "Paris"]
 
 
@@ -167,6 +171,22 @@ def test_builder_rows_meta_and_rebuild_on_change(tmp_path, tok):
   changed = builder_lib.RemoteData(dict(cfg, depth_norm="minmax"))
   assert changed.builder_config.name != builder.builder_config.name
   assert not changed.is_prepared()
+
+
+def test_parallel_processes_build_one_cache(tmp_path):
+  """Two processes asking for the same missing cache at once both get it (one builds)."""
+  cfg = fixture_cfg(tmp_path / "cache", FIXTURES / "umre")
+  code = ("import json, sys; from remote_jax.data import builder; "
+          "b = builder.prepare(json.loads(sys.argv[1])); "
+          "print(len(b.as_data_source('train')))")
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(cfg)], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for _ in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [e[-2000:] for _, e in outs]
+  assert [o.split()[-1] for o, _ in outs] == ["4", "4"]
+  assert len(list((tmp_path / "cache" / "remote_data").iterdir())) == 1
 
 
 def test_builder_skip_mode_counts_preprocessing_failures(tmp_path):

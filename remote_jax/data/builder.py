@@ -8,6 +8,7 @@ the old one (old copies are not deleted). Examples are written in reader order
 "skip") are listed in `<cache_dir>/reports/<config name>/skipped_<split>.json` and counted in
 the dataset metadata.
 """
+import fcntl
 import hashlib
 import json
 import logging
@@ -175,10 +176,30 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
 
 
 def prepare(cfg, *, reader=None, tokenizer=None):
-  """The builder for `cfg` (config.data), built if its cache is missing."""
+  """The builder for `cfg` (config.data), built if its cache is missing.
+
+  Several processes (parallel runs, the hosts of a job on a shared disk) may ask for
+  the same cache: one builds it under an exclusive lock file, the others wait and then
+  read it; where the lock is not honoured (some network file systems), a loser of the
+  final rename reads the winner's copy, which is identical (same key, same inputs).
+  """
   builder = RemoteData(cfg, reader=reader, tokenizer=tokenizer)
-  if not builder.is_prepared():
-    builder.download_and_prepare()
+  if builder.is_prepared():
+    return builder
+  lock_path = pathlib.Path(builder.data_dir).parent / ".build.lock"
+  lock_path.parent.mkdir(parents=True, exist_ok=True)
+  with open(lock_path, "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      builder = RemoteData(cfg, reader=reader, tokenizer=tokenizer)
+      if not builder.is_prepared():
+        try:
+          builder.download_and_prepare()
+        except FileExistsError:
+          log.info("%s was built by another process; using it", builder.data_dir)
+          builder = RemoteData(cfg, reader=reader, tokenizer=tokenizer)
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
   return builder
 
 
