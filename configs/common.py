@@ -103,6 +103,7 @@ def model_config(size="tiny", semantics="paper"):
           iters=50,
           cost="cosine",
           diff="unrolled",
+          solver="ott",                       # ott (ott-jax) | jax (plain, unrolled only)
           tau_a=1.0, tau_b=1.0,
           eps_init=1.0, eps_decay=1.0,
           num_heads=4 if size == "tiny" else 12,
@@ -117,6 +118,8 @@ def model_config(size="tiny", semantics="paper"):
           shared_projections=True,
           mask_keys=paper,
           dropout_text=0.1, dropout_vision=0.0,
+          # H = top level + eq. 12's mix (moe.py PaperMMoE); False: eq. 12 literally.
+          residual=paper,
       ),
       head=dict(
           hidden=(text["hidden_size"],) if paper else (),

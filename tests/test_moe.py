@@ -221,6 +221,17 @@ def test_off_returns_the_top_levels():
   assert aux["router"].shape == (B, 0) and aux["expert_names"] == ()
 
 
+def test_residual_adds_the_top_levels_to_the_eq12_mix():
+  inputs = make_inputs()
+  h_t, h_v, aux = compiled("paper").forward(inputs)
+  r_t, r_v, r_aux = compiled("paper", residual=True).forward(inputs)   # same params
+  np.testing.assert_allclose(r_t, np.asarray(h_t) + np.asarray(inputs[0][-1]), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_allclose(r_v, np.asarray(h_v) + np.asarray(inputs[2][-1]), rtol=1e-6,
+                             atol=1e-6)
+  np.testing.assert_array_equal(r_aux["router"], aux["router"])
+
+
 def test_shared_projections_share_weights():
   shared = compiled("paper").params["params"]
   per_level = compiled("paper", shared_projections=False).params["params"]

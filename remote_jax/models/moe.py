@@ -76,6 +76,12 @@ class PaperMMoE(nn.Module):
   H_T = S_T F_T + sum_j S_T2V_j T2V_j and H_V = S_V F_V + sum_j S_V2T_j V2T_j,
   so the weights of one side sum to less than 1 when both sides have experts.
   A side with no enabled expert passes its top level through unchanged.
+  `residual`: H_V = F_V + (the mix above), likewise H_T. Eq. 12 read literally
+  (residual=False) leaves an object's identity only in S_V F_V, next to V2T
+  experts that carry text content for every object alike: on the demo world a
+  linear probe of the object features for the o-o relations falls from 0.78
+  before the MMoE to 0.40 after it, and o-o never generalises. The released
+  code's experts carry the query as a residual, which `residual=True` mirrors.
   aux["router"]: (B, E) over aux["expert_names"].
   """
   dim: int
@@ -85,6 +91,7 @@ class PaperMMoE(nn.Module):
   mask_keys: bool = True
   dropout_text: float = 0.0
   dropout_vision: float = 0.0
+  residual: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -136,7 +143,8 @@ class PaperMMoE(nn.Module):
       if not experts:
         return top
       w = weights.astype(top.dtype)
-      return sum(w[:, i, None, None] * f for i, f in enumerate(experts))
+      mixed = sum(w[:, i, None, None] * f for i, f in enumerate(experts))
+      return top + mixed if self.residual else mixed
 
     h_v = mix(vision_side, router[:, :len(vision_side)], f_v)
     h_t = mix(text_side, router[:, len(vision_side):], f_t)
@@ -264,7 +272,8 @@ def build_paper(cfg: dict, dim: int, name: str) -> nn.Module:
       shared_projections=cfg.get("shared_projections", True),
       mask_keys=cfg.get("mask_keys", True),
       dropout_text=cfg.get("dropout_text", 0.0),
-      dropout_vision=cfg.get("dropout_vision", 0.0), **_common(cfg, dim, name))
+      dropout_vision=cfg.get("dropout_vision", 0.0),
+      residual=cfg.get("residual", False), **_common(cfg, dim, name))
 
 
 def build_reference(cfg: dict, dim: int, name: str) -> nn.Module:
