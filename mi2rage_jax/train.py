@@ -9,7 +9,6 @@ runs each seed in DIR/seed_N and writes DIR/seeds_summary.json (mean, std).
 test-time views (results/test_ntr*_nte*.json).
 """
 import json
-import logging
 import os
 import pathlib
 import sys
@@ -73,9 +72,11 @@ def _fmt(summary):
 
 def main(argv):
   del argv
-  from remote_jax import metrics  # pylint: disable=import-outside-toplevel
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
+  from remote_jax import (
+    metrics,  # pylint: disable=import-outside-toplevel
+    writers,
+  )
+  writers.setup_cli_logging()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config configs/mi2rage_demo.py")

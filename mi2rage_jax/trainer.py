@@ -18,6 +18,7 @@ import optax
 
 from remote_jax import checkpoint as ckpt_lib
 from remote_jax import optim as optim_lib
+from remote_jax import writers
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +110,13 @@ def fit(model, params, sample, steps: int, optim_cfg, seed: int, ckpt_dir, ckpt_
 
     key = jax.random.key(seed)
     losses = []
+    progress = writers.Progress(steps, initial=start, desc=name, log_every=log_every)
     for i in range(start, steps):
       rng = np.random.default_rng([seed, i])
       batch = sample(rng)
       state, loss = step_fn(state, batch, jax.random.fold_in(key, i))
       losses.append(loss)
+      n = len(jax.tree.leaves(batch)[0])
       if (i + 1) % log_every == 0 or i + 1 == steps:
         mean = float(np.mean(jax.device_get(losses)))
         if not np.isfinite(mean):
@@ -121,8 +124,12 @@ def fit(model, params, sample, steps: int, optim_cfg, seed: int, ckpt_dir, ckpt_
         if writer is not None:
           writer.write(i + 1, {f"{name}/loss": mean})
         losses = []
+        progress.update(i + 1, loss=mean, examples=n)
+      else:
+        progress.update(i + 1, examples=n)
       if ckpt_every and (i + 1) % ckpt_every == 0 and i + 1 < steps:
         ckpt.save(i + 1, state, meta={"done": False}, force=True)
+    progress.close()
     ckpt.save(steps, state, meta={"done": True, "steps": steps}, force=True)
     ckpt.wait()
     return state["params"]

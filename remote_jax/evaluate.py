@@ -6,7 +6,6 @@ r"""Scores a checkpoint on a split.
 by default the workdir's latest checkpoint is used. Prints JSON.
 """
 import json
-import logging
 import sys
 
 from absl import app, flags
@@ -20,8 +19,8 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test)
 
 def main(argv):
   del argv
-  from remote_jax import errors, metrics, trainer
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from remote_jax import errors, metrics, trainer, writers
+  writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:

@@ -4,7 +4,6 @@ r"""Writes JSONL predictions with class probabilities and MMoE router weights.
       --split test --out runs/demo/predictions_test.jsonl
 """
 import json
-import logging
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -38,8 +37,8 @@ def main(argv):
   del argv
   import pathlib
 
-  from remote_jax import errors, trainer
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  from remote_jax import errors, trainer, writers
+  writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     if not path:

@@ -6,7 +6,6 @@ config args (`--config configs/umre.py:mot=xattn,moe=off`) or field overrides
 workdir/seed_N and writes the mean and standard deviation.
 """
 import json
-import logging
 import os
 import pathlib
 import sys
@@ -27,10 +26,8 @@ def main(argv):
   del argv
   import jax
 
-  from remote_jax import distributed, errors, metrics, trainer
-
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
-                      datefmt="%H:%M:%S")
+  from remote_jax import distributed, errors, metrics, trainer, writers
+  writers.setup_cli_logging()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config configs/demo.py")

@@ -301,8 +301,9 @@ def train_and_evaluate(config, workdir):
     step += 1
     examples += config.batch_size
     train_metrics.append(m)
-    progress.update(step, examples=config.batch_size)
-    if step % config.log_every_steps == 0 or step == total_steps:
+    if not (step % config.log_every_steps == 0 or step == total_steps):
+      progress.update(step, examples=config.batch_size)
+    else:
       m = jax.device_get(train_metrics)
       train_metrics = []
       mean = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
@@ -310,7 +311,7 @@ def train_and_evaluate(config, workdir):
       mean["lr"] = float(s.schedule(step))
       mean["examples_per_s"] = examples / max(time.perf_counter() - t0, 1e-9)
       writer.write(step, mean, split="train")
-      progress.update(step, loss=mean["loss"])
+      progress.update(step, examples=config.batch_size, loss=mean["loss"])
     if ckpt_every and step % ckpt_every == 0 and not (step % eval_every == 0
                                                       or step == total_steps):
       ckpt.save(step, state, train_iter, meta={"history": history}, force=True)

@@ -20,6 +20,21 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def setup_cli_logging() -> None:
+  """Our INFO logs as `HH:MM:SS LEVEL message` on stderr; library chatter (orbax's
+  per-save INFO lines go through absl) only from WARNING up."""
+  from absl import logging as absl_logging  # late: absl is a CLI concern
+  root = logging.getLogger()
+  for h in list(root.handlers):
+    if isinstance(h, absl_logging.ABSLHandler):
+      root.removeHandler(h)
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s",
+                      datefmt="%H:%M:%S", force=True)
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)   # "no TPU/GPU" notes
+
+
 def _is_main_process() -> bool:
   import jax  # late: writers are usable (and tested) without touching devices
   return jax.process_index() == 0
