@@ -53,7 +53,8 @@ def batch_for(meta, batch, rng):
   return b
 
 
-def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff):
+def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,
+            solver=""):
   import flax.linen as nn
   import jax
   import optax
@@ -71,6 +72,8 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
     cfg.mot.variant = mot
   if diff:
     cfg.mot.diff = diff
+  if solver:
+    cfg.mot.solver = solver
   meta = dict(max_length=length, num_objects=objects, crop_size=crop)
   rng = np.random.default_rng(0)
   b = batch_for(meta, batch, rng)
@@ -115,7 +118,8 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   _, step_times = timeit(one_step, steps + 1)
   step_s = float(np.median(step_times[1:]))
   return dict(
-      size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff, dtype=dtype,
+      size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
+      solver=cfg.mot.solver, remat=remat, dtype=dtype,
       batch=batch, tokens=length, objects=objects, crop=crop, params_m=round(n_params / 1e6, 2),
       init_s=round(init_s, 2), compile_train_s=round(compile_s, 2),
       compile_forward_s=round(fwd_compile_s, 2),
@@ -138,6 +142,7 @@ def main():
   ap.add_argument("--remat", action="store_true")
   ap.add_argument("--mot", default="")
   ap.add_argument("--diff", default="")
+  ap.add_argument("--solver", default="", help="ott | jax (the OT blocks' Sinkhorn)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.one:   # child process: one configuration
@@ -150,7 +155,8 @@ def main():
                  batch=args.batch or (8 if size == "tiny" else 32),
                  length=args.length or (48 if size == "tiny" else 128),
                  objects=args.objects, crop=32 if size == "tiny" else 64, steps=args.steps,
-                 dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff)
+                 dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff,
+                 solver=args.solver)
       out = subprocess.run([sys.executable, "-m", "bench.model_step", "--one", json.dumps(one)],
                            capture_output=True, text=True, env=dict(os.environ))
       line = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []

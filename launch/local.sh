@@ -4,7 +4,7 @@
 # cross-process sharding) without a cluster.
 #
 #   NUM_PROCESSES=2 DEVICES_PER_PROCESS=4 launch/local.sh \
-#     --config configs/remote/umre.py:runlocal --workdir /tmp/remote_local
+#     --config configs/demo.py:runlocal --workdir /tmp/remote_local
 #
 # Arguments go to remote_jax.train unchanged. A process that fails stops the rest.
 set -euo pipefail

@@ -3,7 +3,7 @@
 # host, from IMAGE (this repo installed with jax[tpu]; see docs/scaling.md).
 #
 #   CLUSTER=my-cluster TPU_TYPE=v5litepod-32 IMAGE=gcr.io/PROJECT/remote-jax \
-#     launch/gke/xpk_submit.sh --config configs/remote/umre.py --workdir gs://BUCKET/runs/umre
+#     launch/gke/xpk_submit.sh --config configs/umre.py --workdir gs://BUCKET/runs/umre
 #
 # Arguments go to remote_jax.train unchanged. GKE sets TPU_WORKER_HOSTNAMES,
 # from which jax.distributed finds the other hosts. Optional: WORKLOAD, PROJECT,

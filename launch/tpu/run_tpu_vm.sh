@@ -3,7 +3,7 @@
 # checkout of this repo installed (pip install -e .) in the python of each worker.
 #
 #   TPU_NAME=remote-v5e-32 ZONE=us-west4-a launch/tpu/run_tpu_vm.sh \
-#     --config configs/remote/umre.py --workdir gs://BUCKET/runs/umre
+#     --config configs/umre.py --workdir gs://BUCKET/runs/umre
 #
 # Arguments go to remote_jax.train unchanged. REMOTE_JAX_DISTRIBUTED=1 makes
 # every host join through jax.distributed, which reads the pod from the TPU
