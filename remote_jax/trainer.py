@@ -327,9 +327,10 @@ def train_and_evaluate(config, workdir):
       best = metrics_lib.select_best(history, "dev/f1") if "val" in meta["splits"] else {}
       ckpt.save(step, state, train_iter, meta={"history": history, "best": best}, force=True)
       if main:
-        log.info("step %d: dev f1 %.2f test f1 %.2f (best dev %.2f at step %s)", step,
-                 record.get("dev/f1", float("nan")), record.get("test/f1", float("nan")),
-                 best.get("dev/f1", float("nan")), best.get("step"))
+        f1 = lambda d, k: f"{d[k]:.2f}" if k in d else "n/a (no split)"
+        log.info("step %d: dev f1 %s test f1 %s (best dev %s at step %s)", step,
+                 f1(record, "dev/f1"), f1(record, "test/f1"), f1(best, "dev/f1"),
+                 best.get("step"))
     if config.stop_after_step and step >= config.stop_after_step and step < total_steps:
       # As if the job were killed here: no summary; a rerun with the same
       # workdir resumes from the last checkpoint.
