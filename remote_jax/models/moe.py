@@ -78,10 +78,10 @@ class PaperMMoE(nn.Module):
   A side with no enabled expert passes its top level through unchanged.
   `residual`: H_V = F_V + (the mix above), likewise H_T. Eq. 12 read literally
   (residual=False) leaves an object's identity only in S_V F_V, next to V2T
-  experts that carry text content for every object alike: on the demo world a
-  linear probe of the object features for the o-o relations falls from 0.78
-  before the MMoE to 0.40 after it, and o-o never generalises. The released
-  code's experts carry the query as a residual, which `residual=True` mirrors.
+  experts that carry text content for every object alike; on the demo world's
+  object-object relations it generalises worst (bench/triplet_probe.py, README).
+  The released code's experts carry the query as a residual, which
+  `residual=True` mirrors.
   aux["router"]: (B, E) over aux["expert_names"].
   """
   dim: int
