@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from remote_jax.models.encoders.bert import BertConfig, BertEncoder
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig, CLIPVisionTower
+from remote_jax.models.heads import gather_rows
 from remote_jax.models.layers import MultiHeadCrossAttention, TorchDense, layer_norm
 
 Dtype = Any
@@ -45,11 +46,14 @@ def vision_config(cfg) -> CLIPVisionConfig:
                              "use_depth": False})
 
 
-def gather(h, pos):
-  """h (B, L, D), pos (B,) -> (B, D); a position of -1 (marker truncated) gives 0."""
-  safe = jnp.maximum(pos, 0)
-  out = jnp.take_along_axis(h, safe[:, None, None], axis=1)[:, 0]
-  return jnp.where((pos >= 0)[:, None], out, 0.0)
+# h (B, L, D), pos (B,) -> (B, D); a position of -1 (marker truncated) gives 0. The same
+# gather as REMOTE's relation head.
+gather = gather_rows
+
+
+def entity_states(h, batch):
+  """The subject and object marker states, (B, 2, D)."""
+  return jnp.stack([gather(h, batch["subj_pos"]), gather(h, batch["obj_pos"])], 1)
 
 
 class CrossBlock(nn.Module):

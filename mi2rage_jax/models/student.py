@@ -74,8 +74,7 @@ class TextStudent(nn.Module):
     h = common.encode_text("text", self.text, batch["input_ids"], batch["token_type_ids"],
                            batch["attention_mask"], deterministic, self.dtype)
     d = h.shape[-1]
-    q = jnp.stack([common.gather(h, batch["subj_pos"]),
-                   common.gather(h, batch["obj_pos"])], 1)              # (B, 2, D)
+    q = common.entity_states(h, batch)                                  # (B, 2, D)
     pixels = batch["view_pixels"]
     b, n = pixels.shape[:2]
     if n:

@@ -32,8 +32,7 @@ class TextTeacher(nn.Module):
   def __call__(self, batch, deterministic: bool = True):
     h = common.encode_text("text", self.text, batch["input_ids"], batch["token_type_ids"],
                            batch["attention_mask"], deterministic, self.dtype)
-    x = jnp.concatenate([common.gather(h, batch["subj_pos"]),
-                         common.gather(h, batch["obj_pos"])], -1)
+    x = common.entity_states(h, batch).reshape(h.shape[0], -1)
     return common.classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
 
 
@@ -54,8 +53,7 @@ class ImageTeacher(nn.Module):
     states, _ = common.encode_image("vision", self.vision, batch["pixels"], deterministic,
                                     self.dtype)
     patches = common.project(states[:, 1:], d, "vision_proj", self.dtype)
-    queries = jnp.stack([common.gather(h, batch["subj_pos"]),
-                         common.gather(h, batch["obj_pos"])], 1)         # (B, 2, D)
+    queries = common.entity_states(h, batch)                            # (B, 2, D)
     mask = jnp.ones(patches.shape[:2], bool)
     out = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
                             name="cross")(queries, patches, mask, deterministic)
