@@ -68,3 +68,37 @@ def test_remat_gives_the_same_loss_and_gradients():
   _, v1, _, _, g1 = loss_and_grads(micro_config("paper", remat=True), batch)
   np.testing.assert_allclose(float(v1), float(v0), rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+
+
+def test_bf16_dense_matmuls_accumulate_in_float32_both_ways():
+  """layers.dot_general (every encoder Dense): bf16 operands, float32
+  accumulation, bf16 result, in the forward and in both backward matmuls;
+  exactly what an f32-accumulating bf16 matmul gives, not the bf16-output
+  lax.dot_general that XLA:CPU runs by upcasting to f32."""
+  from remote_jax.models import layers
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(3, 5, 64)), jnp.bfloat16)
+  w = jnp.asarray(rng.normal(size=(64, 4, 8)), jnp.bfloat16)   # DenseGeneral (heads, kv)
+  ct = jnp.asarray(rng.normal(size=(3, 5, 4, 8)), jnp.bfloat16)
+  dims = (((2,), (0,)), ((), ()))
+  f32 = functools.partial(jax.lax.dot_general, preferred_element_type=jnp.float32)
+
+  out, vjp = jax.vjp(lambda x, w: layers.dot_general(x, w, dims), x, w)
+  assert out.dtype == jnp.bfloat16 and out.shape == (3, 5, 4, 8)
+  np.testing.assert_array_equal(np.asarray(out, np.float32),
+                                np.asarray(f32(x, w, dims).astype(jnp.bfloat16), np.float32))
+  dx, dw = vjp(ct)
+  assert dx.dtype == dw.dtype == jnp.bfloat16
+  want_dx = f32(ct.reshape(15, 32), w.reshape(64, 32), (((1,), (1,)), ((), ())))
+  want_dw = f32(x.reshape(15, 64), ct.reshape(15, 32), (((0,), (0,)), ((), ())))
+  np.testing.assert_array_equal(np.asarray(dx, np.float32),
+                                np.asarray(want_dx.astype(jnp.bfloat16).reshape(3, 5, 64), np.float32))
+  np.testing.assert_array_equal(np.asarray(dw, np.float32),
+                                np.asarray(want_dw.astype(jnp.bfloat16).reshape(64, 4, 8), np.float32))
+  # float32 operands and batched contractions are plain lax.dot_general
+  xf, wf = x.astype(jnp.float32), w.astype(jnp.float32)
+  np.testing.assert_array_equal(layers.dot_general(xf, wf, dims), jax.lax.dot_general(xf, wf, dims))
+  bdims = (((2,), (1,)), ((0,), (0,)))
+  a, b = x, jnp.asarray(rng.normal(size=(3, 64, 7)), jnp.bfloat16)
+  np.testing.assert_array_equal(np.asarray(layers.dot_general(a, b, bdims), np.float32),
+                                np.asarray(jax.lax.dot_general(a, b, bdims), np.float32))

@@ -55,6 +55,58 @@ def layer_norm(epsilon: float, dtype: Dtype, param_dtype: Dtype, name: str):
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)))
 
 
+def _accumulating_dot(lhs, rhs, dims):
+  return jax.lax.dot_general(lhs, rhs, dims, preferred_element_type=jnp.float32)
+
+
+@jax.custom_vjp
+def _matmul_f32_accumulate(lhs, rhs):
+  """(M, K) @ (K, N) on low-precision operands, float32 accumulation, result
+  in the operands' dtype; the backward's two matmuls likewise."""
+  return _accumulating_dot(lhs, rhs, (((1,), (0,)), ((), ()))).astype(lhs.dtype)
+
+
+def _matmul_fwd(lhs, rhs):
+  return _matmul_f32_accumulate(lhs, rhs), (lhs, rhs)
+
+
+def _matmul_bwd(res, ct):
+  lhs, rhs = res
+  ct = ct.astype(lhs.dtype)
+  d_lhs = _accumulating_dot(ct, rhs, (((1,), (1,)), ((), ())))   # ct @ rhs^T
+  d_rhs = _accumulating_dot(lhs, ct, (((0,), (0,)), ((), ())))   # lhs^T @ ct
+  return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
+
+
+_matmul_f32_accumulate.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """lax.dot_general for Dense layers that keeps bfloat16 matmuls native.
+
+  With bf16 operands lax.dot_general returns bf16, which XLA:CPU computes by
+  converting both operands to float32 (half the speed of its native
+  bf16 x bf16 -> f32 kernels); its autodiff transposes do the same. Here the
+  Dense contraction (lhs trailing axes with rhs leading axes, no batch axes)
+  runs as one (M, K) @ (K, N) matmul with float32 accumulation in the forward
+  and backward passes, cast back to bf16: what GPUs and TPUs do anyway.
+  float32 operands and any other contraction go straight to lax.dot_general.
+  """
+  (lc, rc), (lb, rb) = dimension_numbers
+  lc, rc = tuple(a % lhs.ndim for a in lc), tuple(a % rhs.ndim for a in rc)
+  k = len(lc)
+  dense_like = (not lb and not rb and lhs.dtype == rhs.dtype == jnp.bfloat16
+                and preferred_element_type in (None, jnp.bfloat16)
+                and lc == tuple(range(lhs.ndim - k, lhs.ndim)) and rc == tuple(range(k)))
+  if not dense_like:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  out_shape = lhs.shape[:lhs.ndim - k] + rhs.shape[k:]
+  contract = math.prod(rhs.shape[:k])
+  out = _matmul_f32_accumulate(lhs.reshape(-1, contract), rhs.reshape(contract, -1))
+  return out.reshape(out_shape)
+
+
 class TorchDense(nn.Module):
   """nn.Dense with torch.nn.Linear's default init and logical axis names."""
   features: int
@@ -69,7 +121,8 @@ class TorchDense(nn.Module):
     kernel_init, bias_init = torch_linear_init(fan_in, self.kernel_axes)
     kernel = self.param("kernel", kernel_init, (fan_in, self.features),
                         self.param_dtype)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    y = dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                    (((x.ndim - 1,), (0,)), ((), ())))
     if self.use_bias:
       bias = self.param("bias", bias_init, (self.features,), self.param_dtype)
       y = y + bias.astype(self.dtype)

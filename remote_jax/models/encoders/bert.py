@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from remote_jax.models import layers
+
 Dtype = Any
 PathOrDict = str | pathlib.Path | Mapping[str, Any]
 
@@ -145,6 +147,7 @@ def dense(features, in_names: tuple, out_names: tuple, std: float, dtype: Dtype,
   """Dense layer; `features`/`out_names` may be multi-dimensional (heads, kv)."""
   return nn.DenseGeneral(
       features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name,
+      dot_general=layers.dot_general,
       kernel_init=normal_init(std, in_names + out_names),
       bias_init=zeros_init(out_names))
 

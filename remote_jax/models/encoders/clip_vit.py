@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from remote_jax.models import layers
 from remote_jax.models.encoders.bert import (
   REQUIRED,
   Dtype,
@@ -129,6 +130,7 @@ class CLIPVisionEmbeddings(nn.Module):
     def patch_tokens(images, name):
       project = nn.DenseGeneral(
           cfg.hidden_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+          dot_general=layers.dot_general,
           kernel_init=normal_init(std, ("patch", "embed")), name=name)
       return project(patchify(images.astype(self.dtype), cfg.patch_size))
 

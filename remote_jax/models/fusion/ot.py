@@ -102,8 +102,12 @@ class OTPaper(nn.Module):
     kw = {"epsilon": self.epsilon, "iters": self.iters, "tau_a": self.tau_a, "tau_b": self.tau_b,
               "eps_init": self.eps_init, "eps_decay": self.eps_decay}
     if self.solver == "jax":
-      fn = lambda x, y, a, b: sinkhorn.log_sinkhorn(
-          sinkhorn.cost_matrix(x, y, self.cost), a, b, **kw)
+      if sinkhorn.kernel_domain_ok(self.cost, self.epsilon, self.eps_init, self.eps_decay):
+        solve = functools.partial(sinkhorn.kernel_sinkhorn, epsilon=self.epsilon,
+                                  iters=self.iters, tau_a=self.tau_a, tau_b=self.tau_b)
+      else:
+        solve = functools.partial(sinkhorn.log_sinkhorn, **kw)
+      fn = lambda x, y, a, b: solve(sinkhorn.cost_matrix(x, y, self.cost), a, b)
     else:
       fn = functools.partial(sinkhorn.ott_plan, cost=self.cost,
                              implicit=self.diff == "implicit", **kw)
