@@ -3,13 +3,16 @@ r"""Full-model benchmark: forward, train step, compile time, peak memory, FLOP/s
   python -m bench.model_step                       # tiny + base shapes, paper semantics
   python -m bench.model_step --sizes tiny --semantics paper,reference
   python -m bench.model_step --sizes base --batch 8 --length 256
+  python -m bench.model_step --sizes base --dtype bfloat16 --remat --batch 8 --length 256 \
+      --schedule memory       # the README's runs (with GLIBC_TUNABLES=glibc.malloc.hugetlb=1)
 
 Prints one JSON object per line. Each configuration runs in its own
 subprocess so that `peak_rss_gib` (the process's maximum resident set, which
 on a CPU holds parameters, optimizer state and activations) belongs to it
 alone. `flops` is XLA's cost analysis of the compiled step; `matmul_peak` is
-this machine's measured fp32 matmul rate (4096^2, same threads), so
-`fraction_of_peak` compares with perf_reference.md's 66% for the released code.
+this machine's measured matmul rate (4096^2, same threads) in float32 and in
+bfloat16 (f32 accumulation), and `fraction_of_peak` divides by the one of the
+run's dtype, to compare with perf_reference.md's 66% for the released code.
 """
 import argparse
 import json
@@ -22,11 +25,13 @@ import time
 import numpy as np
 
 
-def matmul_peak_gflops(n=4096, reps=3):
+def matmul_peak_gflops(n=4096, reps=3, dtype="float32"):
+  """Best of `reps` n^3 matmuls; bfloat16 operands accumulate in float32 (the
+  native kernel that layers.dot_general uses)."""
   import jax
   import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
   f(a).block_until_ready()
   best = float("inf")
   for _ in range(reps):
@@ -53,8 +58,16 @@ def batch_for(meta, batch, rng):
   return b
 
 
+# XLA:CPU's default scheduler orders the step for concurrency; the plain one
+# for memory (8 x 256 bf16 remat: 3.59 instead of 8.08 GiB of temp buffers).
+# An XLA flag (jit's compiler_options did not reach this one), so the child
+# process gets it in XLA_FLAGS.
+SCHEDULES = {"concurrency": "",
+             "memory": "--xla_cpu_enable_concurrency_optimized_scheduler=false"}
+
+
 def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,
-            solver=""):
+            solver="", schedule="concurrency"):
   import flax.linen as nn
   import jax
   import optax
@@ -95,6 +108,9 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  mem = compiled.memory_analysis()   # XLA's buffer plan for one step
+  step_gib = {k: round(getattr(mem, f"{k}_size_in_bytes") / 2 ** 30, 2)
+              for k in ("argument", "output", "temp")} if mem else {}
   t0 = time.perf_counter()
   fwd_c = fwd.lower(params, b).compile()
   fwd_compile_s = time.perf_counter() - t0
@@ -119,13 +135,14 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   step_s = float(np.median(step_times[1:]))
   return dict(
       size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
-      solver=cfg.mot.solver, remat=remat, dtype=dtype,
+      solver=cfg.mot.solver, remat=remat, dtype=dtype, schedule=schedule,
       batch=batch, tokens=length, objects=objects, crop=crop, params_m=round(n_params / 1e6, 2),
       init_s=round(init_s, 2), compile_train_s=round(compile_s, 2),
       compile_forward_s=round(fwd_compile_s, 2),
       forward_s=round(float(np.median(fwd_times[1:])), 4), train_step_s=round(step_s, 4),
       samples_per_s=round(batch / step_s, 3), train_gflop=round(flops / 1e9, 1),
       achieved_gflops=round(flops / step_s / 1e9, 1) if flops else None,
+      step_buffers_gib=step_gib,
       peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
       backend=jax.default_backend(), devices=jax.device_count())
 
@@ -143,12 +160,15 @@ def main():
   ap.add_argument("--mot", default="")
   ap.add_argument("--diff", default="")
   ap.add_argument("--solver", default="", help="ott | jax (the OT blocks' Sinkhorn)")
+  ap.add_argument("--schedule", default="concurrency", choices=sorted(SCHEDULES),
+                  help="XLA:CPU scheduler: concurrency (default) or memory")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.one:   # child process: one configuration
     print(json.dumps(run_one(**json.loads(args.one))), flush=True)
     return
-  print(json.dumps({"matmul_peak_gflops": round(matmul_peak_gflops(), 1)}), flush=True)
+  peaks = {d: round(matmul_peak_gflops(dtype=d), 1) for d in ("float32", "bfloat16")}
+  print(json.dumps({"matmul_peak_gflops": peaks}), flush=True)
   for size in args.sizes.split(","):
     for semantics in args.semantics.split(","):
       one = dict(size=size, semantics=semantics,
@@ -156,12 +176,17 @@ def main():
                  length=args.length or (48 if size == "tiny" else 128),
                  objects=args.objects, crop=32 if size == "tiny" else 64, steps=args.steps,
                  dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff,
-                 solver=args.solver)
+                 solver=args.solver, schedule=args.schedule)
+      env = dict(os.environ)
+      env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS", ""),
+                                                SCHEDULES[args.schedule]]))
       out = subprocess.run([sys.executable, "-m", "bench.model_step", "--one", json.dumps(one)],
-                           capture_output=True, text=True, env=dict(os.environ))
+                           capture_output=True, text=True, env=env)
       line = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
-      print(line[0] if line else json.dumps({**one, "error": out.stderr.strip()[-800:]}),
-            flush=True)
+      row = json.loads(line[0]) if line else {**one, "error": out.stderr.strip()[-800:]}
+      if row.get("achieved_gflops"):
+        row["fraction_of_peak"] = round(row["achieved_gflops"] / peaks[args.dtype], 3)
+      print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":

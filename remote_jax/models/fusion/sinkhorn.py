@@ -4,6 +4,10 @@
   of two point clouds (the paper variant). Unrolled or implicit differentiation.
 - `log_sinkhorn`: the same updates hand-written in plain JAX (log domain, same
   order as ott: g then f), for `solver="jax"` and as the bench baseline.
+- `kernel_sinkhorn`: the same iterates in the scaling domain with a
+  hand-written unrolled gradient; `solver="jax"` uses it where
+  `kernel_domain_ok` (cosine cost, epsilon >= 0.08, no schedule): 2.4x faster
+  forward+backward than `log_sinkhorn` at the vision6 bench shape.
 - `released_plan`: the released code's plain-domain loop with its kernel floor
   and clamp (reference_remote.md 3.4), which ott cannot express.
 - `plan_stats`: per-example diagnostics of a plan.
