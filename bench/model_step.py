@@ -41,6 +41,20 @@ def matmul_peak_gflops(n=4096, reps=3, dtype="float32"):
   return 2 * n ** 3 / best / 1e9
 
 
+def release_freed_heap():
+  """glibc keeps the compiler's freed heap mapped; hand it back to the OS so
+  that the step's buffers reuse pages instead of stacking on top of them."""
+  import ctypes
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:   # not glibc
+    pass
+
+
+def peak_rss_gib():
+  return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)
+
+
 def batch_for(meta, batch, rng):
   from remote_jax import trainer
   b = trainer.dummy_batch(meta, None, None, batch)
@@ -91,19 +105,22 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   rng = np.random.default_rng(0)
   b = batch_for(meta, batch, rng)
   model = remote.build(cfg, 28, 30534)
-  t0 = time.perf_counter()
-  params = nn.meta.unbox(jax.jit(model.init)({"params": jax.random.key(0)}, b)["params"])
-  jax.block_until_ready(params)
-  init_s = time.perf_counter() - t0
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
   tx = optax.adamw(1e-5, weight_decay=0.01)
-  state = trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                             opt_state=tx.init(params))
+  rss = {}   # the process's peak RSS after each phase: where the peak comes from
+
+  def make_state(params):
+    return trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                              opt_state=tx.init(params))
+
+  # Compile from abstract shapes before any array exists, as a trainer can:
+  # the compiler's own memory then does not stack on parameters and Adam state.
+  init = lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, b)["params"])
+  abstract_params = jax.eval_shape(init)
   step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
-
   t0 = time.perf_counter()
-  compiled = step_fn.lower(state, b, jax.random.key(1)).compile()
+  compiled = step_fn.lower(jax.eval_shape(make_state, abstract_params), b,
+                           jax.random.key(1)).compile()
   compile_s = time.perf_counter() - t0
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -112,8 +129,20 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   step_gib = {k: round(getattr(mem, f"{k}_size_in_bytes") / 2 ** 30, 2)
               for k in ("argument", "output", "temp")} if mem else {}
   t0 = time.perf_counter()
-  fwd_c = fwd.lower(params, b).compile()
+  fwd_c = fwd.lower(abstract_params, b).compile()
   fwd_compile_s = time.perf_counter() - t0
+  rss["compile"] = peak_rss_gib()
+  release_freed_heap()
+
+  t0 = time.perf_counter()
+  params = jax.jit(init)()
+  jax.block_until_ready(params)
+  init_s = time.perf_counter() - t0
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  state = make_state(params)
+  del params   # donated with the state below
+  rss["init"] = peak_rss_gib()
+  release_freed_heap()
 
   def timeit(fn, n):
     out, times = None, []
@@ -124,7 +153,6 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       times.append(time.perf_counter() - t)
     return out, times
 
-  _, fwd_times = timeit(lambda: fwd_c(params, b), steps + 1)
   holder = [state]
 
   def one_step():
@@ -132,6 +160,9 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
     return m["loss"]
 
   _, step_times = timeit(one_step, steps + 1)
+  rss["train"] = peak_rss_gib()
+  _, fwd_times = timeit(lambda: fwd_c(holder[0].params, b), steps + 1)
+  rss["forward"] = peak_rss_gib()
   step_s = float(np.median(step_times[1:]))
   return dict(
       size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
@@ -143,7 +174,7 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       samples_per_s=round(batch / step_s, 3), train_gflop=round(flops / 1e9, 1),
       achieved_gflops=round(flops / step_s / 1e9, 1) if flops else None,
       step_buffers_gib=step_gib,
-      peak_rss_gib=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2),
+      peak_rss_gib=peak_rss_gib(), peak_rss_after=rss,
       backend=jax.default_backend(), devices=jax.device_count())
 
 

@@ -130,7 +130,7 @@ def model_config(size="tiny", semantics="paper"):
           object_without_marker="keep_region" if paper else "zero_side",
       ),
       dtype="float32",
-      remat=False,
+      remat=False,   # True: recompute encoder layers and OT levels in the backward pass
   ))
 
 

@@ -78,6 +78,17 @@ def mot_levels(cfg_mot, num_layers):
   return {t: tuple(range(0, t - stop)) for t in targets}
 
 
+def _fuse(block, query, query_mask, sources, source_masks, deterministic):
+  """One MOT level: `query` fused with its source levels, concatenated."""
+  return block(query, query_mask, jnp.concatenate(sources, 1),
+               jnp.concatenate(source_masks, 1), deterministic)
+
+
+# With cfg.remat the backward recomputes each level's concatenation, cost
+# matrix and Sinkhorn solve from the stored levels instead of keeping them.
+_fuse_remat = nn.checkpoint(_fuse, static_argnums=(5,))
+
+
 class RemoteModel(nn.Module):
   """The full model; `cfg` is config.model plus `num_classes`, `vocab_size`."""
   cfg: Any
@@ -205,12 +216,13 @@ class RemoteModel(nn.Module):
       level = i + 1
       if level in self.levels:
         src = self.levels[level]
-        t_h, diag_t = self.mot_text[str(level)](
-            t_h, text_mask, jnp.concatenate([text_levels[j] for j in src], 1),
-            jnp.concatenate([text_masks[j] for j in src], 1), deterministic)
-        v_h, diag_v = self.mot_vision[str(level)](
-            v_h, v_mask, jnp.concatenate([vision_levels[j] for j in src], 1),
-            jnp.concatenate([vision_masks[j] for j in src], 1), deterministic)
+        fuse = _fuse_remat if cfg.remat else _fuse
+        t_h, diag_t = fuse(self.mot_text[str(level)], t_h, text_mask,
+                           [text_levels[j] for j in src], [text_masks[j] for j in src],
+                           deterministic)
+        v_h, diag_v = fuse(self.mot_vision[str(level)], v_h, v_mask,
+                           [vision_levels[j] for j in src], [vision_masks[j] for j in src],
+                           deterministic)
         ot_diag[f"text_{level}"] = diag_t
         ot_diag[f"vision_{level}"] = diag_v
       text_levels.append(t_h)
