@@ -185,10 +185,6 @@ def _kernel_sinkhorn(eps, iters, tau_a, tau_b, cost, a, b):
   return _kernel_forward(eps, iters, tau_a, tau_b, cost, a, b)[0]
 
 
-def _kernel_fwd(eps, iters, tau_a, tau_b, cost, a, b):
-  return _kernel_forward(eps, iters, tau_a, tau_b, cost, a, b)
-
-
 def _kernel_bwd(eps, iters, tau_a, tau_b, res, plan_bar):
   kernel, plan, u_prev, v, s, r, u_new, a, b = res
   weighted = plan_bar * kernel
@@ -219,7 +215,7 @@ def _kernel_bwd(eps, iters, tau_a, tau_b, res, plan_bar):
   return cost_bar, a_bar, b_bar
 
 
-_kernel_sinkhorn.defvjp(_kernel_fwd, _kernel_bwd)
+_kernel_sinkhorn.defvjp(_kernel_forward, _kernel_bwd)
 
 
 def cost_matrix(x, y, cost):
