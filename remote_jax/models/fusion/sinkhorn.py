@@ -194,7 +194,7 @@ def _kernel_bwd(eps, iters, tau_a, tau_b, res, plan_bar):
 
   def back(carry, xs):
     u_bar, v_extra, a_bar, b_bar = carry
-    u_p, v_t, s_t, r_t, u_t = xs
+    v_t, s_t, r_t, u_t = xs
     du = u_bar * u_t                   # d/dr of (a/r)^tau = -tau u / r
     r_bar = -tau_a * du / r_t
     a_bar = a_bar + jnp.where(a > 0, tau_a * du / safe_a, 0.0)
@@ -207,7 +207,7 @@ def _kernel_bwd(eps, iters, tau_a, tau_b, res, plan_bar):
 
   init = (u_bar, v_bar_last, jnp.zeros_like(a), jnp.zeros_like(b))
   (_, _, a_bar, b_bar), (r_bar, s_bar) = jax.lax.scan(
-      back, init, (u_prev, v, s, r, u_new), reverse=True)
+      back, init, (v, s, r, u_new), reverse=True)
   # dK = u_T v_T^T * plan_bar + sum_t r_bar_t v_t^T + u_{t-1} s_bar_t^T; dC = -K dK / eps.
   outer = (jnp.concatenate([r_bar, u_prev], 0).T
            @ jnp.concatenate([v, s_bar], 0))
