@@ -11,19 +11,12 @@ well above 1 (issue goal: >= 3). The data cache is built first if missing and
 not timed.
 """
 import argparse
-import importlib.util
 import json
 import time
 
 import numpy as np
 
-
-def load_config(path_arg):
-  path, _, arg = path_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+from bench import load_config
 
 
 def main():

@@ -106,7 +106,7 @@ def model_config(size="tiny", semantics="paper"):
           solver="ott",                       # ott (ott-jax) | jax (plain, unrolled only)
           tau_a=1.0, tau_b=1.0,
           eps_init=1.0, eps_decay=1.0,
-          num_heads=4 if size == "tiny" else 12,
+          num_heads=text["num_heads"],
           alpha_init=0.5,
           residual_init=1.0,
           mask=paper,
@@ -114,7 +114,7 @@ def model_config(size="tiny", semantics="paper"):
       moe=dict(
           variant="paper" if paper else "reference",
           experts="T,V,T2V,V2T",
-          num_heads=4 if size == "tiny" else 12,
+          num_heads=text["num_heads"],
           shared_projections=True,
           mask_keys=paper,
           dropout_text=0.1, dropout_vision=0.0,
@@ -181,6 +181,7 @@ def train_config(**overrides):
       distributed=dict(coordinator_address="", num_processes=0, process_id=-1),
       resume="",
       plots=True,
+      xla_cpu="fast",               # XLA:CPU flag preset: fast | lean | xla (remote_jax/xla_cpu.py)
   ))
   config.update(overrides)
   return config

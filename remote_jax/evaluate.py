@@ -23,8 +23,6 @@ def main(argv):
   writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
-    if not path:
-      raise ValueError("give --workdir or --checkpoint")
     s, state, step = trainer.restore(_CONFIG.value, path)
     res = trainer.evaluate(s, state.params, _SPLIT.value)
     out = {"checkpoint": str(path), "step": step, "split": _SPLIT.value,

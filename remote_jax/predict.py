@@ -41,8 +41,6 @@ def main(argv):
   writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
-    if not path:
-      raise ValueError("give --workdir or --checkpoint")
     s, state, _ = trainer.restore(_CONFIG.value, path)
     out = _OUT.value or str(pathlib.Path(_WORKDIR.value or ".") /
                             f"predictions_{_SPLIT.value}.jsonl")

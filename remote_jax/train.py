@@ -26,11 +26,13 @@ def main(argv):
   del argv
   import jax
 
-  from remote_jax import distributed, errors, metrics, trainer, writers
+  from remote_jax import distributed, errors, metrics, trainer, writers, xla_cpu
   writers.setup_cli_logging()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config configs/demo.py")
+  with errors.user_errors():
+    xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{config.data.name}")
   distributed.maybe_initialize(config)
   jax.config.update("jax_threefry_partitionable", True)

@@ -21,7 +21,7 @@ import optax
 
 from remote_jax import checkpoint as ckpt_lib
 from remote_jax import metrics as metrics_lib
-from remote_jax import optim, sharding, writers
+from remote_jax import optim, sharding, writers, xla_cpu
 from remote_jax.data import pipeline
 from remote_jax.models import remote
 
@@ -205,6 +205,9 @@ def setup(config, total_steps=1):
 def restore(config, path):
   """(Setup, state, step) with the state of checkpoint `path` (a workdir, a
   checkpoint root or a step directory), for evaluate.py and predict.py."""
+  if not path:
+    raise ValueError("give --workdir or --checkpoint")
+  xla_cpu.apply(config.get("xla_cpu", "xla"))   # before setup starts the backend
   s = setup(config)
   ckpt, step = ckpt_lib.open_checkpoint(path)
   return s, ckpt.restore(step, s.state), step

@@ -105,6 +105,9 @@ def finite(tree):
 def test_unknown_variant_and_experts_raise():
   with pytest.raises(ValueError, match=r"model\.moe\.variant.*'off'.*'paper'"):
     moe_lib.make_moe({"variant": "sparse"}, D)
+  for variant in ("paper", "reference"):   # a config-time error, not one deep inside apply
+    with pytest.raises(ValueError, match=rf"model\.moe\.num_heads={D + 1}: .*divides the width {D}"):
+      moe_lib.make_moe({"variant": variant, "num_heads": D + 1}, D)
   with pytest.raises(ValueError, match=r"model\.moe\.experts"):
     build("paper", experts="T,X")
   with pytest.raises(ValueError, match=r"model\.moe\.experts"):

@@ -298,5 +298,9 @@ def make_moe(cfg: dict, dim: int, name: str = "moe") -> nn.Module:
   variant = cfg.get("variant")
   if variant not in MMOE:
     raise ValueError(f"model.moe.variant={variant!r}: allowed {sorted(MMOE)}")
+  heads = cfg.get("num_heads", 1)
+  if variant != "off" and (not isinstance(heads, int) or heads < 1 or dim % heads):
+    raise ValueError(f"model.moe.num_heads={heads!r}: must be a positive integer that "
+                     f"divides the width {dim} (the text encoder's hidden_size)")
   return MMOE[variant](cfg, dim, name)
 

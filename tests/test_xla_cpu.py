@@ -1,0 +1,53 @@
+"""XLA:CPU flag presets: merged into XLA_FLAGS without overriding the user, and
+they reach the compiler (the "xla" preset hands matmuls to YNNPACK, "fast" not)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from remote_jax import xla_cpu
+
+
+def test_presets_merge_without_overriding_the_user():
+  assert xla_cpu.merged_xla_flags("xla", "--foo=1") == "--foo=1"
+  lean = xla_cpu.merged_xla_flags("lean", "")
+  assert lean.split() == [xla_cpu.YNN_OFF, xla_cpu.MEMORY_SCHEDULE]
+  mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
+  merged = xla_cpu.merged_xla_flags("lean", mine).split()
+  assert merged == [mine, xla_cpu.MEMORY_SCHEDULE]   # the user's value stays, once
+  with pytest.raises(ValueError, match=r"config\.xla_cpu='turbo': allowed \['fast', 'lean', 'xla'\]"):
+    xla_cpu.merged_xla_flags("turbo")
+
+
+def test_apply_refuses_once_the_backend_runs(monkeypatch):
+  import jax
+  jax.numpy.zeros(1).block_until_ready()   # the backend has started
+  monkeypatch.setenv("XLA_FLAGS", "")
+  with pytest.raises(RuntimeError, match="already started.*XLA_FLAGS"):
+    xla_cpu.apply("fast")
+  monkeypatch.setenv("XLA_FLAGS", xla_cpu.YNN_OFF)   # nothing to change: fine
+  assert xla_cpu.apply("fast") == xla_cpu.YNN_OFF
+
+
+PROBE = """
+import json, sys
+from remote_jax import xla_cpu
+flags = xla_cpu.apply(sys.argv[1])
+import jax, jax.numpy as jnp
+x = jnp.ones((64, 64), jnp.bfloat16)
+f = lambda a: jax.lax.dot_general(a, a, (((1,), (0,)), ((), ())),
+                                  preferred_element_type=jnp.float32)
+text = jax.jit(f).lower(x).compile().as_text()
+print(json.dumps({"flags": flags, "ynn": "ynn" in text.lower()}))
+"""
+
+
+@pytest.mark.parametrize("preset", ["xla", "fast"])
+def test_preset_reaches_the_compiler(preset):
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "-c", PROBE, preset], capture_output=True, text=True,
+                       env=env, check=True)
+  row = json.loads(out.stdout.strip().splitlines()[-1])
+  assert row["ynn"] == (preset == "xla"), row
