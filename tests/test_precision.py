@@ -124,7 +124,7 @@ def test_dense_and_layer_norm_match_flax_with_matmul_parameter_gradients():
     assert jax.tree.map(jnp.shape, p_ours) == jax.tree.map(jnp.shape, p_flax), name
     np.testing.assert_array_equal(jax.tree.leaves(p_ours)[0], jax.tree.leaves(p_flax)[0])
     for dtype, tol in ((jnp.float32, 2e-5), (jnp.bfloat16, 2e-2)):
-      def loss(p, x, mod, dtype=dtype):
+      def loss(p, x, mod):
         y = mod.clone(dtype=dtype).apply(p, x.astype(dtype)).astype(jnp.float32)
         return jnp.sum(jnp.sin(y) * jnp.arange(y.size).reshape(y.shape) / y.size)
       (l1, g1), (l2, g2) = (jax.value_and_grad(loss, (0, 1))(p, x, m)
