@@ -143,15 +143,22 @@ def zeros_init(names: tuple):
 
 
 def dense(features, in_names: tuple, out_names: tuple, std: float, dtype: Dtype,
-          param_dtype: Dtype, name: str, axis=-1) -> layers.DenseGeneral:
+          param_dtype: Dtype, name: str, axis=-1) -> nn.DenseGeneral:
   """Dense layer; `features`/`out_names` may be multi-dimensional (heads, kv)."""
-  return layers.DenseGeneral(
+  return nn.DenseGeneral(
       features, axis=axis, dtype=dtype, param_dtype=param_dtype, name=name,
+      dot_general=layers.dot_general,
       kernel_init=normal_init(std, in_names + out_names),
       bias_init=zeros_init(out_names))
 
 
-layer_norm = layers.layer_norm
+def layer_norm(eps: float, dtype: Dtype, param_dtype: Dtype,
+               name: str | None = None) -> nn.LayerNorm:
+  """LayerNorm over the model width (name=None inside setup, which names it)."""
+  return nn.LayerNorm(
+      epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name,
+      scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
+      bias_init=zeros_init(("embed",)))
 
 
 def attention_bias(mask, dtype: Dtype):
