@@ -8,11 +8,16 @@ Measured with `python -m bench.model_step` (README, "Full-model benchmark"):
 - "fast": XLA's YNNPACK fusions off. jaxlib 0.10 hands each matmul fusion to
   YNNPACK, which runs it on about one core; without them XLA's own dot
   kernels use every core: BERT-base + ViT-B/32 bf16 train step at 8 x 128
-  10.4 -> 8.3 s on 2 cores, no slower on the tiny demo model.
-- "lean": "fast" plus the plain (memory-ordered) scheduler instead of the
-  concurrency-optimised one, which keeps several GiB of temporaries alive to
-  run independent ops side by side (8 x 256 with remat: 8.1 -> 2.6 GiB).
-  It can cost speed on small models, whose ops are too short to fill the cores.
+  10.4 -> 8.2 s on 2 cores. At 32 x 128 it matches the memory schedule
+  (36.7 s), and the tiny demo model is a little slower with it
+  (configs/demo.py keeps "xla").
+- "lean": the plain (memory-ordered) scheduler instead of the concurrency-
+  optimised one, which keeps several GiB of temporaries alive to run
+  independent ops side by side: 8 x 256 with remat 8.1 -> 2.6 GiB of
+  temporaries, 6.35 GiB peak; 32 x 128 16.4 GiB peak, 36.8 s.
+- "fast_lean": both. Without YNNPACK XLA plans more temporaries (8 x 256
+  with remat: 3.5 GiB, peak 7.37 GiB, 23.2 s against lean's 21.7 s), so
+  "lean" is the one for the smallest footprint.
 - "xla": XLA's own defaults.
 
 A flag the user already put in XLA_FLAGS is left as they set it.
@@ -27,7 +32,8 @@ MEMORY_SCHEDULE = "--xla_cpu_enable_concurrency_optimized_scheduler=false"
 PRESETS = {
     "xla": (),
     "fast": (YNN_OFF,),
-    "lean": (YNN_OFF, MEMORY_SCHEDULE),
+    "lean": (MEMORY_SCHEDULE,),
+    "fast_lean": (YNN_OFF, MEMORY_SCHEDULE),
 }
 
 

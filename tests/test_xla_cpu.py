@@ -12,12 +12,12 @@ from remote_jax import xla_cpu
 
 def test_presets_merge_without_overriding_the_user():
   assert xla_cpu.merged_xla_flags("xla", "--foo=1") == "--foo=1"
-  lean = xla_cpu.merged_xla_flags("lean", "")
-  assert lean.split() == [xla_cpu.YNN_OFF, xla_cpu.MEMORY_SCHEDULE]
+  both = xla_cpu.merged_xla_flags("fast_lean", "")
+  assert both.split() == [xla_cpu.YNN_OFF, xla_cpu.MEMORY_SCHEDULE]
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
-  merged = xla_cpu.merged_xla_flags("lean", mine).split()
+  merged = xla_cpu.merged_xla_flags("fast_lean", mine).split()
   assert merged == [mine, xla_cpu.MEMORY_SCHEDULE]   # the user's value stays, once
-  with pytest.raises(ValueError, match=r"config\.xla_cpu='turbo': allowed \['fast', 'lean', 'xla'\]"):
+  with pytest.raises(ValueError, match=r"config\.xla_cpu='turbo': allowed \['fast', 'fast_lean', 'lean', 'xla'\]"):
     xla_cpu.merged_xla_flags("turbo")
 
 
