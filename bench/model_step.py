@@ -14,7 +14,9 @@ this machine's measured matmul rate (4096^2, same threads) in float32 and in
 bfloat16 (f32 accumulation), the best over the XLA:CPU presets "xla" and
 "fast" (each in its own process: XLA reads its flags once), and
 `fraction_of_peak` divides by the one of the run's dtype, to compare with
-perf_reference.md's 66% for the released code. `--xla-cpu` picks the run's
+perf_reference.md's 66% for the released code. On a GPU or TPU, `mfu`
+divides by the chip's spec-sheet dense bf16 peak (SPEC_BF16_TFLOPS) as well.
+`--xla-cpu` picks the run's
 XLA:CPU flag preset (remote_jax/xla_cpu.py; the trainer's default is "fast").
 """
 import argparse
@@ -75,6 +77,18 @@ def batch_for(meta, batch, rng):
   b["tail_obj"][: batch // 2] = 0
   b["label"] = rng.integers(0, 8, batch).astype(np.int32)
   return b
+
+
+# Dense bf16 peak of one chip from the vendors' spec sheets (TFLOP/s, no
+# sparsity), for model FLOP utilisation on accelerators; the first key that
+# the device kind contains wins, so "H100 PCIe" precedes "H100".
+SPEC_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.4, "H200": 989.4, "A100": 312.0,
+                    "L4": 121.0, "TPU v4": 275.0, "TPU v5 lite": 197.0, "TPU v5p": 459.0,
+                    "TPU v6 lite": 918.0}
+
+
+def spec_peak_tflops(device_kind):
+  return next((v for k, v in SPEC_BF16_TFLOPS.items() if k in device_kind), None)
 
 
 def child_env(preset):
@@ -189,7 +203,8 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       achieved_gflops=round(flops / step_s / 1e9, 1) if flops else None,
       step_buffers_gib=step_gib,
       peak_rss_gib=peak_rss_gib(), peak_rss_after=rss,
-      backend=jax.default_backend(), devices=jax.device_count())
+      backend=jax.default_backend(), devices=jax.device_count(),
+      device_kind=jax.devices()[0].device_kind)
 
 
 def main():
@@ -231,6 +246,9 @@ def main():
       row = child(one, args.xla_cpu)
       if row.get("achieved_gflops"):
         row["fraction_of_peak"] = round(row["achieved_gflops"] / peaks[args.dtype], 3)
+        spec = spec_peak_tflops(row.get("device_kind", ""))
+        if spec and row.get("backend") != "cpu":   # MFU: model FLOPs / one chip's spec peak
+          row["mfu"] = round(row["achieved_gflops"] / 1e3 / spec, 3)
       print(json.dumps(row), flush=True)
 
 
