@@ -23,12 +23,11 @@ import argparse
 import json
 import os
 import resource
-import subprocess
-import sys
 import time
 
 import numpy as np
 
+from bench import run_child
 from remote_jax import xla_cpu
 
 
@@ -101,11 +100,8 @@ def child_env(preset):
 
 
 def child(one, preset):
-  """Runs `python -m bench.model_step --one ONE` under `preset`; its last JSON line."""
-  out = subprocess.run([sys.executable, "-m", "bench.model_step", "--one", json.dumps(one)],
-                       capture_output=True, text=True, env=child_env(preset))
-  line = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
-  return json.loads(line[0]) if line else {**one, "error": out.stderr.strip()[-800:]}
+  """`one` (a configuration, or {"peak": True}) in a child process under `preset`."""
+  return run_child("bench.model_step", one, child_env(preset))
 
 
 def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,

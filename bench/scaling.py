@@ -26,13 +26,12 @@ speedup; real scaling needs real devices.
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 
-from bench import load_config
+from bench import load_config, run_child
+from remote_jax import xla_cpu as xla_cpu_presets
 
 
 def device_env(n, platform):
@@ -64,9 +63,8 @@ def run_one(config_arg, n, batch, mode, sharding_name, dtype, steps, xla_cpu):
   import jax
 
   from remote_jax import sharding, trainer
-  from remote_jax import xla_cpu as xla_cpu_lib
   from remote_jax.data import pipeline
-  xla_cpu_lib.apply(xla_cpu)   # before the backend starts
+  xla_cpu_presets.apply(xla_cpu)   # before the backend starts
   jax.config.update("jax_threefry_partitionable", True)
 
   config = load_config(config_arg)
@@ -120,7 +118,8 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
-  ap.add_argument("--xla-cpu", default="fast", help="XLA:CPU flag preset (remote_jax/xla_cpu.py)")
+  ap.add_argument("--xla-cpu", default="fast", choices=sorted(xla_cpu_presets.PRESETS),
+                  help="XLA:CPU flag preset (remote_jax/xla_cpu.py)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.one:
@@ -131,10 +130,7 @@ def main():
     one = dict(config_arg=args.config, n=n, batch=args.batch, mode=args.mode,
                sharding_name=args.sharding, dtype=args.dtype, steps=args.steps,
                xla_cpu=args.xla_cpu)
-    out = subprocess.run([sys.executable, "-m", "bench.scaling", "--one", json.dumps(one)],
-                         capture_output=True, text=True, env=device_env(n, args.platform))
-    lines = out.stdout.strip().splitlines()[-1:] if out.returncode == 0 else []
-    row = json.loads(lines[0]) if lines else {**one, "error": out.stderr.strip()[-800:]}
+    row = run_child("bench.scaling", one, device_env(n, args.platform))
     if "samples_per_s" in row:
       base = base or (row["devices"], row["samples_per_s"])
       speedup = row["samples_per_s"] / base[1]
