@@ -93,7 +93,6 @@ def spec_peak_tflops(device_kind):
 def child_env(preset):
   """XLA reads XLA_FLAGS once per process (jit's compiler_options did not reach
   the scheduler flag), so each preset runs in a child process."""
-  from remote_jax import xla_cpu
   env = dict(os.environ)
   env["XLA_FLAGS"] = xla_cpu.merged_xla_flags(preset, env.get("XLA_FLAGS", ""))
   return env
