@@ -17,7 +17,7 @@ bfloat16 (f32 accumulation), the best over the XLA:CPU presets "xla" and
 perf_reference.md's 66% for the released code. On a GPU or TPU, `mfu`
 divides by the chip's spec-sheet dense bf16 peak (SPEC_BF16_TFLOPS) as well.
 `--xla-cpu` picks the run's
-XLA:CPU flag preset (remote_jax/xla_cpu.py; the trainer's default is "fast").
+XLA:CPU flag preset (remote_jax/xla_cpu.py; the trainer's default is "auto").
 """
 import argparse
 import json
@@ -104,7 +104,7 @@ def child(one, preset):
 
 
 def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,
-            solver="", xla_cpu="fast"):
+            solver="", xla_cpu="auto"):
   import flax.linen as nn
   import jax
   import optax
@@ -190,6 +190,7 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   return dict(
       size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
       solver=cfg.mot.solver, remat=remat, dtype=dtype, xla_cpu=xla_cpu,
+      xla_flags=os.environ.get("XLA_FLAGS", ""),
       batch=batch, tokens=length, objects=objects, crop=crop, params_m=round(n_params / 1e6, 2),
       init_s=round(init_s, 2), compile_train_s=round(compile_s, 2),
       compile_forward_s=round(fwd_compile_s, 2),
@@ -215,7 +216,7 @@ def main():
   ap.add_argument("--mot", default="")
   ap.add_argument("--diff", default="")
   ap.add_argument("--solver", default="", help="ott | jax (the OT blocks' Sinkhorn)")
-  ap.add_argument("--xla-cpu", default="fast", choices=sorted(xla_cpu.PRESETS),
+  ap.add_argument("--xla-cpu", default="auto", choices=xla_cpu.CHOICES,
                   help="XLA:CPU flag preset (remote_jax/xla_cpu.py)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()

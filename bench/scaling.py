@@ -118,7 +118,7 @@ def main():
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--steps", type=int, default=5)
   ap.add_argument("--platform", default="cpu", choices=("cpu", "gpu"))
-  ap.add_argument("--xla-cpu", default="fast", choices=sorted(xla_cpu_presets.PRESETS),
+  ap.add_argument("--xla-cpu", default="auto", choices=xla_cpu_presets.CHOICES,
                   help="XLA:CPU flag preset (remote_jax/xla_cpu.py)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()

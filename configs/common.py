@@ -181,7 +181,7 @@ def train_config(**overrides):
       distributed=dict(coordinator_address="", num_processes=0, process_id=-1),
       resume="",
       plots=True,
-      xla_cpu="fast",               # XLA:CPU flag preset: fast | lean | fast_lean | xla (xla_cpu.py)
+      xla_cpu="auto",               # XLA:CPU flag preset: auto | auto_lean | fast | lean | fast_lean | xla (xla_cpu.py)
   ))
   config.update(overrides)
   return config

@@ -17,8 +17,28 @@ def test_presets_merge_without_overriding_the_user():
   mine = "--xla_cpu_experimental_ynn_fusion_type=dot"
   merged = xla_cpu.merged_xla_flags("fast_lean", mine).split()
   assert merged == [mine, xla_cpu.MEMORY_SCHEDULE]   # the user's value stays, once
-  with pytest.raises(ValueError, match=r"config\.xla_cpu='turbo': allowed \['fast', 'fast_lean', 'lean', 'xla'\]"):
+  with pytest.raises(ValueError, match=r"config\.xla_cpu='turbo': allowed \['auto', 'auto_lean', 'fast', 'fast_lean', 'lean', 'xla'\]"):
     xla_cpu.merged_xla_flags("turbo")
+
+
+def test_auto_keeps_ynnpack_only_where_the_cpu_has_bf16_dot_instructions(tmp_path):
+  zen4 = {"avx2", "avx512f", "avx512_bf16"}
+  icelake = {"avx2", "avx512f", "avx512_vnni"}
+  assert xla_cpu.resolve("auto", zen4) == "xla"
+  assert xla_cpu.resolve("auto", {"amx_bf16", "avx512f"}) == "xla"
+  assert xla_cpu.resolve("auto", icelake) == "fast"
+  assert xla_cpu.resolve("auto_lean", zen4) == "lean"
+  assert xla_cpu.resolve("auto_lean", icelake) == "fast_lean"
+  assert xla_cpu.resolve("fast", zen4) == "fast"   # concrete presets are kept as given
+  # /proc/cpuinfo is read for its "flags" line; no such line (aarch64, macOS): XLA's defaults
+  x86 = tmp_path / "x86"
+  x86.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512_bf16\n\nprocessor\t: 1\n")
+  assert xla_cpu.cpu_flags(str(x86)) == {"fpu", "avx2", "avx512_bf16"}
+  arm = tmp_path / "arm"
+  arm.write_text("processor\t: 0\nFeatures\t: fp asimd bf16\n")
+  assert xla_cpu.cpu_flags(str(arm)) is None
+  assert xla_cpu.cpu_flags(str(tmp_path / "missing")) is None
+  assert xla_cpu.resolve("auto", None) in ("xla", "fast")   # this host: whichever it is
 
 
 def test_apply_refuses_once_the_backend_runs(monkeypatch):
