@@ -40,6 +40,7 @@ def base_config(arg, **defaults):
   return ml_collections.ConfigDict(dict(
       seed=arg.seed,
       settings=settings,
+      xla_cpu="auto",   # XLA:CPU flag preset (remote_jax/xla_cpu.py); no effect on GPU/TPU
       ckpt_every=100,
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
                 demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),

@@ -23,7 +23,7 @@ def _cli(workdir, arg, *extra):
        "--workdir", str(workdir), *extra], cwd=REPO, env=env, capture_output=True, text=True,
       check=False, timeout=900)
   assert proc.returncode == 0, proc.stderr[-4000:]
-  return json.loads((workdir / "summary.json").read_text())
+  return json.loads((workdir / "summary.json").read_text()), proc.stderr
 
 
 def _check_outputs(run_dir, rounds):
@@ -45,7 +45,9 @@ def _check_outputs(run_dir, rounds):
 
 def test_fast_cli_all_stages_then_resume(tmp_path):
   arg = "fast,size=micro,setting=no_real_text"
-  first = _cli(tmp_path, arg)["no_real_text"]
+  summary, log = _cli(tmp_path, arg, "--config.xla_cpu=fast")
+  assert "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (config.xla_cpu=fast -> fast)" in log
+  first = summary["no_real_text"]
   assert set(first["stages"].values()) == {"ran"}
   assert list(first["stages"]) == ["generate_0", "teacher_0", "select_0", "generate_1",
                                    "teacher_1", "select_1", "student", "test", "diversity"]
@@ -54,7 +56,7 @@ def test_fast_cli_all_stages_then_resume(tmp_path):
   selections = (run_dir / "selections" / "train_round1.json").read_text()
   # A rerun skips every finished stage; a removed stage output is recomputed.
   (run_dir / "stages" / "test_ntr3_nte3.done").unlink()
-  second = _cli(tmp_path, arg, "--eval_views", "1")["no_real_text"]
+  second = _cli(tmp_path, arg, "--eval_views", "1")[0]["no_real_text"]
   assert second["stages"]["test"] == "ran"
   assert {v for k, v in second["stages"].items() if k != "test"} == {"skipped"}
   assert second["test"]["f1"] == first["test"]["f1"]        # student restored, not retrained
@@ -65,11 +67,11 @@ def test_fast_cli_all_stages_then_resume(tmp_path):
 
 @pytest.mark.slow
 def test_both_settings_end_to_end(tmp_path):
-  summary = _cli(tmp_path, "fast,size=micro")
+  summary, _ = _cli(tmp_path, "fast,size=micro")
   for setting in ("no_real_text", "no_real_image"):
     assert set(summary[setting]["stages"].values()) == {"ran"}
     _check_outputs(tmp_path / setting, 1)
-  again = _cli(tmp_path, "fast,size=micro")
+  again, _ = _cli(tmp_path, "fast,size=micro")
   for setting in ("no_real_text", "no_real_image"):
     assert set(again[setting]["stages"].values()) == {"skipped"}
 
@@ -78,7 +80,7 @@ def test_both_settings_end_to_end(tmp_path):
 @pytest.mark.parametrize("arg", ["teacher=random", "teacher=none", "teacher=similarity",
                                  "rounds=0", "unimodal"])
 def test_ablations_run(tmp_path, arg):
-  summary = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
+  summary, _ = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
   assert summary["no_real_image"]["test"]["f1"] >= 0.0
 
 
