@@ -164,7 +164,10 @@ def test_ot_paper_matches_numpy_with_masks(solver, epsilon):
                                        eps=epsilon, iters=50)
   nm = np.asarray([n * m for n, m in zip(N_VALID, M_VALID)])[:, None, None]
   tol = 1e-5 * 0.1 / epsilon   # float32 rounding grows with cost / epsilon
-  assert float(np.max(np.abs(np.asarray(plan) * nm - want_plan * nm))) < tol * 0.1 / epsilon
+  # Relative to the largest entry of the scaled plan (about 12 here): the last
+  # bits after 50 iterations differ between CPUs' kernels (AVX2 vs AVX-512).
+  scaled = want_plan * nm
+  assert float(np.max(np.abs(np.asarray(plan) * nm - scaled)) / np.max(scaled)) < tol
   assert _rel(out, want_out) < tol
   # masked rows come back untouched; padding has exactly zero mass
   assert np.array_equal(np.asarray(out)[~qm], q[~qm])
