@@ -98,13 +98,12 @@ def apply(preset: str) -> str:
   silently ignore them.
   """
   merged = merged_xla_flags(preset, os.environ.get("XLA_FLAGS", ""))
-  if merged == os.environ.get("XLA_FLAGS", ""):
-    return merged
-  if _backend_started():
-    raise RuntimeError(
-        f"config.xla_cpu={preset!r}: JAX's backend already started, so XLA would ignore "
-        f"{merged!r}; apply the preset before the first JAX computation, or set "
-        "XLA_FLAGS in the environment")
-  os.environ["XLA_FLAGS"] = merged
+  if merged != os.environ.get("XLA_FLAGS", ""):
+    if _backend_started():
+      raise RuntimeError(
+          f"config.xla_cpu={preset!r}: JAX's backend already started, so XLA would ignore "
+          f"{merged!r}; apply the preset before the first JAX computation, or set "
+          "XLA_FLAGS in the environment")
+    os.environ["XLA_FLAGS"] = merged
   log.info("XLA_FLAGS=%s (config.xla_cpu=%s -> %s)", merged, preset, resolve(preset))
   return merged

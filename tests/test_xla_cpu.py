@@ -1,6 +1,7 @@
 """XLA:CPU flag presets: merged into XLA_FLAGS without overriding the user, and
 they reach the compiler (the "xla" preset hands matmuls to YNNPACK, "fast" not)."""
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -41,7 +42,7 @@ def test_auto_keeps_ynnpack_only_where_the_cpu_has_bf16_dot_instructions(tmp_pat
   assert xla_cpu.resolve("auto", None) in ("xla", "fast")   # this host: whichever it is
 
 
-def test_apply_refuses_once_the_backend_runs(monkeypatch):
+def test_apply_refuses_once_the_backend_runs(monkeypatch, caplog):
   import jax
   jax.numpy.zeros(1).block_until_ready()   # the backend has started
   monkeypatch.setenv("XLA_FLAGS", "")
@@ -49,6 +50,10 @@ def test_apply_refuses_once_the_backend_runs(monkeypatch):
     xla_cpu.apply("fast")
   monkeypatch.setenv("XLA_FLAGS", xla_cpu.YNN_OFF)   # nothing to change: fine
   assert xla_cpu.apply("fast") == xla_cpu.YNN_OFF
+  monkeypatch.setenv("XLA_FLAGS", "")   # XLA's defaults change nothing, and the log says so
+  with caplog.at_level(logging.INFO, logger=xla_cpu.log.name):
+    assert xla_cpu.apply("xla") == ""
+  assert "XLA_FLAGS= (config.xla_cpu=xla -> xla)" in caplog.text
 
 
 PROBE = """
