@@ -70,9 +70,8 @@ def resolve(preset: str, flags: set[str] | None = None) -> str:
     return preset
   flags = cpu_flags() if flags is None else flags
   with_bf16, without = AUTO[preset]
-  if flags is None:   # not an x86 Linux host: keep XLA's defaults (and the schedule asked for)
-    return "lean" if preset == "auto_lean" else "xla"
-  return with_bf16 if flags & set(BF16_DOT_FLAGS) else without
+  # No flags to read (not an x86 Linux host): XLA's defaults, i.e. the bf16 choice.
+  return with_bf16 if flags is None or flags & set(BF16_DOT_FLAGS) else without
 
 
 def flags_for(preset: str) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ def test_presets_merge_without_overriding_the_user():
     xla_cpu.merged_xla_flags("turbo")
 
 
-def test_auto_keeps_ynnpack_only_where_the_cpu_has_bf16_dot_instructions(tmp_path):
+def test_auto_keeps_ynnpack_only_where_the_cpu_has_bf16_dot_instructions(tmp_path, monkeypatch):
   zen4 = {"avx2", "avx512f", "avx512_bf16"}
   icelake = {"avx2", "avx512f", "avx512_vnni"}
   assert xla_cpu.resolve("auto", zen4) == "xla"
@@ -40,6 +40,8 @@ def test_auto_keeps_ynnpack_only_where_the_cpu_has_bf16_dot_instructions(tmp_pat
   assert xla_cpu.cpu_flags(str(arm)) is None
   assert xla_cpu.cpu_flags(str(tmp_path / "missing")) is None
   assert xla_cpu.resolve("auto", None) in ("xla", "fast")   # this host: whichever it is
+  monkeypatch.setattr(xla_cpu, "cpu_flags", lambda: None)   # a host without /proc flags
+  assert (xla_cpu.resolve("auto"), xla_cpu.resolve("auto_lean")) == ("xla", "lean")
 
 
 def test_apply_refuses_once_the_backend_runs(monkeypatch, caplog):
