@@ -96,7 +96,8 @@ def apply(preset: str) -> str:
   Raises if a backend already started with different flags, since XLA would
   silently ignore them.
   """
-  merged = merged_xla_flags(preset, os.environ.get("XLA_FLAGS", ""))
+  concrete = resolve(preset)   # reads /proc/cpuinfo once
+  merged = merged_xla_flags(concrete, os.environ.get("XLA_FLAGS", ""))
   if merged != os.environ.get("XLA_FLAGS", ""):
     if _backend_started():
       raise RuntimeError(
@@ -104,5 +105,5 @@ def apply(preset: str) -> str:
           f"{merged!r}; apply the preset before the first JAX computation, or set "
           "XLA_FLAGS in the environment")
     os.environ["XLA_FLAGS"] = merged
-  log.info("XLA_FLAGS=%s (config.xla_cpu=%s -> %s)", merged, preset, resolve(preset))
+  log.info("XLA_FLAGS=%s (config.xla_cpu=%s -> %s)", merged, preset, concrete)
   return merged
