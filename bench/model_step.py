@@ -29,6 +29,7 @@ import numpy as np
 
 from bench import run_child
 from remote_jax import xla_cpu
+from remote_jax.xla_cpu import release_freed_heap
 
 
 def matmul_peak_gflops(n=4096, reps=5, dtype="float32"):
@@ -45,16 +46,6 @@ def matmul_peak_gflops(n=4096, reps=5, dtype="float32"):
     f(a).block_until_ready()
     best = min(best, time.perf_counter() - t)
   return 2 * n ** 3 / best / 1e9
-
-
-def release_freed_heap():
-  """glibc keeps the compiler's freed heap mapped; hand it back to the OS so
-  that the step's buffers reuse pages instead of stacking on top of them."""
-  import ctypes
-  try:
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-  except OSError:   # not glibc
-    pass
 
 
 def peak_rss_gib():

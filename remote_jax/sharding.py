@@ -130,6 +130,15 @@ def global_batch(local_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def all_rows(local_batch, mesh):
+  """Every process's rows of a batch as numpy on every process, in the order of
+  `global_batch`'s global array (the order of the eval step's gathered outputs)."""
+  if jax.process_count() == 1:
+    return jax.tree.map(np.asarray, local_batch)
+  gathered = jax.jit(lambda x: x, out_shardings=replicated(mesh))(global_batch(local_batch, mesh))
+  return jax.device_get(gathered)
+
+
 def _axis_size(mesh, axes):
   axes = axes if isinstance(axes, tuple) else (axes,)
   return math.prod(mesh.shape[a] for a in axes)
@@ -216,13 +225,14 @@ def state_shardings(abstract_state, mesh, rules):
   return jax.tree_util.tree_map_with_path(one, abstract_state, is_leaf=_is_box)
 
 
-def create_sharded_state(init_fn, rng, mesh, rules):
+def create_sharded_state(init_fn, rng, mesh, rules, shardings=None):
   """jit(init_fn) straight into its shardings, so no host holds a full copy.
 
-  Returns (state with unboxed params, its NamedSharding tree).
+  Returns (state with unboxed params, its NamedSharding tree); `shardings`,
+  when the caller already has them from `state_shardings`, saves a trace.
   """
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = state_shardings(abstract, mesh, rules)
+  if shardings is None:
+    shardings = state_shardings(jax.eval_shape(init_fn, rng), mesh, rules)
   init = jax.jit(lambda r: nn.meta.unbox(init_fn(r)), in_shardings=replicated(mesh),
                  out_shardings=shardings)
   return init(rng), shardings

@@ -39,7 +39,8 @@ def main(argv):
   with errors.user_errors():
     if not _SEEDS.value:
       summary = trainer.train_and_evaluate(config, workdir)
-      print(trainer.format_summary(summary, config))
+      if jax.process_index() == 0:
+        print(trainer.format_summary(summary, config))
       return
     results = []
     for seed in [int(s) for s in _SEEDS.value.split(",") if s]:
@@ -48,8 +49,9 @@ def main(argv):
       summary = trainer.train_and_evaluate(config, workdir / f"seed_{seed}")
       results.append(summary["best_dev"])
     agg = metrics.seed_summary(results)
-    (workdir / "seeds_summary.json").write_text(json.dumps(agg, indent=2) + "\n")
-    print(trainer.format_seed_summary(agg))
+    if jax.process_index() == 0:
+      (workdir / "seeds_summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+      print(trainer.format_seed_summary(agg))
 
 
 if __name__ == "__main__":

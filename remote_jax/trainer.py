@@ -128,6 +128,12 @@ def dummy_batch(meta, data_cfg, model_cfg, batch_size=2):
   }
 
 
+def abstract_batch(meta, batch_size, batch_sh):
+  """The global model batch as ShapeDtypeStructs, for compiling ahead of the data."""
+  return {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=batch_sh)
+          for k, v in model_batch(dummy_batch(meta, None, None, 1)).items()}
+
+
 def load_pretrained(config, params, meta):
   """Replaces the encoder params by converted local checkpoints, if configured."""
   from remote_jax.models import convert
@@ -169,7 +175,13 @@ def _replace(params, key, new, where):
   return {**params, key: flax.traverse_util.unflatten_dict(merged, sep="/")}
 
 
-def setup(config, total_steps=1):
+def setup(config, total_steps=1, compile_train=False):
+  """Model, optimizer, mesh, sharded state and the jitted steps.
+
+  With `compile_train` the train step is compiled from abstract shapes before
+  the state exists, and the compiler's freed heap goes back to the OS: its
+  transient memory then does not stack on parameters and optimizer state.
+  """
   meta = pipeline.dataset_meta(config.data)
   mesh = sharding.make_mesh(config.mesh)
   shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -189,15 +201,25 @@ def setup(config, total_steps=1):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(nn.meta.unbox(params)))
 
-  with mesh:
-    state, state_sh = sharding.create_sharded_state(init_fn, rng, mesh, config.sharding)
   replicated = sharding.replicated(mesh)
   batch_sh = sharding.batch_sharding(mesh)
+  abstract_state = jax.eval_shape(init_fn, rng)
+  state_sh = sharding.state_shardings(abstract_state, mesh, config.sharding)
   train_step = jax.jit(make_train_step(model, tx), donate_argnums=(0,),
                        in_shardings=(state_sh, batch_sh, replicated),
                        out_shardings=(state_sh, replicated))
+  if compile_train:
+    t0 = time.perf_counter()
+    train_step = train_step.lower(nn.meta.unbox(abstract_state),
+                                  abstract_batch(meta, config.batch_size, batch_sh),
+                                  jax.random.key(0)).compile()
+    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+    xla_cpu.release_freed_heap()
+  with mesh:
+    state, _ = sharding.create_sharded_state(init_fn, rng, mesh, config.sharding, state_sh)
+  # Outputs replicated: every process reads all rows (multi-host metrics).
   eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=(batch_sh, replicated))
+                      out_shardings=(replicated, replicated))
   return Setup(config, meta, model, mesh, tx, schedule, state, state_sh, train_step,
                eval_step)
 
@@ -218,7 +240,10 @@ def evaluate(s: Setup, params, split, *, collect=False):
   meta = s.meta
   acc = metrics_lib.MetricsAccumulator(meta["num_classes"], meta["negative_id"],
                                        relation_names=meta["relations"])
-  ds = pipeline.build_dataset(s.config.data, SPLITS[split], batch_size=s.config.eval_batch_size,
+  # Each process reads its shard (padded to the same batch count on every
+  # host); outputs come back gathered, with every process's rows of the batch.
+  ds = pipeline.build_dataset(s.config.data, SPLITS[split],
+                              batch_size=s.config.eval_batch_size // jax.process_count(),
                               shuffle=False, seed=0, drop_remainder=False)
   collected = {"router": [], "label": [], "probs": [], "index": [], "triplet_type": [],
                "mask": []}
@@ -226,6 +251,8 @@ def evaluate(s: Setup, params, split, *, collect=False):
   for batch in ds:
     out, ot = jax.device_get(
         s.eval_step(params, sharding.global_batch(model_batch(batch), s.mesh)))
+    batch = sharding.all_rows({k: batch[k] for k in ("label", "mask", "triplet_type", "index")},
+                              s.mesh)
     acc.add(batch["label"], logits=out["logits"], mask=batch["mask"],
             triplet_type=batch["triplet_type"], loss=out["loss"])
     for k, v in ot.items():
@@ -260,7 +287,7 @@ def train_and_evaluate(config, workdir):
   total_steps = spe * config.num_epochs
   if config.max_steps:
     total_steps = min(total_steps, config.max_steps)
-  s = setup(config, total_steps)
+  s = setup(config, total_steps, compile_train=True)
   writer = writers.MetricWriter(workdir)
   writer.write_config(config.to_dict())
   ckpt = ckpt_lib.Checkpointer.for_workdir(workdir, max_to_keep=config.max_to_keep,
@@ -350,8 +377,8 @@ def train_and_evaluate(config, workdir):
   writer.close()
   if main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if config.plots:
-      make_plots(s, state.params, workdir)
+  if config.plots:   # every process evaluates (the step is collective), process 0 draws
+    make_plots(s, state.params, workdir, draw=main)
   ckpt.close()
   return summary
 
@@ -376,14 +403,16 @@ def summarise(config, history):
   return summary
 
 
-def make_plots(s, params, workdir):
+def make_plots(s, params, workdir, draw=True):
   from remote_jax import plots
+  split = "test" if "test" in s.meta["splits"] else "dev"
+  res = evaluate(s, params, split, collect=True)
+  if not draw:
+    return []
   out = pathlib.Path(workdir) / "plots"
   out.mkdir(parents=True, exist_ok=True)
   records = writers.read_metrics(workdir)
   paths = [plots.training_curves(records, out / "training_curves.png")]
-  split = "test" if "test" in s.meta["splits"] else "dev"
-  res = evaluate(s, params, split, collect=True)
   paths.append(plots.confusion_matrix(res["confusion"], s.meta["relations"],
                                       out / f"confusion_{split}.png"))
   col = res["collected"]

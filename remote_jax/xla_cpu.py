@@ -107,3 +107,17 @@ def apply(preset: str) -> str:
     os.environ["XLA_FLAGS"] = merged
   log.info("XLA_FLAGS=%s (config.xla_cpu=%s -> %s)", merged, preset, concrete)
   return merged
+
+
+def release_freed_heap():
+  """Hands glibc's freed heap back to the OS (a no-op without glibc).
+
+  glibc keeps the memory that XLA's compiler freed mapped in the process, so
+  buffers allocated afterwards stack on top of it instead of reusing it; the
+  trainer and bench/model_step.py call this after compiling the train step.
+  """
+  import ctypes
+  try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+  except OSError:   # not glibc
+    pass

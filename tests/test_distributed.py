@@ -41,6 +41,14 @@ def _worker():
   assert wi.sharding.spec[0] == "fsdp" and len(held) == 2  # this process has half the rows
   # Gather the fsdp-sharded params to every process to compare them.
   params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
+  # Eval as the trainer does it: outputs gathered to every process line up
+  # with all_rows' labels, and every process's rows count once.
+  local = {"label": np.arange(rows) + 100 * i}
+  doubled = jax.jit(lambda b: b["label"] * 2, out_shardings=sharding.replicated(mesh))(
+      sharding.global_batch(local, mesh))
+  labels = sharding.all_rows(local, mesh)["label"]
+  assert sorted(labels.tolist()) == sorted([r + 100 * p for p in range(n) for r in range(rows)])
+  np.testing.assert_array_equal(np.asarray(doubled), 2 * labels)
   print(json.dumps({"process": i, "losses": losses, "params": _param_sq_sum(params)}))
 
 
@@ -173,3 +181,40 @@ def test_single_task_cluster_and_off_switch(calls, monkeypatch):
 
 if __name__ == "__main__":
   _worker()
+
+
+@pytest.mark.slow   # two CLI trainings: about 2 minutes on 2 cores
+def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
+  """launch/local.sh (2 processes x 1 CPU device) against one process on 2
+  devices, through remote_jax.train. With lr=0 the parameters stay at their
+  init (the same on any layout), so dev and test metrics must agree although
+  each process reads its own half of the data: outputs are gathered with
+  every process's rows, and the 9-example test split pads one host's shard."""
+  data = tmp_path / "data"
+  args = ["--config", "configs/demo.py:runlocal", f"--config.data.cache_dir={data}",
+          "--config.optim.lr=0", "--config.max_steps=1", "--config.model.mot.iters=5",
+          "--config.data.demo.n_train=16", "--config.data.demo.n_val=8",
+          "--config.data.demo.n_test=9"]
+  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  one = subprocess.run([sys.executable, "-m", "remote_jax.train", *args,
+                        f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=300)
+  assert one.returncode == 0, one.stderr[-3000:]   # also builds the data for the two below
+  two = subprocess.run(["bash", "launch/local.sh", *args, f"--workdir={tmp_path / 'two'}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=_env(PYTHON=sys.executable, NUM_PROCESSES="2",
+                                DEVICES_PER_PROCESS="1", XLA_FLAGS=""))
+  assert two.returncode == 0, two.stderr[-3000:]
+  assert two.stdout.count("model selected on dev") == 1   # only process 0 prints
+
+  def evals(run):
+    records = [json.loads(l) for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    return {r["split"]: r for r in records if r["split"] in ("dev", "test")}
+
+  ref, got = evals("one"), evals("two")
+  assert ref["test"]["n"] == got["test"]["n"] == 9 and got["dev"]["n"] == 8
+  for split in ("dev", "test"):
+    for key in ("acc", "f1", "correct_pos", "gold_pos", "pred_pos", "n"):
+      assert got[split][key] == ref[split][key], (split, key)
+    np.testing.assert_allclose(got[split]["loss"], ref[split]["loss"], rtol=1e-5)
+  assert (tmp_path / "two" / "plots" / "confusion_test.png").stat().st_size > 1000

@@ -44,7 +44,9 @@ def run_cli(env, module, *args):
 @pytest.fixture(scope="module")
 def full_run(env, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("full")
-  out = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={workdir}", *overrides(env[1]))
+  environ, data = env
+  out = run_cli((dict(environ, JAX_LOG_COMPILES="1"), data), "remote_jax.train", CONFIG,
+                f"--workdir={workdir}", *overrides(data))
   assert out.returncode == 0, out.stderr[-3000:]
   return workdir, out
 
@@ -60,6 +62,15 @@ def test_train_writes_checkpoints_logs_plots_and_table(full_run):
   records = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert {r["split"] for r in records} >= {"train", "dev", "test", "summary"}
   assert json.loads((workdir / "config.json").read_text())["data"]["name"] == "demo"
+
+
+def test_train_step_compiles_once_before_the_state_exists(full_run):
+  """setup compiles from abstract shapes, then allocates the state; the loop
+  reuses that executable (a second "Compiling" would mean a mismatch)."""
+  _, out = full_run
+  compiles = [l for l in out.stderr.splitlines() if "Compiling jit(train_step)" in l]
+  assert len(compiles) == 1, compiles
+  assert out.stderr.index("compiled the train step in") < out.stderr.index("parameter groups")
 
 
 def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path):
