@@ -22,6 +22,7 @@ the state the step sees holds plain arrays. Build the model and the optax
 transformation once, outside `init_fn`: they are static pytree metadata, and
 jit wants the same objects in the state and in its sharding tree.
 """
+import functools
 import logging
 import math
 
@@ -135,8 +136,13 @@ def all_rows(local_batch, mesh):
   `global_batch`'s global array (the order of the eval step's gathered outputs)."""
   if jax.process_count() == 1:
     return jax.tree.map(np.asarray, local_batch)
-  gathered = jax.jit(lambda x: x, out_shardings=replicated(mesh))(global_batch(local_batch, mesh))
-  return jax.device_get(gathered)
+  return jax.device_get(_gather_to_all(mesh)(global_batch(local_batch, mesh)))
+
+
+@functools.cache
+def _gather_to_all(mesh):
+  """One jitted all-gather per mesh (a fresh jit per batch would recompile)."""
+  return jax.jit(lambda x: x, out_shardings=replicated(mesh))
 
 
 def _axis_size(mesh, axes):

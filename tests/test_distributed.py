@@ -179,10 +179,6 @@ def test_single_task_cluster_and_off_switch(calls, monkeypatch):
   assert calls == []
 
 
-if __name__ == "__main__":
-  _worker()
-
-
 @pytest.mark.slow   # two CLI trainings: about 2 minutes on 2 cores
 def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
   """launch/local.sh (2 processes x 1 CPU device) against one process on 2
@@ -218,3 +214,7 @@ def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
       assert got[split][key] == ref[split][key], (split, key)
     np.testing.assert_allclose(got[split]["loss"], ref[split]["loss"], rtol=1e-5)
   assert (tmp_path / "two" / "plots" / "confusion_test.png").stat().st_size > 1000
+
+
+if __name__ == "__main__":
+  _worker()
