@@ -95,7 +95,7 @@ def child(one, preset):
 
 
 def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,
-            solver="", xla_cpu="auto"):
+            solver="", xla_cpu="auto", profile=""):
   import flax.linen as nn
   import jax
   import optax
@@ -178,6 +178,12 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   _, fwd_times = timeit(lambda: fwd_c(holder[0].params, b), steps + 1)
   rss["forward"] = peak_rss_gib()
   step_s = float(np.median(step_times[1:]))
+  extra = {}
+  if profile:   # one more step under the profiler, grouped by component and op kind
+    from bench import op_profile
+    with jax.profiler.trace(profile):
+      jax.block_until_ready(one_step())
+    extra["profile"] = op_profile.summarise(profile, compiled.as_text())
   return dict(
       size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
       solver=cfg.mot.solver, remat=remat, dtype=dtype, xla_cpu=xla_cpu,
@@ -191,7 +197,7 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       step_buffers_gib=step_gib,
       peak_rss_gib=peak_rss_gib(), peak_rss_after=rss,
       backend=jax.default_backend(), devices=jax.device_count(),
-      device_kind=jax.devices()[0].device_kind)
+      device_kind=jax.devices()[0].device_kind, **extra)
 
 
 def main():
@@ -209,6 +215,9 @@ def main():
   ap.add_argument("--solver", default="", help="ott | jax (the OT blocks' Sinkhorn)")
   ap.add_argument("--xla-cpu", default="auto", choices=xla_cpu.CHOICES,
                   help="XLA:CPU flag preset (remote_jax/xla_cpu.py)")
+  ap.add_argument("--profile", default="",
+                  help="trace one more step into this directory; the row gets a 'profile' "
+                       "summary (bench/op_profile.py)")
   ap.add_argument("--one", default="", help=argparse.SUPPRESS)
   args = ap.parse_args()
   if args.one:   # child process: one configuration, or the matmul peak
@@ -229,7 +238,8 @@ def main():
                  length=args.length or (48 if size == "tiny" else 128),
                  objects=args.objects, crop=32 if size == "tiny" else 64, steps=args.steps,
                  dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff,
-                 solver=args.solver, xla_cpu=args.xla_cpu)
+                 solver=args.solver, xla_cpu=args.xla_cpu,
+                 profile=f"{args.profile}/{size}_{semantics}" if args.profile else "")
       row = child(one, args.xla_cpu)
       if row.get("achieved_gflops"):
         row["fraction_of_peak"] = round(row["achieved_gflops"] / peaks[args.dtype], 3)
