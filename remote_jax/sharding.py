@@ -131,6 +131,26 @@ def global_batch(local_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def host_rows(mesh, global_size, field="batch_size"):
+  """(rows, shard_index, shard_count): this process's slice of a global batch.
+
+  The slice follows the mesh, not the process count: processes whose devices
+  differ only along `tensor` hold the same rows, so they must read the same
+  data shard (batch_size // process_count would split them and mix rows).
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
+  spans = sorted({sl[0].indices(global_size)[:2] for sl in index_map.values()})
+  start, stop = spans[0][0], spans[-1][1]
+  covered = sum(b - a for a, b in spans)
+  rows = stop - start
+  if covered != rows or rows == 0 or global_size % rows or start % rows:
+    raise ValueError(
+        f"config.{field}={global_size}: process {jax.process_index()} holds rows "
+        f"{spans} of the batch on mesh {dict(mesh.shape)}, not one contiguous shard; "
+        "order config.mesh so each process's devices are adjacent on data x fsdp")
+  return rows, start // rows, global_size // rows
+
+
 def all_rows(local_batch, mesh):
   """Every process's rows of a batch as numpy on every process, in the order of
   `global_batch`'s global array (the order of the eval step's gathered outputs)."""

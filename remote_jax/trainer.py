@@ -242,8 +242,9 @@ def evaluate(s: Setup, params, split, *, collect=False):
                                        relation_names=meta["relations"])
   # Each process reads its shard (padded to the same batch count on every
   # host); outputs come back gathered, with every process's rows of the batch.
-  ds = pipeline.build_dataset(s.config.data, SPLITS[split],
-                              batch_size=s.config.eval_batch_size // jax.process_count(),
+  rows, shard, shards = sharding.host_rows(s.mesh, s.config.eval_batch_size, "eval_batch_size")
+  ds = pipeline.build_dataset(s.config.data, SPLITS[split], batch_size=rows,
+                              shard_index=shard, shard_count=shards,
                               shuffle=False, seed=0, drop_remainder=False)
   collected = {"router": [], "label": [], "probs": [], "index": [], "triplet_type": [],
                "mask": []}
@@ -292,8 +293,9 @@ def train_and_evaluate(config, workdir):
   writer.write_config(config.to_dict())
   ckpt = ckpt_lib.Checkpointer.for_workdir(workdir, max_to_keep=config.max_to_keep,
                                            async_save=False)
+  rows, shard, shards = sharding.host_rows(s.mesh, config.batch_size)
   train_ds = pipeline.build_dataset(
-      config.data, "train", batch_size=config.batch_size // jax.process_count(),
+      config.data, "train", batch_size=rows, shard_index=shard, shard_count=shards,
       shuffle=True, seed=config.seed, num_epochs=None, drop_remainder=True,
       worker_count=config.data.worker_count)
   train_iter = iter(train_ds)

@@ -49,6 +49,16 @@ def _worker():
   labels = sharding.all_rows(local, mesh)["label"]
   assert sorted(labels.tolist()) == sorted([r + 100 * p for p in range(n) for r in range(rows)])
   np.testing.assert_array_equal(np.asarray(doubled), 2 * labels)
+  # Each process's share of a batch of 8 follows the mesh, not the process count:
+  assert sharding.host_rows(mesh, 8) == (4, i, 2)
+  tensor_across = sharding.make_mesh([("tensor", -1)])   # every process holds every row
+  assert sharding.host_rows(tensor_across, 8) == (8, 0, 1)
+  data_tensor = sharding.make_mesh([("data", 2), ("tensor", 2)])
+  assert sharding.host_rows(data_tensor, 8) == (4, i, 2)
+  by_process = sorted(jax.devices(), key=lambda d: d.process_index)
+  interleaved = sharding.make_mesh([("data", -1)], devices=by_process[0::2] + by_process[1::2])
+  with pytest.raises(ValueError, match="not one contiguous shard"):
+    sharding.host_rows(interleaved, 8)
   print(json.dumps({"process": i, "losses": losses, "params": _param_sq_sum(params)}))
 
 

@@ -206,3 +206,10 @@ def test_global_batch_shards_rows():
   assert b["ids"].addressable_shards[0].data.shape == (BATCH // 8, SEQ)
   assert b["label"].sharding.spec == P(("data", "fsdp"))
 
+
+
+@pytest.mark.parametrize("mesh_config", [[("data", -1)], [("fsdp", 4), ("tensor", 2)]])
+def test_one_process_reads_the_whole_batch(mesh_config):
+  # Multi-process shares (and processes that share rows over `tensor`) are
+  # checked in test_distributed's two-process worker.
+  assert sharding.host_rows(sharding.make_mesh(mesh_config), 16) == (16, 0, 1)
