@@ -146,8 +146,10 @@ def host_rows(mesh, global_size, field="batch_size"):
   if covered != rows or rows == 0 or global_size % rows or start % rows:
     raise ValueError(
         f"config.{field}={global_size}: process {jax.process_index()} holds rows "
-        f"{spans} of the batch on mesh {dict(mesh.shape)}, not one contiguous shard; "
-        "order config.mesh so each process's devices are adjacent on data x fsdp")
+        f"{spans} of the batch on mesh {dict(mesh.shape)}, not one contiguous shard, "
+        "so it cannot read one data shard; choose config.mesh sizes that keep each "
+        "process's devices together (e.g. tensor <= devices per process, data x fsdp "
+        "a multiple of the process count)")
   return rows, start // rows, global_size // rows
 
 

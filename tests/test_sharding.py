@@ -207,7 +207,6 @@ def test_global_batch_shards_rows():
   assert b["label"].sharding.spec == P(("data", "fsdp"))
 
 
-
 @pytest.mark.parametrize("mesh_config", [[("data", -1)], [("fsdp", 4), ("tensor", 2)]])
 def test_one_process_reads_the_whole_batch(mesh_config):
   # Multi-process shares (and processes that share rows over `tensor`) are
