@@ -19,7 +19,7 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test)
 
 def main(argv):
   del argv
-  from remote_jax import errors, metrics, trainer, writers
+  from remote_jax import distributed, errors, metrics, trainer, writers
   writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
@@ -27,8 +27,9 @@ def main(argv):
     res = trainer.evaluate(s, state.params, _SPLIT.value)
     out = {"checkpoint": str(path), "step": step, "split": _SPLIT.value,
            **metrics.scalar_metrics(trainer.loggable(res), prefix=_SPLIT.value)}
-    json.dump(out, sys.stdout, indent=2)
-    print()
+    if distributed.is_main():
+      json.dump(out, sys.stdout, indent=2)
+      print()
 
 
 if __name__ == "__main__":

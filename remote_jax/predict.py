@@ -16,10 +16,13 @@ _OUT = flags.DEFINE_string("out", "", "Output JSONL (default: workdir/prediction
 
 
 def write_predictions(s, params, split, out_path):
-  from remote_jax import trainer
+  """Every process scores its shard; process 0 writes all rows. Returns the count."""
+  from remote_jax import distributed, trainer
   res = trainer.evaluate(s, params, split, collect=True)
   col = res["collected"]
   names = s.meta["relations"]
+  if not distributed.is_main():
+    return len(col["label"])
   with open(out_path, "w", encoding="utf-8") as f:
     for i in range(len(col["label"])):
       probs = col["probs"][i]
@@ -37,7 +40,7 @@ def main(argv):
   del argv
   import pathlib
 
-  from remote_jax import errors, trainer, writers
+  from remote_jax import distributed, errors, trainer, writers
   writers.setup_cli_logging()
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
@@ -45,7 +48,8 @@ def main(argv):
     out = _OUT.value or str(pathlib.Path(_WORKDIR.value or ".") /
                             f"predictions_{_SPLIT.value}.jsonl")
     n = write_predictions(s, state.params, _SPLIT.value, out)
-    print(f"wrote {n} predictions to {out}")
+    if distributed.is_main():
+      print(f"wrote {n} predictions to {out}")
 
 
 if __name__ == "__main__":

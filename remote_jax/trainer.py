@@ -20,8 +20,8 @@ import numpy as np
 import optax
 
 from remote_jax import checkpoint as ckpt_lib
+from remote_jax import distributed, optim, sharding, writers, xla_cpu
 from remote_jax import metrics as metrics_lib
-from remote_jax import optim, sharding, writers, xla_cpu
 from remote_jax.data import pipeline
 from remote_jax.models import remote
 
@@ -226,10 +226,13 @@ def setup(config, total_steps=1, compile_train=False):
 
 def restore(config, path):
   """(Setup, state, step) with the state of checkpoint `path` (a workdir, a
-  checkpoint root or a step directory), for evaluate.py and predict.py."""
+  checkpoint root or a step directory), for evaluate.py and predict.py.
+  Launched as several processes (launch/local.sh with MODULE=..., srun), they
+  join first and each restores and scores its shard, as in training."""
   if not path:
     raise ValueError("give --workdir or --checkpoint")
   xla_cpu.apply(config.get("xla_cpu", "xla"))   # before setup starts the backend
+  distributed.maybe_initialize(config)
   s = setup(config)
   ckpt, step = ckpt_lib.open_checkpoint(path)
   return s, ckpt.restore(step, s.state), step

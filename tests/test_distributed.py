@@ -225,6 +225,30 @@ def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
     np.testing.assert_allclose(got[split]["loss"], ref[split]["loss"], rtol=1e-5)
   assert (tmp_path / "two" / "plots" / "confusion_test.png").stat().st_size > 1000
 
+  # evaluate.py and predict.py on 2 processes restore the 1-process checkpoint
+  # and score the test split like one process; only process 0 prints and writes.
+  def cli(module, n, *extra):
+    cmd = ["bash", "launch/local.sh"] if n > 1 else [sys.executable, "-m", module]
+    run = subprocess.run([*cmd, *args, f"--workdir={tmp_path / 'one'}", "--split=test", *extra],
+                         cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env=_env(PYTHON=sys.executable, NUM_PROCESSES=str(n), MODULE=module,
+                                  DEVICES_PER_PROCESS="1", XLA_FLAGS=""))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.stdout
+
+  def report(stdout):   # Gloo's connection lines may precede the JSON
+    assert stdout.count('"checkpoint"') == 1   # one report: the processes joined
+    return json.JSONDecoder().raw_decode(stdout, stdout.index("{"))[0]
+
+  ref, got = (report(cli("remote_jax.evaluate", n)) for n in (1, 2))
+  assert got["step"] == ref["step"] and got["test/n"] == ref["test/n"] == 9
+  for key in ("test/acc", "test/f1"):
+    assert got[key] == ref[key], key
+  np.testing.assert_allclose(got["test/loss"], ref["test/loss"], rtol=1e-5)
+  out = tmp_path / "pred.jsonl"
+  assert cli("remote_jax.predict", 2, f"--out={out}").count("wrote 9 predictions") == 1
+  assert sorted(json.loads(l)["index"] for l in out.read_text().splitlines()) == list(range(9))
+
 
 if __name__ == "__main__":
   _worker()
