@@ -39,7 +39,7 @@ def main(argv):
   with errors.user_errors():
     if not _SEEDS.value:
       summary = trainer.train_and_evaluate(config, workdir)
-      if jax.process_index() == 0:
+      if distributed.is_main():
         print(trainer.format_summary(summary, config))
       return
     results = []
@@ -49,7 +49,7 @@ def main(argv):
       summary = trainer.train_and_evaluate(config, workdir / f"seed_{seed}")
       results.append(summary["best_dev"])
     agg = metrics.seed_summary(results)
-    if jax.process_index() == 0:
+    if distributed.is_main():
       (workdir / "seeds_summary.json").write_text(json.dumps(agg, indent=2) + "\n")
       print(trainer.format_seed_summary(agg))
 

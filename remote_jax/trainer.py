@@ -285,7 +285,7 @@ def steps_per_epoch(config, meta):
 def train_and_evaluate(config, workdir):
   """Trains with dev-based model selection; returns the final summary dict."""
   workdir = pathlib.Path(workdir)
-  main = jax.process_index() == 0
+  main = distributed.is_main()
   meta = pipeline.dataset_meta(config.data)
   spe = steps_per_epoch(config, meta)
   total_steps = spe * config.num_epochs
