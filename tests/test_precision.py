@@ -15,11 +15,21 @@ from tests.test_model import C, make_batch, micro_config
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-def loss_and_grads(cfg, batch, capture=False):
-  model = remote.build(cfg, C, 2100)
-  params = nn.meta.unbox(jit(model.init)({"params": jax.random.key(0)}, batch)["params"])
+_COMPILED = {}
 
-  def loss(p):
+
+def _compiled(cfg, capture):
+  """(jitted init, jitted value-and-grad) per config: tests share compilations."""
+  key = (cfg.to_json(), capture)
+  if key not in _COMPILED:
+    _COMPILED[key] = _build(cfg, capture)
+  return _COMPILED[key]
+
+
+def _build(cfg, capture):
+  model = remote.build(cfg, C, 2100)
+
+  def loss(p, batch):
     # Sown OT plans always land in "intermediates"; `capture` adds the first layers' outputs.
     pick = (lambda mdl, _: mdl.name == "layers_0") if capture else False
     out = model.apply({"params": p}, batch, deterministic=True,
@@ -29,7 +39,13 @@ def loss_and_grads(cfg, batch, capture=False):
     ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], 1).mean()
     return ce, (logits, state["intermediates"])
 
-  (value, (logits, inter)), grads = jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return jit(model.init), jit(jax.value_and_grad(loss, has_aux=True))
+
+
+def loss_and_grads(cfg, batch, capture=False):
+  init, value_and_grad = _compiled(cfg, capture)
+  params = nn.meta.unbox(init({"params": jax.random.key(0)}, batch)["params"])
+  (value, (logits, inter)), grads = value_and_grad(params, batch)
   return params, value, logits, inter, grads
 
 
