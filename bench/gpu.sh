@@ -12,17 +12,19 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=(array_record==0.8.6 dm-tree==0.1.10 docstring_parser==0.18.0 grain==0.2.18
-        immutabledict==4.3.1 jaxopt==0.8.5 ml_collections==1.1.0 ott-jax==0.6.0
-        portpicker==1.6.0 tensorboardX==2.6.5 tensorflow-datasets==4.9.10
-        tensorflow-metadata==1.21.0 termcolor==3.3.0 toml==0.10.2)
+# What the device image lacks, at requirements.lock's pins (promise is an sdist only).
+NAMES="array_record dm-tree docstring_parser grain immutabledict jaxopt ml_collections ott-jax
+       portpicker tensorboardX tensorflow-datasets tensorflow-metadata termcolor toml"
+
+pin() { grep -m1 "^$1==" requirements.lock || { echo "$1: not in requirements.lock" >&2; exit 1; }; }
 
 if [[ "${1:-}" == "--fetch" ]]; then
+  pins=$(for n in $NAMES; do pin "$n"; done) && promise=$(pin promise) || exit 1
   mkdir -p .whl
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 -d .whl "${WHEELS[@]}" || exit 1
-  python3 -m pip wheel -q --no-deps -w .whl promise==2.3 || exit 1   # sdist only on PyPI
+    --platform manylinux2014_x86_64 -d .whl $pins || exit 1
+  python3 -m pip wheel -q --no-deps -w .whl "$promise" || exit 1
   du -sh .whl
   exit 0
 fi

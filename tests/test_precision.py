@@ -15,15 +15,7 @@ from tests.test_model import C, make_batch, micro_config
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 
 
-_COMPILED = {}
-
-
-def _compiled(cfg, capture):
-  """(jitted init, jitted value-and-grad) per config: tests share compilations."""
-  key = (cfg.to_json(), capture)
-  if key not in _COMPILED:
-    _COMPILED[key] = _build(cfg, capture)
-  return _COMPILED[key]
+_COMPILED = {}   # (config, capture): (jitted init, jitted value-and-grad), shared by tests
 
 
 def _build(cfg, capture):
@@ -43,7 +35,10 @@ def _build(cfg, capture):
 
 
 def loss_and_grads(cfg, batch, capture=False):
-  init, value_and_grad = _compiled(cfg, capture)
+  key = (cfg.to_json(), capture)
+  if key not in _COMPILED:
+    _COMPILED[key] = _build(cfg, capture)
+  init, value_and_grad = _COMPILED[key]
   params = nn.meta.unbox(init({"params": jax.random.key(0)}, batch)["params"])
   (value, (logits, inter)), grads = value_and_grad(params, batch)
   return params, value, logits, inter, grads
