@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 # A plan counts as degenerate-uniform when every entry is within this relative
 # distance of 1/(n m) (reference_remote.md 3.4: the released OT gives exactly that).
@@ -57,7 +58,8 @@ def training_curves(records: Sequence[Mapping[str, Any]], path: str | os.PathLik
     if xs:
       ax_metric.plot(xs, ys, marker="o", ms=3, label=split)
       best = int(np.argmax(ys))
-      ax_metric.annotate(f"{ys[best]:.2f}", (xs[best], ys[best]), fontsize=8)
+      ax_metric.annotate(f"{ys[best]:.2f}", (xs[best], ys[best]), xytext=(0, 4),
+                         textcoords="offset points", ha="center", fontsize=8)
   ax_metric.set(title=metric, xlabel=x, ylabel=metric)
   if ax_metric.lines:
     ax_metric.legend()
@@ -182,6 +184,7 @@ def ot_diagnostics(diags: Mapping[str, Mapping[str, float]], path: str | os.Path
                    color="red", zorder=3)
   for ax, name in zip(axes, names):
     ax.set(title=name, xlabel="level")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # levels are layer indices
     ax.grid(alpha=0.3)
   axes[0].axhline(uniform_tol, color="red", ls="--", lw=0.8)
   axes[0].legend(fontsize=7)
