@@ -2,8 +2,8 @@
 # The GPU half of issue 6's benchmark (bf16 train step and MFU on one H100/H200),
 # prepared for the workplace's `device` tool: one call, no network there.
 #
-# Here, once (downloads what the device image lacks, for its Python 3.12, into .whl/,
-# which .git/info/exclude must ignore):
+# Here, once (downloads what the device image lacks, for its Python 3.12, into the
+# git-ignored .whl/):
 #   bench/gpu.sh --fetch
 # There (device tool):  run(command="bash bench/gpu.sh", carry=[".whl"], timeout_s=540)
 # The device image brings jax/jaxlib with CUDA, flax, optax, orbax and numpy at its own
