@@ -14,7 +14,10 @@ this machine's measured matmul rate (4096^2, same threads) in float32 and in
 bfloat16 (f32 accumulation), the best over the XLA:CPU presets "xla" and
 "fast" (each in its own process: XLA reads its flags once), and
 `fraction_of_peak` divides by the one of the run's dtype, to compare with
-perf_reference.md's 66% for the released code. On a GPU or TPU, `mfu`
+perf_reference.md's 66% for the released code. XLA's kernels may run the
+model's own matmul shapes (MODEL_SHAPES) faster than 4096^3, so the peak row
+has their best rate too (`<dtype>_model_shapes`) and each row also gets
+`fraction_of_model_shape_peak`, the stricter figure. On a GPU or TPU, `mfu`
 divides by the chip's spec-sheet dense bf16 peak (SPEC_BF16_TFLOPS) as well.
 `--xla-cpu` picks the run's
 XLA:CPU flag preset (remote_jax/xla_cpu.py; the trainer's default is "auto").
@@ -31,21 +34,31 @@ from bench import run_child
 from remote_jax import xla_cpu
 from remote_jax.xla_cpu import release_freed_heap
 
+# The BERT-base and ViT-B linear layers' matmuls at 32 x 128 tokens (m, k, n).
+MODEL_SHAPES = ((4096, 768, 768), (4096, 768, 3072), (4096, 3072, 768))
 
-def matmul_peak_gflops(n=4096, reps=5, dtype="float32"):
-  """Best of `reps` n^3 matmuls; bfloat16 operands accumulate in float32 (the
-  native kernel that layers.dot_general uses)."""
+
+def matmul_gflops(m, k, n, dtype="float32", reps=5):
+  """Best of `reps` (m,k) x (k,n) matmuls; bfloat16 operands accumulate in float32
+  (the native kernel that layers.dot_general uses)."""
   import jax
   import jax.numpy as jnp
-  a = jnp.ones((n, n), dtype)
-  f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
-  f(a).block_until_ready()
+  a, b = jnp.ones((m, k), dtype), jnp.ones((k, n), dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, b).block_until_ready()
   best = float("inf")
   for _ in range(reps):
     t = time.perf_counter()
-    f(a).block_until_ready()
+    f(a, b).block_until_ready()
     best = min(best, time.perf_counter() - t)
-  return 2 * n ** 3 / best / 1e9
+  return 2 * m * k * n / best / 1e9
+
+
+def matmul_peaks(dtype):
+  """{dtype: 4096^3 GFLOP/s (perf_reference.md's peak), dtype_model_shapes: the
+  best over MODEL_SHAPES}: XLA's kernels can be faster at the model's shapes."""
+  return {dtype: round(matmul_gflops(4096, 4096, 4096, dtype), 1),
+          f"{dtype}_model_shapes": round(max(matmul_gflops(*s, dtype) for s in MODEL_SHAPES), 1)}
 
 
 def peak_rss_gib():
@@ -223,13 +236,14 @@ def main():
   if args.one:   # child process: one configuration, or the matmul peak
     one = json.loads(args.one)
     if "peak" in one:
-      row = {d: round(matmul_peak_gflops(dtype=d), 1) for d in ("float32", "bfloat16")}
+      row = {k: v for d in ("float32", "bfloat16") for k, v in matmul_peaks(d).items()}
     else:
       row = run_one(**one)
     print(json.dumps(row), flush=True)
     return
   by_preset = {p: child({"peak": True}, p) for p in ("xla", "fast")}
-  peaks = {d: max(r.get(d, 0.0) for r in by_preset.values()) for d in ("float32", "bfloat16")}
+  peaks = {k: max(r.get(k, 0.0) for r in by_preset.values())
+           for d in ("float32", "bfloat16") for k in (d, f"{d}_model_shapes")}
   print(json.dumps({"matmul_peak_gflops": peaks, "by_preset": by_preset}), flush=True)
   for size in args.sizes.split(","):
     for semantics in args.semantics.split(","):
@@ -243,6 +257,8 @@ def main():
       row = child(one, args.xla_cpu)
       if row.get("achieved_gflops"):
         row["fraction_of_peak"] = round(row["achieved_gflops"] / peaks[args.dtype], 3)
+        row["fraction_of_model_shape_peak"] = round(
+            row["achieved_gflops"] / peaks[f"{args.dtype}_model_shapes"], 3)
         spec = spec_peak_tflops(row.get("device_kind", ""))
         if spec and row.get("backend") != "cpu":   # MFU: model FLOPs / one chip's spec peak
           row["mfu"] = round(row["achieved_gflops"] / 1e3 / spec, 3)
