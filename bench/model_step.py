@@ -14,9 +14,9 @@ this machine's measured matmul rate (4096^2, same threads) in float32 and in
 bfloat16 (f32 accumulation), the best over the XLA:CPU presets "xla" and
 "fast" (each in its own process: XLA reads its flags once), and
 `fraction_of_peak` divides by the faster of the run's dtype and float32, to
-compare with perf_reference.md's 66% for the released code. XLA's kernels may run the
-model's own matmul shapes (MODEL_SHAPES) faster than 4096^3, so the peak row
-has their best rate too (`<dtype>_model_shapes`) and each row also gets
+compare with perf_reference.md's 66% for the released code. XLA's kernels may
+run the model's own matmul shapes (MODEL_SHAPES) faster than 4096^3, so the
+peak row has their best rate too (`<dtype>_model_shapes`) and each row also gets
 `fraction_of_model_shape_peak`, the stricter figure. On a GPU or TPU, `mfu`
 divides by the chip's spec-sheet dense bf16 peak (SPEC_BF16_TFLOPS) as well.
 `--xla-cpu` picks the run's
