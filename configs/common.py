@@ -93,6 +93,9 @@ def model_config(size="tiny", semantics="paper"):
       co_encoder=not paper,
       pool_layer=max(num_layers * 2 // 3 - 1, 0),   # 7 of 12, as released
       use_pos=True,
+      # post_norm: the box embedding is added after CLIP's pre-LayerNorm, where growing
+      # patch embeddings cannot scale it away; pre_norm: eq. 4 literally (before it).
+      box_position="post_norm" if paper else "pre_norm",
       # False reproduces the released code's missing masks (padding attended).
       respect_masks=paper,
       mot=dict(
@@ -110,6 +113,9 @@ def model_config(size="tiny", semantics="paper"):
           alpha_init=0.5,
           residual_init=1.0,
           mask=paper,
+          # object: eq. 5's F_V^l in R^{2u x d}, one transport problem per object;
+          # image: all objects' tokens of an image in one problem (the released code).
+          vision_scope="object" if paper else "image",
       ),
       moe=dict(
           variant="paper" if paper else "reference",
@@ -120,6 +126,11 @@ def model_config(size="tiny", semantics="paper"):
           dropout_text=0.1, dropout_vision=0.0,
           # H = top level + eq. 12's mix (moe.py PaperMMoE); False: eq. 12 literally.
           residual=paper,
+          # Routing per triplet (its markers and objects) on LayerNorm'd inputs; the
+          # load-balancing term (KL of the mean routing to uniform) is ours, off here.
+          route_by="triplet" if paper else "example",
+          router_norm=paper,
+          balance_weight=0.0,
       ),
       head=dict(
           hidden=(text["hidden_size"],) if paper else (),
@@ -144,6 +155,9 @@ def data_config(name, **overrides):
       crop_size=64,
       use_caption=True,
       use_depth=True,
+      # both | text (no pixels, depth, boxes or object captions) | vision (no sentence
+      # words beyond the entity markers, no entity descriptions): the modality ablation.
+      modalities="both",
       depth_norm="none",       # none (released) | minmax | more (255 - 100 d)
       strict="strict",         # strict: stop at the first bad line; skip: count and list
       cache_dir="",            # default: <workdir>/../data_cache
@@ -197,6 +211,7 @@ ARG_SPEC = dict(
     pos=True,            # table 4: box position feature
     caption=True,        # table 4: object captions / entity descriptions
     depth=True,          # table 4: depth channel
+    modalities="both",   # both | text | vision: what evidence the model gets
     protocol="ours",     # ours | reference (released optimiser protocol, sec. 4)
     runlocal=False,      # tiny shapes and few steps, for smoke runs
 )
@@ -219,6 +234,7 @@ def remote_config(arg, dataset, default_size, **data_overrides):
   config.data.use_caption = a.caption
   config.data.use_depth = a.depth
   config.model.vision.use_depth = a.depth
+  config.data.modalities = a.modalities
   config.model.vision.image_size = config.data.crop_size
   if a.protocol == "reference":
     apply_reference_protocol(config)

@@ -67,15 +67,16 @@ def make_train_step(model, tx):
       logits, aux = model.apply({"params": params}, batch, deterministic=False,
                                 rngs={"dropout": rng})
       loss = cross_entropy(logits, batch["label"], batch["mask"])
-      return loss, (logits, aux)
+      # Model-side regularisers (the MMoE's load balancing when enabled; 0 otherwise).
+      return loss + aux["aux_loss"], (logits, aux, loss)
 
-    (loss, (logits, aux)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (_, (logits, aux, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     acc = ((logits.argmax(-1) == batch["label"]) * batch["mask"]).sum() / jnp.maximum(
         batch["mask"].sum(), 1)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "accuracy": acc,
-               "missing_marker": aux["missing_marker"].mean()}
+               "missing_marker": aux["missing_marker"].mean(), "aux_loss": aux["aux_loss"]}
     metrics.update(mean_ot_diagnostics(aux["ot"]))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics

@@ -304,3 +304,30 @@ def test_more_and_mnre_build(tmp_path):
   ex = builder.as_data_source("train")[0]
   assert ex["obj_mask"].tolist() == [True] and ex["head_obj"] == ex["tail_obj"] == -1
   np.testing.assert_allclose(ex["obj_boxes"][0], [0, 0, 1, 1, 1])
+
+
+def test_modalities_ablation_hides_one_side(tok, umre_train):
+  """text: object slots stay but carry no pixels, depth, box or caption; vision: every
+  sentence word becomes [MASK] (markers stay) and entity descriptions go."""
+  reader, samples = umre_train
+  both = make_pre(tok, reader)(samples[1], 1)         # object-object, with captions
+  text = make_pre(tok, reader, modalities="text")(samples[1], 1)
+  np.testing.assert_array_equal(text["obj_mask"], both["obj_mask"])
+  assert both["obj_pixels_u8"].any() and both["obj_boxes"].any()
+  for key in ("obj_pixels_u8", "obj_depth", "obj_boxes"):
+    assert not text[key].any(), key
+  assert both["head_marker"] > 0 and text["head_marker"] == text["tail_marker"] == -1
+  ee_both = make_pre(tok, reader)(samples[0], 0)      # entity-entity: names in the sentence
+  ee_text = make_pre(tok, reader, modalities="text")(samples[0], 0)
+  np.testing.assert_array_equal(ee_text["input_ids"], ee_both["input_ids"])
+  vision = make_pre(tok, reader, modalities="vision")(samples[0], 0)
+  m = tok.marker_ids
+  mask_id = tok.word_ids("[MASK]")[0]
+  special = {0, *tok.word_ids("[CLS] [SEP]"), mask_id, *m.values()}
+  kept = set(vision["input_ids"][vision["attention_mask"] == 1].tolist())
+  assert kept <= special and mask_id in kept
+  assert vision["head_marker"] > 0 and vision["head_desc"] == vision["tail_desc"] == -1
+  oo_vision = make_pre(tok, reader, modalities="vision")(samples[1], 1)
+  assert oo_vision["head_marker"] > 0 and oo_vision["obj_boxes"].any()
+  with pytest.raises(ValueError, match="data.modalities"):
+    make_pre(tok, reader, modalities="image")

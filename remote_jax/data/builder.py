@@ -27,9 +27,10 @@ log = logging.getLogger(__name__)
 # Bump when preprocess.py changes what it writes: old caches are then ignored.
 PREPROCESS_VERSION = 1
 DEFAULTS = dict(max_length=128, num_objects=12, crop_size=64, use_caption=True, use_depth=True,
-                depth_norm="none", strict="strict", tokenizer_dir=None, cache_dir="data_cache")
+                depth_norm="none", modalities="both", strict="strict", tokenizer_dir=None,
+                cache_dir="data_cache")
 _HASHED = ("name", "root", "paths", "max_length", "num_objects", "crop_size", "use_caption",
-           "use_depth", "depth_norm", "strict", "demo")
+           "use_depth", "depth_norm", "modalities", "strict", "demo")
 
 
 def setting(cfg, key):
@@ -154,7 +155,8 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
     pre = preprocess.Preprocessor(
         self._tok, reader.relations, num_objects=setting(cfg, "num_objects"),
         crop_size=setting(cfg, "crop_size"), use_caption=setting(cfg, "use_caption"),
-        use_depth=setting(cfg, "use_depth"), depth_norm=setting(cfg, "depth_norm"))
+        use_depth=setting(cfg, "use_depth"), depth_norm=setting(cfg, "depth_norm"),
+        modalities=setting(cfg, "modalities"))
     samples, validation = reader.read(split)
     row = 0
     for sample in samples:

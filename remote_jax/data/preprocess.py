@@ -13,6 +13,9 @@ from PIL import Image
 from remote_jax.data.records import DataError
 
 DEPTH_NORMS = ("none", "minmax", "more")
+MODALITIES = ("both", "text", "vision")
+# The word every sentence word becomes under modalities="vision" (a BERT special token).
+HIDDEN_WORD = "[MASK]"
 TRIPLET_TYPES = ("entity-entity", "object-object", "entity-object")
 SCALAR_KEYS = ("head_marker", "head_desc", "head_obj", "tail_marker", "tail_desc", "tail_obj",
                "triplet_type", "label", "index")
@@ -129,9 +132,12 @@ class Preprocessor:
   """Callable `(sample, index) -> example dict`; deterministic, caches a few decoded images."""
 
   def __init__(self, tokenizer, relations, *, num_objects, crop_size, use_caption=True,
-               use_depth=True, depth_norm="none", image_cache=16):
+               use_depth=True, depth_norm="none", modalities="both", image_cache=16):
     if depth_norm not in DEPTH_NORMS:
       raise ValueError(f"data.depth_norm={depth_norm!r}; expected one of {DEPTH_NORMS}")
+    if modalities not in MODALITIES:
+      raise ValueError(f"data.modalities={modalities!r}; expected one of {MODALITIES}")
+    self.modalities = modalities
     self.tokenizer = tokenizer
     self.label_ids = {name: i for i, name in enumerate(relations)}
     self.num_objects, self.crop_size = int(num_objects), int(crop_size)
@@ -141,8 +147,16 @@ class Preprocessor:
   def text(self, sample):
     """The (sentence, caption) strings handed to the tokenizer."""
     record = sample.record
-    sentence = mark_sentence(record.tokens, record.head, record.tail)
-    caption = caption_text(record, sample.captions) if self.use_caption else None
+    tokens, captions = record.tokens, sample.captions
+    if self.modalities == "vision":   # the markers stay, every word becomes [MASK]
+      tokens = (HIDDEN_WORD,) * len(tokens)
+    if captions is not None and self.modalities != "both":
+      # Object captions are image evidence, entity descriptions text evidence.
+      keep_objects = self.modalities == "vision"
+      captions = tuple(c if e.is_object == keep_objects else None
+                       for e, c in zip((record.head, record.tail), captions))
+    sentence = mark_sentence(tokens, record.head, record.tail)
+    caption = caption_text(record, captions) if self.use_caption and captions else None
     return sentence, caption
 
   def objects(self, sample):
@@ -171,11 +185,13 @@ class Preprocessor:
                       f"({str(e)[:60]})", "replace the file", used_by=where) from None
     depth_map = self._depth(sample, where) if self.use_depth and sample.depth else None
     for slot, (_, box) in enumerate(sample.objects):
+      mask[slot] = True
+      if self.modalities == "text":   # the slot exists, its pixels, depth and box do not
+        continue
       pixels[slot] = crop_rgb(image, box, s)
       if depth_map is not None:
         depth[slot] = crop_depth(depth_map, box, s)
       boxes[slot] = box_features(box)
-      mask[slot] = True
     return pixels, depth, boxes, mask
 
   def _depth(self, sample, where):

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from remote_jax.models.layers import ACTIVATIONS, TorchDense
+from remote_jax.models.layers import ACTIVATIONS, TorchDense, gather_rows
 
 Dtype = Any
 SIDES = ("head", "tail")
@@ -59,17 +59,6 @@ def validate_indices(batch: dict, num_tokens: int, num_objects: int) -> None:
 def _is_concrete(batch: dict) -> bool:
   return not any(isinstance(batch[f], jax.core.Tracer)
                  for f in POSITION_FIELDS + OBJECT_FIELDS)
-
-
-def gather_rows(x, index):
-  """x (B,N,D), index (B,) -> (B,D): x[b, index[b]], zeros where index < 0.
-
-  Out-of-range indices are clamped (only reachable under jit; see
-  validate_indices).
-  """
-  safe = jnp.clip(index, 0, x.shape[1] - 1)
-  rows = jnp.take_along_axis(x, safe[:, None, None], axis=1)[:, 0]
-  return jnp.where((index >= 0)[:, None], rows, jnp.zeros_like(rows))
 
 
 def combine_mm_linear(module: nn.Module, pairs):
@@ -130,6 +119,7 @@ class RelationHead(nn.Module):
     keep = jnp.stack(keep, axis=1)
     sides = jnp.where(keep[..., None], sides, jnp.zeros_like(sides))
     x = sides.reshape(sides.shape[0], -1)                          # [h_head; h_tail]
+    self.sow("intermediates", "pair_features", x)
     act = ACTIVATIONS[self.activation]
     axes = ("embed", "mlp")
     for i, width in enumerate(self.hidden):

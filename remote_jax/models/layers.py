@@ -137,6 +137,17 @@ def masked_mean(x, mask, axis: int = 1):
   return total / count
 
 
+def gather_rows(x, index):
+  """x (B,N,D), index (B,) -> (B,D): x[b, index[b]], zeros where index < 0.
+
+  Out-of-range indices are clamped (only reachable under jit; see
+  heads.validate_indices).
+  """
+  safe = jnp.clip(index, 0, x.shape[1] - 1)
+  rows = jnp.take_along_axis(x, safe[:, None, None], axis=1)[:, 0]
+  return jnp.where((index >= 0)[:, None], rows, jnp.zeros_like(rows))
+
+
 def quick_gelu(x):
   """CLIP's activation: x * sigmoid(1.702 x)."""
   return x * jax.nn.sigmoid(1.702 * x)

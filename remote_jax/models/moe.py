@@ -24,6 +24,7 @@ from remote_jax.models.layers import (
   ACTIVATIONS,
   MultiHeadCrossAttention,
   TorchDense,
+  gather_rows,
   layer_norm,
   masked_mean,
   torch_xavier_uniform,
@@ -43,6 +44,46 @@ def parse_experts(spec: str) -> tuple[str, ...]:
         f"model.moe.experts={spec!r}: use a comma list of {list(EXPERT_GROUPS)}"
         " (for no experts at all use model.moe.variant='off')")
   return tuple(g for g in EXPERT_GROUPS if g in names)
+
+
+ROUTE_BY = ("triplet", "example")
+TRIPLET_FIELDS = ("head_marker", "tail_marker", "head_obj", "tail_obj", "obj_mask")
+
+
+def _mean_present(rows, present, fallback):
+  """Mean of the present rows ((B,D) each, present (B,) bool); `fallback` where none is."""
+  w = jnp.stack(present, 0).astype(rows[0].dtype)[..., None]           # (S,B,1)
+  total = jnp.sum(jnp.stack(rows, 0) * w, 0)
+  count = jnp.sum(w, 0)
+  return jnp.where(count > 0, total / jnp.maximum(count, 1.0), fallback)
+
+
+def pool_text_for_triplet(f, text_mask, triplet):
+  """(B,L,D) -> (B,D): the triplet's marker rows (<s>/<o> of head and tail), averaged;
+  the mean over valid tokens where neither marker survived truncation."""
+  idx = [jnp.asarray(triplet[k], jnp.int32) for k in ("head_marker", "tail_marker")]
+  return _mean_present([gather_rows(f, i) for i in idx], [i >= 0 for i in idx],
+                       masked_mean(f, text_mask))
+
+
+def pool_vision_for_triplet(f, v_mask, triplet):
+  """(B,K*T,D) -> (B,D): the mean of the triplet's objects' tokens (head and/or tail
+  object); the mean over every valid object where the triplet has none (entity-entity)."""
+  obj_mask = triplet["obj_mask"]
+  b, n, d = f.shape
+  k = obj_mask.shape[1]
+  per_obj = masked_mean(f.reshape(b, k, n // k, d), v_mask.reshape(b, k, n // k), axis=2)
+  idx = [jnp.asarray(triplet[key], jnp.int32) for key in ("head_obj", "tail_obj")]
+  return _mean_present([gather_rows(per_obj, i) for i in idx], [i >= 0 for i in idx],
+                       masked_mean(per_obj, obj_mask))
+
+
+def router_balance(router):
+  """KL(mean routing over the batch || uniform): 0 when the experts are used equally on
+  average, log(E) when one expert takes everything (a soft load-balancing term)."""
+  load = jnp.mean(router, axis=0)
+  e = router.shape[-1]
+  return jnp.sum(load * (jnp.log(jnp.maximum(load, 1e-9)) + jnp.log(e)))
 
 
 def _check_inputs(dim, text_levels, text_mask, vision_levels, vision_masks):
@@ -82,7 +123,16 @@ class PaperMMoE(nn.Module):
   object-object relations it generalises worst (bench/triplet_probe.py, README).
   The released code's experts carry the query as a residual, which
   `residual=True` mirrors.
-  aux["router"]: (B, E) over aux["expert_names"].
+
+  `route_by`: "triplet" (default for the paper: "select the most relevant experts
+  for each triplet") pools every expert at the triplet's own positions, its head
+  and tail markers for text-shaped experts and its head/tail objects' tokens for
+  vision-shaped ones, so two triplets of one example get different weights;
+  "example" pools over all valid tokens (one routing per example: on the demo it
+  collapsed onto T with logits nearly constant across examples). `router_norm`
+  LayerNorms each pooled vector before P, so no expert wins by its scale alone.
+  aux["router"]: (B, E) over aux["expert_names"]; aux["aux_loss"]:
+  `balance_weight` * router_balance (0 for the paper, which has no such term).
   """
   dim: int
   experts: tuple[str, ...] = EXPERT_GROUPS
@@ -92,6 +142,9 @@ class PaperMMoE(nn.Module):
   dropout_text: float = 0.0
   dropout_vision: float = 0.0
   residual: bool = False
+  route_by: str = "example"
+  router_norm: bool = False
+  balance_weight: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -119,8 +172,13 @@ class PaperMMoE(nn.Module):
 
   @nn.compact
   def __call__(self, text_levels, text_mask, vision_levels, vision_masks,
-               deterministic=True):
+               deterministic=True, triplet=None):
     _check_inputs(self.dim, text_levels, text_mask, vision_levels, vision_masks)
+    if self.route_by not in ROUTE_BY:
+      raise ValueError(f"model.moe.route_by={self.route_by!r}: allowed {list(ROUTE_BY)}")
+    if self.route_by == "triplet" and (
+        triplet is None or any(k not in triplet for k in TRIPLET_FIELDS)):
+      raise ValueError(f"model.moe.route_by='triplet' needs the batch fields {TRIPLET_FIELDS}")
     f_t, f_v, v_mask = text_levels[-1], vision_levels[-1], vision_masks[-1]
     feats = {"V": [f_v], "T": [f_t]}
     if "V2T" in self.experts:
@@ -132,8 +190,15 @@ class PaperMMoE(nn.Module):
                                  self.dropout_text, deterministic)
     vision_side = [f for g in ("V", "V2T") if g in self.experts for f in feats[g]]
     text_side = [f for g in ("T2V", "T") if g in self.experts for f in feats[g]]
-    pooled = ([masked_mean(f, v_mask) for f in vision_side]
-              + [masked_mean(f, text_mask) for f in text_side])
+    if self.route_by == "triplet":
+      pooled = ([pool_vision_for_triplet(f, v_mask, triplet) for f in vision_side]
+                + [pool_text_for_triplet(f, text_mask, triplet) for f in text_side])
+    else:
+      pooled = ([masked_mean(f, v_mask) for f in vision_side]
+                + [masked_mean(f, text_mask) for f in text_side])
+    if self.router_norm:   # one shared LayerNorm: every expert enters P at unit scale
+      norm = layer_norm(1e-5, self.dtype, self.param_dtype, "router_norm")
+      pooled = [norm(p) for p in pooled]
     logits = TorchDense(len(pooled), kernel_axes=("embed", "experts"),
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         name="router")(jnp.concatenate(pooled, axis=-1))
@@ -149,7 +214,9 @@ class PaperMMoE(nn.Module):
     h_v = mix(vision_side, router[:, :len(vision_side)], f_v)
     h_t = mix(text_side, router[:, len(vision_side):], f_t)
     names = self.expert_names(len(text_levels), len(vision_levels))
-    return h_t, h_v, {"router": router, "expert_names": names}
+    aux_loss = (self.balance_weight * router_balance(router) if self.balance_weight
+                else jnp.zeros((), jnp.float32))
+    return h_t, h_v, {"router": router, "expert_names": names, "aux_loss": aux_loss}
 
 
 class ReferenceSide(nn.Module):
@@ -224,7 +291,8 @@ class ReferenceMMoE(nn.Module):
 
   @nn.compact
   def __call__(self, text_levels, text_mask, vision_levels, vision_masks,
-               deterministic=True):
+               deterministic=True, triplet=None):
+    del triplet   # routes per token
     _check_inputs(self.dim, text_levels, text_mask, vision_levels, vision_masks)
     side = lambda name, dropout, act: ReferenceSide(
         num_heads=self.num_heads, dropout_rate=dropout, activation=act,
@@ -253,7 +321,8 @@ class NoMMoE(nn.Module):
     return ()
 
   def __call__(self, text_levels, text_mask, vision_levels, vision_masks,
-               deterministic=True):
+               deterministic=True, triplet=None):
+    del triplet
     _check_inputs(self.dim, text_levels, text_mask, vision_levels, vision_masks)
     b = text_levels[-1].shape[0]
     return text_levels[-1], vision_levels[-1], {
@@ -273,7 +342,9 @@ def build_paper(cfg: dict, dim: int, name: str) -> nn.Module:
       mask_keys=cfg.get("mask_keys", True),
       dropout_text=cfg.get("dropout_text", 0.0),
       dropout_vision=cfg.get("dropout_vision", 0.0),
-      residual=cfg.get("residual", False), **_common(cfg, dim, name))
+      residual=cfg.get("residual", False), route_by=cfg.get("route_by", "example"),
+      router_norm=cfg.get("router_norm", False),
+      balance_weight=float(cfg.get("balance_weight", 0.0)), **_common(cfg, dim, name))
 
 
 def build_reference(cfg: dict, dim: int, name: str) -> nn.Module:

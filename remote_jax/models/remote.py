@@ -84,9 +84,26 @@ def _fuse(block, query, query_mask, sources, source_masks, deterministic):
                jnp.concatenate(source_masks, 1), deterministic)
 
 
+def _per_object(x, t):
+  """(B, K*T, ...) -> (B*K, T, ...): each object's tokens become their own sequence."""
+  return x.reshape((x.shape[0] * (x.shape[1] // t), t) + x.shape[2:])
+
+
+def _fuse_per_object(block, query, query_mask, sources, source_masks, deterministic, t):
+  """Eq. 5 per object: an object's tokens at level l are transported from that
+  object's tokens at the levels below, never from another object's."""
+  out, diag = _fuse(block, _per_object(query, t), _per_object(query_mask, t),
+                    [_per_object(x, t) for x in sources],
+                    [_per_object(m, t) for m in source_masks], deterministic)
+  return out.reshape(query.shape), diag
+
+
 # With cfg.remat the backward recomputes each level's concatenation, cost
 # matrix and Sinkhorn solve from the stored levels instead of keeping them.
 _fuse_remat = nn.checkpoint(_fuse, static_argnums=(5,))
+_fuse_per_object_remat = nn.checkpoint(_fuse_per_object, static_argnums=(5, 6))
+VISION_SCOPES = ("object", "image")
+BOX_POSITIONS = ("post_norm", "pre_norm")
 
 
 class RemoteModel(nn.Module):
@@ -117,6 +134,14 @@ class RemoteModel(nn.Module):
                      for t in self.levels}
     self.mot_vision = {str(t): build(dict(cfg.mot), d, f"mot_vision_{t}")
                        for t in self.levels}
+    if cfg.mot.vision_scope not in VISION_SCOPES:
+      raise ValueError(f"model.mot.vision_scope={cfg.mot.vision_scope!r}: allowed "
+                       f"{list(VISION_SCOPES)}")
+    if cfg.mot.vision_scope == "object" and cfg.co_encoder:
+      raise ValueError("model.mot.vision_scope='object' needs model.co_encoder=False (the "
+                       "co-encoder pools each object to one token; use 'image')")
+    if cfg.box_position not in BOX_POSITIONS:
+      raise ValueError(f"model.box_position={cfg.box_position!r}: allowed {list(BOX_POSITIONS)}")
     if cfg.moe.variant not in moe_lib.MMOE:
       raise ValueError(f"model.moe.variant={cfg.moe.variant!r}: allowed "
                        f"{sorted(moe_lib.MMOE)}")
@@ -150,12 +175,19 @@ class RemoteModel(nn.Module):
     tokens = self.vision.embeddings(flat, depth)               # (B*K, T, D)
     t = tokens.shape[1]
     tokens = tokens.reshape(b, k, t, -1)
+    box = None
     if self.cfg.use_pos and not self.cfg.co_encoder:
       # Paper eq. 4: the box position is added to every RGB and depth token.
-      tokens = tokens + self.box_embed(batch["obj_boxes"].astype(self.dtype))[:, :, None]
-    tokens = self.vision.pre_layrnorm(tokens.reshape(b, k * t, -1))
+      box = self.box_embed(batch["obj_boxes"].astype(self.dtype))[:, :, None]
+    if box is not None and self.cfg.box_position == "pre_norm":
+      tokens = tokens + box
+    tokens = self.vision.pre_layrnorm(tokens)
+    if box is not None and self.cfg.box_position == "post_norm":
+      # After CLIP's pre-LayerNorm: as the patch embeddings grow in training the
+      # LayerNorm would otherwise scale the box down to a few % of each token.
+      tokens = tokens + box
     mask = jnp.repeat(batch["obj_mask"], t, axis=1)
-    return tokens, mask, t
+    return tokens.reshape(b, k * t, -1), mask, t
 
   def vision_layer(self, i, v, v_mask, per_object_t, prefix_kv, deterministic):
     layer = self.vision.layers[i]
@@ -220,9 +252,14 @@ class RemoteModel(nn.Module):
         t_h, diag_t = fuse(self.mot_text[str(level)], t_h, text_mask,
                            [text_levels[j] for j in src], [text_masks[j] for j in src],
                            deterministic)
-        v_h, diag_v = fuse(self.mot_vision[str(level)], v_h, v_mask,
-                           [vision_levels[j] for j in src], [vision_masks[j] for j in src],
-                           deterministic)
+        v_args = (self.mot_vision[str(level)], v_h, v_mask,
+                  [vision_levels[j] for j in src], [vision_masks[j] for j in src],
+                  deterministic)
+        if cfg.mot.vision_scope == "object":
+          fuse_v = _fuse_per_object_remat if cfg.remat else _fuse_per_object
+          v_h, diag_v = fuse_v(*v_args, tok_per_obj)
+        else:
+          v_h, diag_v = fuse(*v_args)
         ot_diag[f"text_{level}"] = diag_t
         ot_diag[f"vision_{level}"] = diag_v
       text_levels.append(t_h)
@@ -231,7 +268,7 @@ class RemoteModel(nn.Module):
       vision_masks.append(v_mask)
 
     h_t, h_v, moe_aux = self.moe(text_levels, text_mask, vision_levels,
-                                 vision_masks, deterministic=deterministic)
+                                 vision_masks, deterministic=deterministic, triplet=batch)
     if h_v.shape[1] == batch["obj_mask"].shape[1]:
       obj_feats = h_v
     else:   # token level: an object's feature is the mean of its tokens
@@ -239,10 +276,13 @@ class RemoteModel(nn.Module):
       k = batch["obj_mask"].shape[1]
       obj_feats = masked_mean(h_v.reshape(b, k, n // k, d),
                               v_mask.reshape(b, k, n // k), axis=2)
+    # Probes (bench/geometry_probe.py) read what the head sees of each object.
+    self.sow("intermediates", "object_features", obj_feats)
     logits, head_aux = self.head(h_t, obj_feats, batch,
                                  deterministic=deterministic)
     aux = dict(router=moe_aux.get("router"), ot=ot_diag,
-               missing_marker=head_aux["missing_marker"])
+               missing_marker=head_aux["missing_marker"],
+               aux_loss=moe_aux.get("aux_loss", jnp.zeros((), jnp.float32)))
     return logits.astype(jnp.float32), aux
 
 
