@@ -96,36 +96,43 @@ def confusion_matrix(confusion, relation_names: Sequence[str], path: str | os.Pa
   return _save(fig, path, dpi)
 
 
+def mean_by_row(router, rows, n_rows: int, mask=None):
+  """(N, E) or (N, ..., E) router weights -> ((n_rows, E) mean per row id, counts (n_rows,));
+  NaN where a row id has no example. `mask` (N,) drops padding rows."""
+  w = np.asarray(router, np.float64)
+  w = w.reshape(w.shape[0], -1, w.shape[-1]).mean(1)
+  rows = np.asarray(rows).reshape(-1)
+  if mask is not None:
+    keep = np.asarray(mask, bool).reshape(-1)
+    w, rows = w[keep], rows[keep]
+  sums = np.zeros((n_rows, w.shape[-1]))
+  np.add.at(sums, rows, w)
+  counts = np.bincount(rows, minlength=n_rows)
+  return np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], np.nan), counts
+
+
 def router_weights(router, labels, relation_names: Sequence[str],
                    expert_names: Sequence[str], path: str | os.PathLike,
-                   mask=None, figsize=None, dpi=100) -> str:
+                   mask=None, figsize=None, dpi=100, row_kind="relation") -> str:
   """Mean MMoE router weight per relation (rows) and expert/level (columns).
 
   The paper's figure 5. `router` is (N, E) or (N, ..., E) (e.g. per token:
   the middle axes are averaged); `labels` (N,) relation ids; `mask` (N,)
-  drops padding rows. Relations with no example are left blank.
+  drops padding rows. Relations with no example are left blank. Any other row
+  grouping works too (triplet types: `row_kind="triplet type"`).
   """
-  w = np.asarray(router, np.float64)
-  w = w.reshape(w.shape[0], -1, w.shape[-1]).mean(1)
-  labels = np.asarray(labels).reshape(-1)
-  if mask is not None:
-    keep = np.asarray(mask, bool).reshape(-1)
-    w, labels = w[keep], labels[keep]
-  n_rel, n_exp = len(relation_names), w.shape[-1]
+  n_rel, n_exp = len(relation_names), np.shape(router)[-1]
   if len(expert_names) != n_exp:
     raise ValueError(f"{len(expert_names)} expert names for {n_exp} router columns")
-  sums = np.zeros((n_rel, n_exp))
-  np.add.at(sums, labels, w)
-  counts = np.bincount(labels, minlength=n_rel)[:, None]
-  mean = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+  mean, counts = mean_by_row(router, labels, n_rel, mask)
   fig = _figure(figsize or (max(5.0, 0.4 * n_exp + 3), max(4.0, 0.3 * n_rel + 2)), dpi)
   ax = fig.subplots()
   im = ax.imshow(mean, cmap="viridis", aspect="auto")
   fig.colorbar(im, ax=ax, label="mean router weight")
   ax.set_xticks(range(n_exp), expert_names, rotation=90, fontsize=7)
-  ax.set_yticks(range(n_rel), [f"{r} ({int(k)})" for r, k in zip(relation_names, counts[:, 0])],
+  ax.set_yticks(range(n_rel), [f"{r} ({int(k)})" for r, k in zip(relation_names, counts)],
                 fontsize=7)
-  ax.set(xlabel="expert / level", ylabel="relation (support)", title="MMoE routing")
+  ax.set(xlabel="expert / level", ylabel=f"{row_kind} (support)", title="MMoE routing")
   return _save(fig, path, dpi)
 
 

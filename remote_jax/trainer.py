@@ -423,9 +423,17 @@ def make_plots(s, params, workdir, draw=True):
                                       out / f"confusion_{split}.png"))
   col = res["collected"]
   if "router" in col and col["router"].ndim == 2 and col["router"].shape[1] > 1:
+    names = remote.expert_names(s.config.model)
     paths.append(plots.router_weights(col["router"], col["label"], s.meta["relations"],
-                                      remote.expert_names(s.config.model),
-                                      out / "router_weights.png"))
+                                      names, out / "router_weights.png"))
+    paths.append(plots.router_weights(col["router"], col["triplet_type"],
+                                      metrics_lib.TRIPLET_TYPES, names,
+                                      out / "router_by_type.png", row_kind="triplet type"))
+    by_type, counts = plots.mean_by_row(col["router"], col["triplet_type"],
+                                        len(metrics_lib.TRIPLET_TYPES))
+    (out / "router_by_type.json").write_text(json.dumps(
+        {t: dict(zip(names, np.round(w, 4).tolist()), n=int(n))
+         for t, w, n in zip(metrics_lib.TRIPLET_TYPES, by_type, counts) if n}, indent=1) + "\n")
   if res["ot"]:
     paths.append(plots.ot_diagnostics(res["ot"], out / "ot_diagnostics.png"))
   log.info("plots: %s", ", ".join(str(p) for p in paths if p))

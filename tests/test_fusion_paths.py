@@ -1,7 +1,6 @@
 """Issue 19's model paths, each checked against the behaviour it replaced: the vision
 MOT per object (eq. 5), a box position the LayerNorm cannot drown, and an MMoE router
 that routes per triplet."""
-import functools
 
 import flax.linen as nn
 import jax
@@ -73,7 +72,7 @@ def test_box_reaches_the_head_after_patch_embeddings_grow():
 
 def two_triplets_of_one_example():
   batch = make_batch(b=2)
-  for k, v in batch.items():     # row 1 = row 0's inputs ...
+  for v in batch.values():       # row 1 = row 0's inputs ...
     v[1] = v[0]
   batch["head_marker"][:] = [1, 1]
   batch["tail_marker"][:] = [3, 6]

@@ -95,6 +95,10 @@ def test_router_weights(tmp_path):
   assert png_size(path) == (300, 200)
   with pytest.raises(ValueError, match="expert names"):
     plots.router_weights(router, labels, ["none", "r1", "r2"], ["a"], tmp_path / "x.png")
+  mean, counts = plots.mean_by_row(router, labels, 4, mask=np.arange(12) < 10)
+  np.testing.assert_array_equal(counts, [4, 3, 3, 0])
+  np.testing.assert_allclose(mean[1], router[[1, 4, 7]].mean((0, 1)))
+  assert np.isnan(mean[3]).all()
 
 
 def test_ot_diagnostics(tmp_path):

@@ -11,8 +11,7 @@ import jax.numpy as jnp
 
 from remote_jax.models.encoders.bert import BertConfig, BertEncoder
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig, CLIPVisionTower
-from remote_jax.models.layers import gather_rows
-from remote_jax.models.layers import MultiHeadCrossAttention, TorchDense, layer_norm
+from remote_jax.models.layers import MultiHeadCrossAttention, TorchDense, gather_rows, layer_norm
 
 Dtype = Any
 
