@@ -304,3 +304,24 @@ def test_more_and_mnre_build(tmp_path):
   ex = builder.as_data_source("train")[0]
   assert ex["obj_mask"].tolist() == [True] and ex["head_obj"] == ex["tail_obj"] == -1
   np.testing.assert_allclose(ex["obj_boxes"][0], [0, 0, 1, 1, 1])
+
+
+def test_buckets_reach_the_meta_as_rows(tmp_path):
+  """buckets.json names lines of the split file; the meta names pipeline rows (`index`), which
+  differ from lines once an example is skipped."""
+  from remote_jax.data import synth  # pylint: disable=import-outside-toplevel
+  root = synth.write_demo_dataset(tmp_path / "demo", seed=2, n_train=6, n_val=3, n_test=30,
+                                  image_size=32)
+  lines = umre.UmreReader(root).buckets("test")["compositional"]
+  assert len(lines) == 4
+  cfg = dict(name="umre", root=str(root), cache_dir=str(tmp_path / "cache"), max_length=32,
+             num_objects=5, crop_size=8, strict="skip")
+  meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
+  assert meta["buckets"]["test"] == {"compositional": lines}
+  assert meta["buckets"]["train"] == {} and meta["buckets"]["val"] == {}
+  # Drop the depth of the line before the second bucket line: later rows move up by one.
+  (root / f"depth_data_umke/test_{lines[1] - 1:05d}.npz").unlink()
+  cfg["cache_dir"] = str(tmp_path / "cache2")
+  meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
+  assert meta["skipped"]["test"] == {"missing_depth": 1}
+  assert meta["buckets"]["test"] == {"compositional": [lines[0]] + [i - 1 for i in lines[1:]]}
