@@ -125,8 +125,9 @@ def _check_eo(s, objects, truth):
   anchor = anchors[0]
   # Both attributes are needed: other shapes share the colour or the shape.
   attrs = {n: tuple(t[:2]) for n, t in zip(names, truth)}
-  beyond = [n for n in names if n != anchor and _lead(word, boxes[anchor], boxes[n]) >= 0.15]
-  clear = [n for n in names if n != anchor and _lead(word, boxes[anchor], boxes[n]) <= 0.05]
+  leads = {n: _lead(word, boxes[anchor], boxes[n]) for n in names if n != anchor}
+  beyond = [n for n, v in leads.items() if v >= synth.EO_MARGIN - 1e-3]  # boxes are rounded
+  clear = [n for n, v in leads.items() if v <= synth.EO_CLEAR + 1e-3]
   assert len(beyond) == 1 and len(beyond) + len(clear) == len(names) - 1
   target = beyond[0]
   rest = [attrs[n] for n in names if n not in (anchor, target)]

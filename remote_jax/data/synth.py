@@ -55,7 +55,7 @@ COLOURS = {"red": (215, 45, 40), "green": (45, 160, 70), "blue": (45, 85, 215),
 SIZES = {"small": 0.2, "large": 0.3}
 BACKGROUND, BACKGROUND_DEPTH = (235, 235, 235), 0.3
 OO_GAP, NEAR_GAP = 0.38, 0.9        # object-object definitions (see the docstring)
-EO_MARGIN, EO_CLEAR = 0.15, 0.05    # entity-object target / every other object
+EO_MARGIN, EO_CLEAR = 0.2, 0.05    # entity-object target / every other object
 WORDS = ("left of", "right of", "above", "below")
 HELD_OUT, COMPOSITIONAL_SHARE = 3, 0.4
 ABSENT_CAPTION = "an object"
@@ -184,9 +184,9 @@ def _pair(rng, relation):
       return sha, shb
 
 
-def _fill(rng, shapes, n, region=(0.0, 1.0)):
+def _fill(rng, shapes, n, region=(0.0, 1.0), tries=60):
   """Adds random disjoint shapes (centre x within `region`) until n; False if it gets stuck."""
-  for _ in range(60 * n):
+  for _ in range(tries * n):
     if len(shapes) >= n:
       return True
     size = _size(rng)
@@ -228,11 +228,12 @@ def _referring_scene(rng, word, anchor_combo):
     # Built for "left of" (x decreasing), then mirrored / transposed into `word`'s frame.
     size = _size(rng)
     h = SIZES[size] / 2
-    anchor = _Shape(size, float(rng.uniform(0.45, 0.8)), float(rng.uniform(0.02 + h, 0.98 - h)),
+    anchor = _Shape(size, float(rng.uniform(0.42, 0.7)), float(rng.uniform(0.02 + h, 0.98 - h)),
                     float(rng.uniform(1.0, 2.0)))
     shapes = [anchor]
-    if not (_fill(rng, shapes, 2, (0.0, anchor.cx - EO_MARGIN - 0.02))
-            and _fill(rng, shapes, n, (anchor.cx - EO_CLEAR + 0.02, 1.0))):
+    # Few tries per shape: a crowded layout is cheaper to redraw than to complete.
+    if not (_fill(rng, shapes, 2, (0.0, anchor.cx - EO_MARGIN - 0.02), tries=10)
+            and _fill(rng, shapes, n, (anchor.cx - EO_CLEAR + 0.02, 1.0), tries=10)):
       continue
     for s in shapes:
       if word in ("above", "below"):
