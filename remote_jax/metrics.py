@@ -58,10 +58,15 @@ class MetricsAccumulator:
   `preds` or `logits` (argmax is taken, as the reference does) must be given.
   `loss`, if given per example (B,), is averaged over valid rows; a scalar loss
   is averaged over batches weighted by their valid-row count.
+
+  `buckets` ({name: example indices}, e.g. the demo world's `compositional`
+  test examples) adds a bucket of scores per name, like the per-type ones,
+  over the rows whose `index` (given to `add`) is in the bucket.
   """
 
   def __init__(self, num_classes: int, negative_id: int,
-               relation_names: Sequence[str] | None = None):
+               relation_names: Sequence[str] | None = None,
+               buckets: Mapping[str, Sequence[int]] | None = None):
     if relation_names is not None and len(relation_names) != num_classes:
       raise ValueError(
           f"relation_names has {len(relation_names)} names for {num_classes} classes")
@@ -75,9 +80,13 @@ class MetricsAccumulator:
     self._conf = np.zeros((len(TRIPLET_TYPES) + 1, num_classes, num_classes), np.int64)
     self._loss_sum = 0.0
     self._loss_n = 0
+    self._buckets = {name: np.unique(np.asarray(ix, np.int64))
+                     for name, ix in (buckets or {}).items()}
+    self._bucket_conf = {name: np.zeros((num_classes, num_classes), np.int64)
+                         for name in self._buckets}
 
   def add(self, labels, preds=None, *, logits=None, mask=None, triplet_type=None,
-          loss=None) -> None:
+          loss=None, index=None) -> None:
     labels = np.asarray(labels).reshape(-1).astype(np.int64)
     if (preds is None) == (logits is None):
       raise ValueError("give exactly one of preds or logits")
@@ -102,6 +111,13 @@ class MetricsAccumulator:
       if bad.size:
         raise ValueError(f"triplet_type outside [0, {len(TRIPLET_TYPES)}): {np.unique(bad)}")
     np.add.at(self._conf, (types, labels, preds), 1)
+    if self._buckets:
+      if index is None:
+        raise ValueError("buckets need the examples' index")
+      index = np.asarray(index).reshape(-1).astype(np.int64)[valid]
+      for name, members in self._buckets.items():
+        inside = np.isin(index, members)
+        np.add.at(self._bucket_conf[name], (labels[inside], preds[inside]), 1)
     if loss is not None:
       loss = np.asarray(loss, np.float64)
       if loss.ndim == 0:
@@ -120,7 +136,7 @@ class MetricsAccumulator:
 
     Keys: acc, precision, recall, f1, n, correct_pos, pred_pos, gold_pos,
     [loss], per_type {"e-e"|"o-o"|"e-o": scores} (only types that occurred),
-    per_relation {name: {precision, recall, f1, support}}, confusion (C, C).
+    [buckets {name: scores} when the accumulator has buckets], per_relation {name: {precision, recall, f1, support}}, confusion (C, C).
     """
     conf = self.confusion
     out = scores_from_confusion(conf, self.negative_id)
@@ -129,6 +145,9 @@ class MetricsAccumulator:
     out["per_type"] = {
         name: scores_from_confusion(self._conf[t], self.negative_id)
         for t, name in enumerate(TRIPLET_TYPES) if self._conf[t].sum()}
+    if self._buckets:
+      out["buckets"] = {name: scores_from_confusion(c, self.negative_id)
+                        for name, c in self._bucket_conf.items()}
     diag = np.diag(conf)
     per_rel = {}
     for c, name in enumerate(self.relation_names):
@@ -160,7 +179,8 @@ def relation_metrics(preds, labels, negative_id: int, mask=None, triplet_type=No
 
 def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "",
                    per_relation: bool = False) -> dict[str, float]:
-  """Flattens `compute()` output to {"prefix/f1": x, "prefix/e-e/f1": y, ...} for logging.
+  """Flattens `compute()` output to {"prefix/f1": x, "prefix/e-e/f1": y, ...} for logging;
+  buckets flatten like the per-type scores ("prefix/compositional/f1").
 
   The confusion matrix is dropped; per-relation scores only on request (they
   are C x 4 scalars).
@@ -168,7 +188,7 @@ def scalar_metrics(metrics: Mapping[str, Any], prefix: str = "",
   pre = f"{prefix}/" if prefix else ""
   out = {}
   for k, v in metrics.items():
-    if k == "per_type":
+    if k in ("per_type", "buckets"):
       for t, sub in v.items():
         out.update({f"{pre}{t}/{sk}": float(sv) for sk, sv in sub.items()})
     elif k == "per_relation":

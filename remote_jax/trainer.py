@@ -242,8 +242,10 @@ def restore(config, path):
 def evaluate(s: Setup, params, split, *, collect=False):
   """Metrics of `params` on a split; every example counts once (padding masked)."""
   meta = s.meta
+  # Buckets of the split (e.g. the demo's `compositional` test examples), scored like a type.
   acc = metrics_lib.MetricsAccumulator(meta["num_classes"], meta["negative_id"],
-                                       relation_names=meta["relations"])
+                                       relation_names=meta["relations"],
+                                       buckets=meta.get("buckets", {}).get(SPLITS[split]))
   # Each process reads its shard (padded to the same batch count on every
   # host); outputs come back gathered, with every process's rows of the batch.
   rows, shard, shards = sharding.host_rows(s.mesh, s.config.eval_batch_size, "eval_batch_size")
@@ -259,7 +261,7 @@ def evaluate(s: Setup, params, split, *, collect=False):
     batch = sharding.all_rows({k: batch[k] for k in ("label", "mask", "triplet_type", "index")},
                               s.mesh)
     acc.add(batch["label"], logits=out["logits"], mask=batch["mask"],
-            triplet_type=batch["triplet_type"], loss=out["loss"])
+            triplet_type=batch["triplet_type"], loss=out["loss"], index=batch["index"])
     for k, v in ot.items():
       ot_sums[k] = ot_sums.get(k, 0.0) + float(v)
     n_batches += 1
@@ -446,12 +448,16 @@ def format_summary(summary, config):
   best = summary.get("best_dev", {})
   if best:
     lines.append(f"best dev at step {best.get('step')} (epoch {best.get('epoch', 0):.1f})")
-    lines.append(f"{'split':<6} {'bucket':<6} {'acc':>7} {'P':>7} {'R':>7} {'F1':>7}")
+    lines.append(f"{'split':<6} {'bucket':<13} {'acc':>7} {'P':>7} {'R':>7} {'F1':>7}")
     for split in ("dev", "test"):
-      for bucket in ("", "e-e/", "o-o/", "e-o/"):
+      # Extra buckets (e.g. `compositional`) follow the per-type rows.
+      extra = sorted({k.split("/")[1] for k in best if k.count("/") == 2
+                      and k.startswith(f"{split}/") and k.endswith("/gold_pos")}
+                     - set(metrics_lib.TRIPLET_TYPES))
+      for bucket in ["", "e-e/", "o-o/", "e-o/"] + [f"{b}/" for b in extra]:
         key = f"{split}/{bucket}"
         if f"{key}f1" in best:
-          lines.append(f"{split:<6} {bucket.rstrip('/') or 'all':<6} "
+          lines.append(f"{split:<6} {bucket.rstrip('/') or 'all':<13} "
                        f"{best.get(key + 'acc', float('nan')):7.2f} "
                        f"{best[key + 'precision']:7.2f} {best[key + 'recall']:7.2f} "
                        f"{best[key + 'f1']:7.2f}")
@@ -463,8 +469,9 @@ def format_summary(summary, config):
 
 def format_seed_summary(agg):
   lines = ["== mean +- std over seeds (test at best dev) =="]
-  for key in ("dev/f1", "test/f1", "test/acc", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1"):
+  for key in ("dev/f1", "test/f1", "test/acc", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1",
+              "test/compositional/f1"):
     if key in agg:
-      lines.append(f"{key:<14} {agg[key]['mean']:7.2f} +- {agg[key]['std']:.2f} "
+      lines.append(f"{key:<21} {agg[key]['mean']:7.2f} +- {agg[key]['std']:.2f} "
                    f"(n={agg[key]['n']})")
   return "\n".join(lines)

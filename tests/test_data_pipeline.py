@@ -331,3 +331,23 @@ def test_modalities_ablation_hides_one_side(tok, umre_train):
   assert oo_vision["head_marker"] > 0 and oo_vision["obj_boxes"].any()
   with pytest.raises(ValueError, match="data.modalities"):
     make_pre(tok, reader, modalities="image")
+
+def test_buckets_reach_the_meta_as_rows(tmp_path):
+  """buckets.json names lines of the split file; the meta names pipeline rows (`index`), which
+  differ from lines once an example is skipped."""
+  from remote_jax.data import synth  # pylint: disable=import-outside-toplevel
+  root = synth.write_demo_dataset(tmp_path / "demo", seed=2, n_train=6, n_val=3, n_test=30,
+                                  image_size=32)
+  lines = umre.UmreReader(root).buckets("test")["compositional"]
+  assert len(lines) == 4
+  cfg = dict(name="umre", root=str(root), cache_dir=str(tmp_path / "cache"), max_length=32,
+             num_objects=5, crop_size=8, strict="skip")
+  meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
+  assert meta["buckets"]["test"] == {"compositional": lines}
+  assert meta["buckets"]["train"] == {} and meta["buckets"]["val"] == {}
+  # Drop the depth of the line before the second bucket line: later rows move up by one.
+  (root / f"depth_data_umke/test_{lines[1] - 1:05d}.npz").unlink()
+  cfg["cache_dir"] = str(tmp_path / "cache2")
+  meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
+  assert meta["skipped"]["test"] == {"missing_depth": 1}
+  assert meta["buckets"]["test"] == {"compositional": [lines[0]] + [i - 1 for i in lines[1:]]}

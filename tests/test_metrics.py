@@ -135,3 +135,43 @@ def test_check_finite():
     metrics.check_finite(12, loss=0.5, grad_norm=float("inf"))
   with pytest.raises(FloatingPointError, match="loss=nan"):
     metrics.check_finite(3, loss=np.nan)
+
+
+def test_bucket_scores_equal_the_subset_scored_by_hand():
+  rng = np.random.default_rng(0)
+  n, c = 50, 5
+  labels, preds = rng.integers(0, c, n), rng.integers(0, c, n)
+  types, index = rng.integers(0, 3, n), np.arange(n)
+  bucket = [3, 7, 8, 20, 21, 22, 40, 49, 49]
+  acc = metrics.MetricsAccumulator(c, 0, buckets={"compositional": bucket})
+  for lo in range(0, n, 16):  # batches padded to 16 rows: padding repeats row 0, index -1
+    sl = slice(lo, lo + 16)
+    pad = 16 - len(labels[sl])
+    acc.add(np.pad(labels[sl], (0, pad)), np.pad(preds[sl], (0, pad)),
+            mask=np.arange(16) < 16 - pad, triplet_type=np.pad(types[sl], (0, pad)),
+            index=np.pad(index[sl], (0, pad), constant_values=-1))
+  out = acc.compute()
+  keep = np.isin(index, bucket)
+  by_hand = metrics.relation_metrics(preds[keep], labels[keep], 0, num_classes=c)
+  got = out["buckets"]["compositional"]
+  assert got["n"] == 8
+  for k in ("acc", "precision", "recall", "f1", "n", "correct_pos", "pred_pos", "gold_pos"):
+    assert got[k] == by_hand[k]
+  flat = metrics.scalar_metrics(out, prefix="test")
+  assert flat["test/compositional/f1"] == got["f1"] and flat["test/e-o/f1"]
+  with pytest.raises(ValueError, match="index"):
+    acc.add(labels, preds)
+
+
+def test_summaries_print_the_buckets():
+  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  scores = dict(acc=50.0, precision=40.0, recall=30.0, f1=34.0, n=8, gold_pos=3)
+  res = {**scores, "per_type": {"e-o": scores}, "buckets": {"compositional": scores}}
+  best = {"step": 10, "epoch": 1.0, **metrics.scalar_metrics(res, prefix="test")}
+  config = type("C", (), {"data": type("D", (), {"name": "demo"})})
+  rows = trainer.format_summary({"best_dev": best}, config).splitlines()
+  assert rows[-2].split()[:2] == ["test", "e-o"]
+  assert rows[-1].split() == ["test", "compositional", "50.00", "40.00", "30.00", "34.00"]
+  agg = metrics.seed_summary([best, best])
+  last = trainer.format_seed_summary(agg).splitlines()[-1]
+  assert last.split() == ["test/compositional/f1", "34.00", "+-", "0.00", "(n=2)"]

@@ -142,7 +142,7 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
         relations=list(reader.relations), negative_id=reader.negative_id,
         vocab_size=self._tok.vocab_size, base_vocab_size=self._tok.base_vocab_size,
         marker_ids=self._tok.marker_ids, settings=plain(
-            {k: setting(self._cfg, k) for k in _HASHED}), skipped={})
+            {k: setting(self._cfg, k) for k in _HASHED}), skipped={}, buckets={})
     return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata,
                                  disable_shuffling=True)
 
@@ -158,7 +158,8 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
         use_depth=setting(cfg, "use_depth"), depth_norm=setting(cfg, "depth_norm"),
         modalities=setting(cfg, "modalities"))
     samples, validation = reader.read(split)
-    row = 0
+    buckets = reader.buckets(split) if hasattr(reader, "buckets") else {}
+    row, row_of_line = 0, {}
     for sample in samples:
       try:
         example = pre(sample, row)
@@ -166,8 +167,14 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
         validation.fail(e)
         continue
       yield row, example
+      row_of_line[sample.record.line - 1] = row
       row += 1
     self.info.metadata["skipped"][split] = validation.counts
+    # Buckets name 0-based lines of the split file; the pipeline's `index` is the row (skipped
+    # lines have none and leave their buckets).
+    self.info.metadata["buckets"][split] = {
+        name: [row_of_line[i] for i in lines if i in row_of_line]
+        for name, lines in buckets.items()}
     if validation.skipped:
       path = validation.write(self.report_dir, f"skipped_{split}")
       log.warning("%s %s: skipped %d examples %s; list in %s", reader.name, split,
@@ -216,5 +223,7 @@ def meta_from_builder(builder, cfg):
               num_objects=int(setting(cfg, "num_objects")),
               crop_size=int(setting(cfg, "crop_size")),
               splits={k: v.num_examples for k, v in builder.info.splits.items()},
-              skipped=dict(md.get("skipped", {})))
+              skipped=dict(md.get("skipped", {})),
+              buckets={split: {name: list(rows) for name, rows in b.items()}
+                       for split, b in dict(md.get("buckets", {})).items()})
 

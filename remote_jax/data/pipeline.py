@@ -28,7 +28,8 @@ def get_builder(config_data):
 
 def dataset_meta(config_data):
   """dict(relations, negative_id, num_classes, vocab_size, base_vocab_size, marker_ids,
-  max_length, num_objects, crop_size, splits (name -> examples), skipped (split -> counts))."""
+  max_length, num_objects, crop_size, splits (name -> examples), skipped (split -> counts),
+  buckets (split -> {bucket name: example indices}))."""
   return builder_lib.meta_from_builder(get_builder(config_data), config_data)
 
 

@@ -1,14 +1,38 @@
-"""An embedded demo world written in UMRE's published format, read by the UMRE reader.
+"""An embedded demo world (v3, "a world that needs fusion") in UMRE's format, read by the UMRE
+reader.
 
-Each example is a scene of 2-5 coloured shapes (circle/square/triangle) with a depth map and
-a sentence about invented people, places and organisations. The relations cover the three
-triplet types and need different evidence:
-- entity-entity (text only): works_for, lives_in, none (other verbs, or head/tail swapped);
-- object-object (image only): left_of, above (geometry), in_front_of (depth); none is the
-  same layout with head and tail swapped;
-- entity-object (text + image): "P is holding the red circle" -> holds, "the red circle
-  belongs to P" -> owned_by (object head); none when the triplet's object is another shape.
-The negative class `none` has id 0. Everything follows from the seed.
+Each example is a scene of 2-5 coloured shapes (5 colours x 3 shapes x 2 sizes; square boxes,
+coordinates as fractions of the image) with a nearness map (larger = nearer, constant over each
+shape, BACKGROUND_DEPTH elsewhere) and a sentence about invented people, places and
+organisations. Every split holds the three triplet types in equal numbers, each with 40%
+`none` (id 0):
+- entity-entity (text only): "P works for O" -> works_for, "P lives in L" -> lives_in; none for
+  other verbs, or a positive sentence with head and tail swapped.
+- object-object (image only; the sentence just mentions a photo). left_of(h, t): t's box
+  centre is at least OO_GAP right of h's (above: lower, in image y); in_front_of(h, t): h's
+  nearness exceeds t's by at least NEAR_GAP while the two boxes do not overlap (no occlusion
+  cue) and neither left_of nor above holds either way, so only the depth map decides. Pairs
+  of left_of/above differ in nearness by at most 0.3. none = the same layouts with head and
+  tail swapped.
+- entity-object (text and image together): "P holds the shape <w> the <colour> <shape> ." ->
+  holds(P, target), "the shape <w> the <colour> <shape> belongs to P ." -> owned_by(target, P),
+  with <w> in left of / right of / above / below. The anchor (<colour> <shape>) is the only
+  object of its combination in the scene, and the scene always holds a colour distractor (same
+  colour, other shape) and a shape distractor (same shape, other colour) besides the target;
+  the target itself shares exactly one attribute with the anchor. The target is the unique
+  object whose centre lies at least EO_MARGIN beyond the anchor's in direction <w>; every other
+  object lies at most EO_CLEAR beyond it. none: the same sentences with the triplet's object
+  being the anchor (1 in 4) or another non-target object. Nothing in the sentence names the
+  target's attributes.
+Object captions (UMRE's caption file) are partial: "a blue shape", "a square" or "a small shape",
+or, for a CAPTION_ABSENT fraction of objects (the `caption_absent` field), the uninformative
+"an object" (the reader requires a caption string); they never hold a position word.
+Compositional bucket: HELD_OUT (colour, shape) combinations, fixed per seed, are never anchors
+in train or val; COMPOSITIONAL_SHARE of the test entity-object examples use one as anchor and
+form the bucket `compositional` of `buckets.json` ({"test": {"compositional": [0-based line
+indices of test_set.json]}}). `world.json` keeps the ground truth (held-out combinations and,
+per image in slot order, colour, shape, size and nearness of each object). Everything follows
+from the seed.
 """
 import hashlib
 import json
@@ -30,14 +54,18 @@ COLOURS = {"red": (215, 45, 40), "green": (45, 160, 70), "blue": (45, 85, 215),
            "yellow": (225, 195, 40), "purple": (140, 60, 180)}
 SIZES = {"small": 0.2, "large": 0.3}
 BACKGROUND, BACKGROUND_DEPTH = (235, 235, 235), 0.3
-# (triplet type, relation, variant) recipes; the cycle fixes the label mix (40% none).
-RECIPES = (
-    [("ee", "works_for", 0)] * 3 + [("ee", "lives_in", 0)] * 3
-    + [("ee", "none", 0)] * 2 + [("ee", "none", 1)] * 2
-    + [("oo", "left_of", 0)] * 2 + [("oo", "above", 0)] * 2 + [("oo", "in_front_of", 0)] * 2
-    + [("oo", "none", 0)] * 4
-    + [("eo", "holds", 0)] * 3 + [("eo", "owned_by", 0)] * 3
-    + [("eo", "none", 0)] * 2 + [("eo", "none", 1)] * 2)
+OO_GAP, NEAR_GAP = 0.38, 0.9        # object-object definitions (see the docstring)
+EO_MARGIN, EO_CLEAR = 0.2, 0.05    # entity-object target / every other object
+WORDS = ("left of", "right of", "above", "below")
+HELD_OUT, COMPOSITIONAL_SHARE = 3, 0.4
+ABSENT_CAPTION = "an object"
+# Per triplet type, (relation, variant) recipes; each cycle of 10 is 40% none.
+RECIPES = {
+    "ee": [("works_for", 0)] * 3 + [("lives_in", 0)] * 3 + [("none", 0)] * 2 + [("none", 1)] * 2,
+    "oo": [("left_of", 0)] * 2 + [("above", 0)] * 2 + [("in_front_of", 0)] * 2
+          + [("none", 0)] * 4,
+    "eo": [("holds", 0)] * 3 + [("owned_by", 0)] * 3 + [("none", 0)] * 2 + [("none", 1)] * 2,
+}
 TEMPLATES = {
     "works_for": ("{p} works for {o} .", "{p} is employed by {o} .", "{p} joined {o} last year ."),
     "lives_in": ("{p} lives in {l} .", "{p} has a home in {l} .", "{p} moved to {l} for good ."),
@@ -45,15 +73,17 @@ TEMPLATES = {
     "none_pl": ("{p} flew over {l} .", "{p} read a book about {l} .", "{p} visited {l} once ."),
     "scene": ("{p} shared a photo from {l} .", "a picture posted by {o} .",
               "{p} took this picture ."),
-    "holds": ("{p} is holding the {d} .", "{p} carries the {d} ."),
-    "owned_by": ("the {d} belongs to {p} .", "the {d} is owned by {p} ."),
+    "holds": ("{p} holds the shape {w} the {a} .", "{p} is holding the shape {w} the {a} .",
+              "{p} carries the shape {w} the {a} ."),
+    "owned_by": ("the shape {w} the {a} belongs to {p} .", "the shape {w} the {a} is owned by {p} ."),
 }
 _SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "ne", "zo", "fa",
               "gu", "pel", "ris", "tam", "ko", "vi", "sen")
 _ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
-DEFAULTS = dict(seed=0, n_train=600, n_val=150, n_test=150, image_size=96)
+DEFAULTS = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
+                caption_absent=0.3)
 # Part of the cache key of ensure_demo_dataset: bump when the generated data changes.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 
 def _word(rng, n):
@@ -98,7 +128,7 @@ DESCRIPTIONS = dict(p="{} is a person .", l="{} is a city .", o="{} is an organi
 class _Shape:
   """One object: attributes, centre (cx, cy), side s (fractions of the image), nearness d."""
 
-  def __init__(self, colour, shape, size, cx, cy, d):
+  def __init__(self, size, cx, cy, d, colour="", shape=""):
     self.colour, self.shape, self.size = colour, shape, size
     self.cx, self.cy, self.s, self.d = cx, cy, SIZES[size], d
 
@@ -108,12 +138,8 @@ class _Shape:
     return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
 
   @property
-  def caption(self):
-    return f"a {self.size} {self.colour} {self.shape}"
-
-  @property
-  def description(self):
-    return f"{self.colour} {self.shape}"
+  def combo(self):
+    return (self.colour, self.shape)
 
 
 def _overlaps(a, b, margin=0.02):
@@ -125,16 +151,26 @@ def _inside(box):
   return min(box) >= 0.02 and max(box) <= 0.98
 
 
+def _free(shape, shapes):
+  return _inside(shape.box) and not any(_overlaps(shape.box, s.box) for s in shapes)
+
+
+def _size(rng):
+  return str(rng.choice(list(SIZES)))
+
+
 def _pair(rng, relation):
-  """Two shapes (a, b) such that `relation`(a, b) holds and no other spatial relation does."""
+  """Two disjoint shapes (a, b) such that `relation`(a, b) holds and no other relation does."""
   while True:
-    sa, sb = (rng.choice(list(SIZES)) for _ in range(2))
+    sa, sb = _size(rng), _size(rng)
     da = float(rng.uniform(1.0, 2.0))
-    if relation == "in_front_of":
-      cx, cy = rng.uniform(0.25, 0.75, size=2)
-      dx, dy = rng.uniform(0.05, 0.12, size=2) * rng.choice([-1, 1], size=2)
-      b = (cx, cy, da)
+    if relation == "in_front_of":  # side by side, closer than OO_GAP; a much nearer
+      sep = (SIZES[sa] + SIZES[sb]) / 2 + float(rng.uniform(0.03, 0.06))
+      off = (sep * float(rng.choice([-1, 1])), float(rng.uniform(-0.05, 0.05)))
+      dx, dy = off if rng.random() < 0.5 else off[::-1]
+      cx, cy = (float(v) for v in rng.uniform(0.2, 0.8, size=2))
       a = (cx + dx, cy + dy, da + float(rng.uniform(1.0, 1.5)))
+      b = (cx, cy, da)
     else:
       gap = float(rng.uniform(0.42, 0.55))
       u, v = float(rng.uniform(0.15, 0.85 - gap)), float(rng.uniform(0.2, 0.8))
@@ -143,34 +179,97 @@ def _pair(rng, relation):
         a, b = (u, v, da), (u + gap, v + jitter, db)
       else:  # above: a is higher (smaller y)
         a, b = (v, u, da), (v + jitter, u + gap, db)
-    sha = _Shape("", "", sa, *a)
-    shb = _Shape("", "", sb, *b)
-    if _inside(sha.box) and _inside(shb.box) and (
-        relation == "in_front_of" or not _overlaps(sha.box, shb.box)):
+    sha, shb = _Shape(sa, *a), _Shape(sb, *b)
+    if _free(sha, []) and _free(shb, [sha]):
       return sha, shb
 
 
-def _scene(rng, n, fixed=()):
-  """`fixed` shapes plus random non-overlapping ones up to n, unique (colour, shape) each."""
-  shapes = list(fixed)
-  for _ in range(200):
+def _fill(rng, shapes, n, region=(0.0, 1.0), tries=60):
+  """Adds random disjoint shapes (centre x within `region`) until n; False if it gets stuck."""
+  for _ in range(tries * n):
     if len(shapes) >= n:
-      break
-    size = rng.choice(list(SIZES))
+      return True
+    size = _size(rng)
     h = SIZES[size] / 2
-    cx, cy = rng.uniform(0.02 + h, 0.98 - h, size=2)
-    cand = _Shape("", "", size, float(cx), float(cy), float(rng.uniform(1.0, 2.0)))
-    if not any(_overlaps(cand.box, s.box) for s in shapes):
+    lo, hi = max(region[0], 0.02 + h), min(region[1], 0.98 - h)
+    if lo > hi:
+      continue
+    cand = _Shape(size, float(rng.uniform(lo, hi)), float(rng.uniform(0.02 + h, 0.98 - h)),
+                  float(rng.uniform(1.0, 2.0)))
+    if _free(cand, shapes):
       shapes.append(cand)
-  combos = [(c, s) for c in COLOURS for s in SHAPES]
-  for shape, k in zip(shapes, rng.permutation(len(combos))[:len(shapes)]):
-    shape.colour, shape.shape = combos[k]
-  order = rng.permutation(len(shapes))  # slot order is random: the pair is not always 0, 1
-  return [shapes[i] for i in order]
+  return len(shapes) >= n
+
+
+def _colour_all(rng, shapes):
+  """Unique random (colour, shape) for the shapes that have none yet."""
+  used = {s.combo for s in shapes if s.colour}
+  free = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in used]
+  blank = [s for s in shapes if not s.colour]
+  for shape, k in zip(blank, rng.permutation(len(free))[:len(blank)]):
+    shape.colour, shape.shape = free[k]
+
+
+def _shuffled(rng, shapes):
+  return [shapes[i] for i in rng.permutation(len(shapes))]  # the pair is not always slot 0, 1
+
+
+def lead(word, anchor, other):
+  """How far `other`'s centre lies beyond `anchor`'s in direction `word` (image y grows down)."""
+  return {"left of": anchor.cx - other.cx, "right of": other.cx - anchor.cx,
+          "above": anchor.cy - other.cy, "below": other.cy - anchor.cy}[word]
+
+
+def _referring_scene(rng, word, anchor_combo):
+  """-> (shapes, anchor, target, distractors): the target is the unique shape `word` the anchor
+  (lead >= EO_MARGIN, every other <= EO_CLEAR); a colour and a shape distractor; 4-5 shapes."""
+  n = int(rng.integers(4, 6))
+  while True:
+    # Built for "left of" (x decreasing), then mirrored / transposed into `word`'s frame.
+    size = _size(rng)
+    h = SIZES[size] / 2
+    anchor = _Shape(size, float(rng.uniform(0.42, 0.7)), float(rng.uniform(0.02 + h, 0.98 - h)),
+                    float(rng.uniform(1.0, 2.0)))
+    shapes = [anchor]
+    # Few tries per shape: a crowded layout is cheaper to redraw than to complete.
+    if not (_fill(rng, shapes, 2, (0.0, anchor.cx - EO_MARGIN - 0.02), tries=10)
+            and _fill(rng, shapes, n, (anchor.cx - EO_CLEAR + 0.02, 1.0), tries=10)):
+      continue
+    for s in shapes:
+      if word in ("above", "below"):
+        s.cx, s.cy = s.cy, s.cx
+      if word in ("right of", "below"):
+        s.cx, s.cy = (1 - s.cx, s.cy) if word == "right of" else (s.cx, 1 - s.cy)
+    target, others = shapes[1], shapes[2:]
+    assert lead(word, anchor, target) >= EO_MARGIN
+    assert all(lead(word, anchor, s) <= EO_CLEAR for s in others)
+    colour, shape = anchor_combo
+    anchor.colour, anchor.shape = colour, shape
+    other_colours = [c for c in COLOURS if c != colour]
+    other_shapes = [s for s in SHAPES if s != shape]
+    c1, c2 = (other_colours[i] for i in rng.permutation(len(other_colours))[:2])
+    s1, s2 = (other_shapes[i] for i in rng.permutation(len(other_shapes)))
+    # The target shares one attribute with the anchor, as the distractors do.
+    if rng.random() < 0.5:
+      target.colour, target.shape = colour, s1
+      others[0].colour, others[0].shape = colour, s2
+    else:
+      target.colour, target.shape = c1, shape
+      others[0].colour, others[0].shape = colour, s1
+    others[1].colour, others[1].shape = c2, shape
+    _colour_all(rng, shapes)
+    return _shuffled(rng, shapes), anchor, target, others
+
+
+def _random_scene(rng, n, fixed=()):
+  shapes = list(fixed)
+  _fill(rng, shapes, n)
+  _colour_all(rng, shapes)
+  return _shuffled(rng, shapes)
 
 
 def _render(shapes, size):
-  """RGB image and nearness map; nearer shapes are drawn last (they occlude)."""
+  """RGB image and nearness map; nearer shapes are drawn last."""
   image = Image.new("RGB", (size, size), BACKGROUND)
   index = Image.new("L", (size, size), 0)
   draw, draw_index = ImageDraw.Draw(image), ImageDraw.Draw(index)
@@ -189,6 +288,23 @@ def _render(shapes, size):
   return image, lut[np.asarray(index)]
 
 
+def _caption(rng, shape, absent):
+  """Partial (one attribute) or absent: never the full description, never a position."""
+  if rng.random() < absent:
+    return ABSENT_CAPTION
+  return (f"a {shape.colour} shape", f"a {shape.shape}", f"a {shape.size} shape")[
+      int(rng.integers(3))]
+
+
+def held_out_anchors(seed):
+  """HELD_OUT (colour, shape) combinations, distinct in colour and in shape, so every colour
+  and every shape still occurs in the anchors of train."""
+  rng = np.random.default_rng([seed, 3])
+  colours = [list(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:HELD_OUT]]
+  shapes = [SHAPES[i] for i in rng.permutation(len(SHAPES))[:HELD_OUT]]
+  return sorted(zip(colours, shapes))
+
+
 def _span(tokens, words):
   for i in range(len(tokens) - len(words) + 1):
     if tokens[i:i + len(words)] == words:
@@ -196,11 +312,9 @@ def _span(tokens, words):
   raise AssertionError(f"{words} not in {tokens}")
 
 
-def _example(rng, recipe):
+def _example(rng, kind, relation, variant, anchors):
   """-> (line dict without img_id, shapes, captions for the line's entities)."""
-  kind, relation, variant = recipe
   names = _names(rng)
-  n = int(rng.integers(2, 6))
   captions = {}
 
   def entity(key, tokens):
@@ -222,12 +336,12 @@ def _example(rng, recipe):
     h, t = entity("p", tokens), entity(tail, tokens)
     if relation == "none" and variant == 1:
       h, t = t, h
-    shapes = _scene(rng, n)
+    shapes = _random_scene(rng, int(rng.integers(2, 6)))
   elif kind == "oo":
     positive = relation if relation != "none" else rng.choice(["left_of", "above",
                                                                "in_front_of"])
     a, b = _pair(rng, positive)
-    shapes = _scene(rng, max(n, 2), fixed=(a, b))
+    shapes = _random_scene(rng, int(rng.integers(2, 6)), fixed=(a, b))
     template = rng.choice(TEMPLATES["scene"])
     tokens = template.format(**names).split()
     for key in "plo":
@@ -236,48 +350,67 @@ def _example(rng, recipe):
     h, t = (obj(shapes, a), obj(shapes, b)) if relation != "none" else (obj(shapes, b),
                                                                          obj(shapes, a))
   else:
-    shapes = _scene(rng, n)
-    while len(shapes) < 2:
-      shapes = _scene(rng, n)
-    described = shapes[int(rng.integers(len(shapes)))]
-    target = described
-    if relation == "none":
-      target = [s for s in shapes if s is not described][int(rng.integers(len(shapes) - 1))]
-    kind_key = relation if relation != "none" else ("holds", "owned_by")[variant]
-    tokens = rng.choice(TEMPLATES[kind_key]).format(p=names["p"], d=described.description).split()
+    word = WORDS[int(rng.integers(len(WORDS)))]
+    shapes, anchor, target, others = _referring_scene(
+        rng, word, anchors[int(rng.integers(len(anchors)))])
+    if relation == "none":  # the anchor itself, or another non-target shape
+      target = anchor if rng.random() < 0.25 else others[int(rng.integers(len(others)))]
+    form = relation if relation != "none" else ("holds", "owned_by")[variant]
+    tokens = rng.choice(TEMPLATES[form]).format(
+        p=names["p"], w=word, a=f"{anchor.colour} {anchor.shape}").split()
     person = entity("p", tokens)
-    h, t = (person, obj(shapes, target)) if kind_key == "holds" else (obj(shapes, target), person)
+    h, t = (person, obj(shapes, target)) if form == "holds" else (obj(shapes, target), person)
   return dict(token=tokens, h=h, t=t, relation=relation), shapes, captions
 
 
-def write_demo_dataset(out_dir, seed=0, n_train=600, n_val=150, n_test=150, image_size=96):
-  """Writes the demo world in UMRE layout under `out_dir` (UmreReader's default paths)."""
+def _plan(rng, count, split):
+  """(kind, relation, variant, compositional) per line: types balanced, order shuffled."""
+  plan = []
+  for k, kind in enumerate(RECIPES):
+    n = count // 3 + (k < count % 3)
+    recipes = (RECIPES[kind] * math.ceil(n / len(RECIPES[kind])))[:n]
+    comp = np.zeros(n, bool)
+    if kind == "eo" and split == "test":
+      comp[rng.permutation(n)[:round(COMPOSITIONAL_SHARE * n)]] = True
+    plan += [(kind, r, v, bool(c)) for (r, v), c in zip(recipes, comp)]
+  return [plan[i] for i in rng.permutation(len(plan))]
+
+
+def write_demo_dataset(out_dir, seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
+                       caption_absent=0.3):
+  """Writes the demo world in UMRE layout under `out_dir` (UmreReader's default paths), plus
+  `buckets.json` and the ground truth `world.json`."""
   out = pathlib.Path(out_dir)
   paths = umre.UmreReader.DEFAULT_PATHS
   (out / paths["images"]).mkdir(parents=True, exist_ok=True)
   (out / paths["depth"]).mkdir(parents=True, exist_ok=True)
-  boxes, captions = {}, {}
+  held = held_out_anchors(seed)
+  seen = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
+  boxes, captions, world, buckets = {}, {}, {}, {"test": {"compositional": []}}
   for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val),
                                                 ("test", n_test))):
     rng = np.random.default_rng([seed, split_index])
-    recipes = (RECIPES * math.ceil(count / len(RECIPES)))[:count]
-    order = rng.permutation(count)
     lines = []
-    for i in range(count):
-      line, shapes, caps = _example(rng, recipes[order[i]])
-      img_id = f"{split}_{i:05d}.png"
-      line["img_id"] = img_id
+    for i, (kind, relation, variant, comp) in enumerate(_plan(rng, count, split)):
+      line, shapes, caps = _example(rng, kind, relation, variant, held if comp else seen)
+      if comp:
+        buckets[split]["compositional"].append(i)
+      stem = f"{split}_{i:05d}"
+      line["img_id"] = img_id = f"{stem}.png"
       image, depth = _render(shapes, image_size)
       image.save(out / paths["images"] / img_id)
-      np.savez_compressed(out / paths["depth"] / f"{split}_{i:05d}.npz", depth_map=depth)
+      np.savez_compressed(out / paths["depth"] / f"{stem}.npz", depth_map=depth)
       boxes[img_id] = {f"[OBJ{k}]": [round(v, 4) for v in s.box] for k, s in enumerate(shapes)}
-      caps.update({f"[OBJ{k}]": s.caption for k, s in enumerate(shapes)})
+      caps.update({f"[OBJ{k}]": _caption(rng, s, caption_absent) for k, s in enumerate(shapes)})
       captions[img_id] = caps
+      world[img_id] = [[s.colour, s.shape, s.size, round(s.d, 4)] for s in shapes]
       lines.append(json.dumps(line))
     (out / paths[split]).write_text("\n".join(lines) + "\n")
   (out / paths["boxes"]).write_text(json.dumps(boxes))
   (out / paths["captions"]).write_text(json.dumps(captions))
   (out / paths["relations"]).write_text(json.dumps({r: i for i, r in enumerate(RELATIONS)}))
+  (out / "buckets.json").write_text(json.dumps(buckets))
+  (out / "world.json").write_text(json.dumps(dict(held_out_anchors=held, images=world)))
   return out
 
 

@@ -41,7 +41,8 @@ class UmreReader:
   DEFAULT_PATHS: ClassVar[dict] = dict(
       train="train_set.json", val="val_set.json", test="test_set.json",
       boxes="pos_umke.json", captions="cap_qwenvl_simply.json",
-      images="UMKE_IMG", depth="depth_data_umke", relations="rel2id_umke_partner.json")
+      images="UMKE_IMG", depth="depth_data_umke", relations="rel2id_umke_partner.json",
+      buckets="buckets.json")
   MAX_OBJECTS = 12
   descriptions_required = True  # `<k>` texts for textual entities ([DS] 176-178)
 
@@ -89,7 +90,7 @@ class UmreReader:
 
   def source_files(self, split):
     """Text files whose content defines this split's examples (hashed into the cache key)."""
-    keys = [split, "boxes", "relations"] + (["captions"] if self.use_caption else [])
+    keys = [split, "boxes", "relations", "buckets"] + (["captions"] if self.use_caption else [])
     return [p for p in (self.split_file(split) if k == split else self.path(k, split)
                         for k in keys) if p is not None and p.is_file()]
 
@@ -125,6 +126,31 @@ class UmreReader:
   def load_boxes(self, split):
     """{img_id: {'[OBJk]': (l, t, r, b)}} as published (key order = slot order)."""
     return self._json("boxes", split)
+
+  def buckets(self, split):
+    """{name: sorted 0-based line indices of the split file} from the optional buckets file
+    ({split: {name: [index, ...]}}), e.g. the demo world's `compositional` test examples; {}
+    when the file or the split's entry is absent."""
+    path = self.path("buckets", split)
+    if path is None or not path.is_file():
+      return {}
+    path, table = self._json("buckets", split)
+    if not isinstance(table, dict):
+      raise DataError("malformed", path, None, "<file>", "not a JSON object",
+                      'write {"<split>": {"<bucket>": [line index, ...]}}')
+    entry = table.get(split, {})
+    if not isinstance(entry, dict):
+      raise DataError("malformed", path, None, f"[{split!r}]", "not a JSON object",
+                      'write {"<bucket>": [line index, ...]}')
+    out = {}
+    for name, indices in entry.items():
+      if not isinstance(indices, list) or not all(
+          isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in indices):
+        raise DataError("malformed", path, None, f"[{split!r}][{name!r}]",
+                        "not a list of non-negative integers",
+                        "list the 0-based line indices of the split file")
+      out[name] = sorted(set(indices))
+    return out
 
   @functools.cached_property
   def _captions(self):
