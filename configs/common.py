@@ -5,6 +5,8 @@
 """
 import ml_collections
 
+from remote_jax.data import READERS
+
 
 def parse_arg(arg, lazy=False, **spec):
   """Parses "a=1,b=foo,flag" into a ConfigDict, typed by the defaults in `spec`.
@@ -149,7 +151,9 @@ def data_config(name, **overrides):
       cache_dir="",            # default: <workdir>/../data_cache
       tokenizer_dir="",        # default: the vocabulary of the offline MiniLM package
       worker_count=0,
-      paths={},                # per-file path overrides (see the reader of the dataset)
+      # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
+      # so --config.data.paths.images=DIR works.
+      paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
   ))
   data.update(overrides)
   return data

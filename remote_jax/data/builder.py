@@ -76,6 +76,7 @@ def config_key(cfg, reader, tok):
   """Hash of everything that changes the stored examples."""
   settings = {k: plain(setting(cfg, k)) for k in _HASHED}
   settings["root"] = str(reader.root.resolve())
+  settings["paths"] = {k: v for k, v in (settings["paths"] or {}).items() if v != ""}  # "": default
   files, dirs = [], []
   for split in available_splits(reader):
     files += reader.source_files(split)
