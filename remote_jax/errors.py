@@ -19,6 +19,11 @@ OUR_CODE = tuple(str(pathlib.Path(__file__).resolve().parents[1] / d)
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be read: a training checkpoint (corrupt,
+  incomplete, another model's) or a pretrained one that does not fit our modules."""
+
+
 @contextlib.contextmanager
 def user_errors():
   try:

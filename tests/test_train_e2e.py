@@ -6,12 +6,14 @@ cache, so the model compiles once for the whole file.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.test_checkpoint import scramble
 
 SMALL_DEMO = dict(seed=3, n_train=48, n_val=16, n_test=16)
 CONFIG = "--config=configs/demo.py:runlocal"
@@ -111,6 +113,26 @@ def test_evaluate_and_predict_from_checkpoint(env, full_run):
   assert sorted(json.loads(l)["index"] for l in lines) == list(range(SMALL_DEMO["n_test"]))
   correct = sum(json.loads(l)["label"] == json.loads(l)["pred"] for l in lines)
   assert 100.0 * correct / len(lines) == pytest.approx(summary["last"]["test/acc"], abs=1e-6)
+
+
+def test_unreadable_newest_checkpoint(env, full_run, tmp_path):
+  """evaluate says so in one line; training resumes from the newest step that restores."""
+  workdir = tmp_path / "run"
+  shutil.copytree(full_run[0] / "ckpt", workdir / "ckpt")
+  scramble(workdir / "ckpt" / "6")
+  ev = run_cli(env, "remote_jax.evaluate", CONFIG, f"--workdir={workdir}", *overrides(env[1]))
+  assert ev.returncode == 2, ev.stderr[-3000:]
+  assert "error: cannot restore checkpoint step 6" in ev.stderr
+  assert "Traceback" not in ev.stderr, ev.stderr[-3000:]
+  tr = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={workdir}", *overrides(env[1]),
+               "--config.plots=False")
+  assert tr.returncode == 0, tr.stderr[-3000:]
+  assert "skipping checkpoint step 6: cannot restore" in tr.stderr
+  assert "resumed from" in tr.stderr and "step 3" in tr.stderr
+  full = json.loads((full_run[0] / "summary.json").read_text())["last"]
+  resumed = json.loads((workdir / "summary.json").read_text())["last"]
+  for key, value in full.items():
+    assert resumed[key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_umre_without_data_says_where_it_comes_from(env, tmp_path):
