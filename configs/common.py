@@ -1,7 +1,7 @@
 """Shared config pieces: the `:arg` mini-language and defaults (big_vision style).
 
-`python -m remote_jax.train --config configs/umre.py:fusion=xattn,moe=off` passes
-"fusion=xattn,moe=off" to `get_config(arg)`, which calls `parse_arg`.
+`python -m remote_jax.train --config configs/umre.py:mot=xattn,moe=off` passes
+"mot=xattn,moe=off" to `get_config(arg)`, which calls `parse_arg`.
 """
 import ml_collections
 

@@ -30,9 +30,9 @@ _EVAL_VIEWS = flags.DEFINE_string(
 
 def run(config, workdir, eval_views=()):
   """All settings of `config` in `workdir`; returns {setting: {"stages", "test", "eval"}}."""
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
-  from remote_jax.writers import MetricWriter  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import data as data_lib
+  from mi2rage_jax import pipeline
+  from remote_jax.writers import MetricWriter
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,7 @@ def _fmt(summary):
 
 def main(argv):
   del argv
-  from remote_jax import (  # pylint: disable=import-outside-toplevel
+  from remote_jax import (
     errors,
     metrics,
     writers,

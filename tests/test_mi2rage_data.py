@@ -89,7 +89,7 @@ def test_text_only_data_with_pregenerated_views(tmp_path):
           0, 255, (20, 20, 3), dtype=np.uint8)) for k in range(3)])
     store.save()
     stores[split] = str(store.root)
-  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
+  from configs import mi2rage_demo
   config = mi2rage_demo.get_config("fast,size=micro,setting=no_real_image,rounds=0")
   config.data = dict(config.data.to_dict(), name="webnlg", root=str(root))
   config.generator = dict(name="pregenerated", stores=stores)
