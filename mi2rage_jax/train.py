@@ -72,18 +72,18 @@ def _fmt(summary):
 
 def main(argv):
   del argv
-  from remote_jax import (
-    errors,
-    metrics,
-    writers,
-    xla_cpu,
-  )
+  from remote_jax import errors, writers, xla_cpu
   writers.setup_cli_logging()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config configs/mi2rage_demo.py")
-  with errors.user_errors():
+  with errors.user_errors():   # bad data or config: one line, no traceback
     xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
+    _run_all(config)
+
+
+def _run_all(config):
+  from remote_jax import metrics
   workdir = pathlib.Path(_WORKDIR.value or "runs/mi2rage")
   eval_views = [int(n) for n in _EVAL_VIEWS.value.split(",") if n]
   if not _SEEDS.value:

@@ -64,7 +64,7 @@ def test_webnlg_errors(tmp_path):
 
 
 def test_mnre_reader(mnre_dir):
-  cfg = mi2rage_mnre.get_config("views=/nonexistent").data
+  cfg = mi2rage_mnre.get_config(f"views=/nonexistent,root={mnre_dir}").data
   ds = data_lib.load(cfg)
   assert ds.relations[0] == "None" and len(ds.relations) == 23
   assert len(ds.splits["train"]) == 12247 and len(ds.splits["val"]) == 1624
