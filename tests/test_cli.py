@@ -81,3 +81,14 @@ def test_mi2rage_cli_resolves_names_too(tmp_path):
   out = run("mi2rage_jax.train", "--config=mi2rage_demo.py:fast", "--dry_run", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]
   assert json.loads(out.stdout)["student"]["steps"] == 2
+
+
+def test_error_line_starts_after_a_progress_bar(capsys):
+  from tqdm import tqdm
+
+  from remote_jax import errors
+  bar = tqdm(total=10, file=sys.stderr, ascii=True)
+  bar.update(3)   # leaves "\r 30%|###..." with no newline
+  errors.print_error("data.root is not set")
+  err = capsys.readouterr().err
+  assert "\nerror: data.root is not set\n" in err, repr(err)
