@@ -48,6 +48,7 @@ def test_train_from_another_directory_reaches_the_data_root_line(tmp_path):
             cwd=tmp_path)
   assert out.returncode == 2, out.stderr[-2000:]
   assert "error: data.root is not set for dataset 'umre'" in out.stderr
+  assert "Nikol-coder/REMOTE" in out.stderr   # where UMRE comes from
   assert "Traceback" not in out.stderr
 
 
