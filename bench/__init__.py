@@ -1,19 +1,15 @@
 """Benchmarks printing JSON (not tests). Shared: reading a `configs/x.py[:arg]` config,
 and running one configuration in a child process (XLA reads its flags and
 device list once per process)."""
-import importlib.util
 import json
 import subprocess
 import sys
 
 
 def load_config(config_arg):
-  """`configs/x.py[:arg]` -> its get_config(arg), as train.py's --config reads it."""
-  path, _, arg = config_arg.partition(":")
-  spec = importlib.util.spec_from_file_location("bench_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  """`configs/x.py[:arg]` (or a bare name) -> its get_config(arg), as train.py reads it."""
+  from remote_jax import cli
+  return cli.load_config(config_arg)
 
 
 def run_child(module, one, env):

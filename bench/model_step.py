@@ -67,7 +67,7 @@ def peak_rss_gib():
 
 def batch_for(meta, batch, rng):
   from remote_jax import trainer
-  b = trainer.dummy_batch(meta, None, None, batch)
+  b = trainer.dummy_batch(meta, batch)
   L, K = meta["max_length"], meta["num_objects"]
   b["input_ids"] = rng.integers(1000, 30000, (batch, L)).astype(np.int32)
   b["attention_mask"][:, int(L * 0.8):] = 0

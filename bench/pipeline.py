@@ -1,7 +1,7 @@
 r"""Input pipeline throughput against the train step's consumption (JSON lines).
 
   python -m bench.pipeline                          # configs/demo.py
-  python -m bench.pipeline --config configs/mnre_text.py --steps 5
+  python -m bench.pipeline --config configs/mnre_text.py --root ../shared/data/mnre --steps 5
 
 For the config's train split: examples/s of the grain pipeline alone (shuffled
 training batches, the trainer's settings, after one warm-up batch), and
@@ -24,6 +24,7 @@ def main():
   ap.add_argument("--config", default="configs/demo.py")
   ap.add_argument("--batches", type=int, default=40)
   ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--root", default="", help="config.data.root (configs/mnre_text.py needs it)")
   a = ap.parse_args()
 
   import jax
@@ -31,6 +32,8 @@ def main():
   from remote_jax import sharding, trainer
   from remote_jax.data import pipeline
   config = load_config(a.config)
+  if a.root:
+    config.data.root = a.root
   meta = pipeline.dataset_meta(config.data)   # builds the cache if needed (untimed)
   bs = config.batch_size
 

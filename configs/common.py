@@ -1,9 +1,11 @@
 """Shared config pieces: the `:arg` mini-language and defaults (big_vision style).
 
-`python -m remote_jax.train --config configs/umre.py:fusion=xattn,moe=off` passes
-"fusion=xattn,moe=off" to `get_config(arg)`, which calls `parse_arg`.
+`python -m remote_jax.train --config configs/umre.py:mot=xattn,moe=off` passes
+"mot=xattn,moe=off" to `get_config(arg)`, which calls `parse_arg`.
 """
 import ml_collections
+
+from remote_jax.data import READERS
 
 
 def parse_arg(arg, lazy=False, **spec):
@@ -163,7 +165,9 @@ def data_config(name, **overrides):
       cache_dir="",            # default: <workdir>/../data_cache
       tokenizer_dir="",        # default: the vocabulary of the offline MiniLM package
       worker_count=0,
-      paths={},                # per-file path overrides (see the reader of the dataset)
+      # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
+      # so --config.data.paths.images=DIR works.
+      paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
   ))
   data.update(overrides)
   return data

@@ -1,12 +1,13 @@
 r"""MI2RAGE on MNRE-2 with pre-generated synthetic views (paper section 4 settings).
 
-  python -m mi2rage_jax.train --config configs/mi2rage_mnre.py:views=/data/mnre_views,\
-images=/data/mnre_images,bert=/models/bert-base-uncased,clip=/models/clip-vit-base-patch16 \
-    --workdir runs/mi2rage_mnre
+  python -m mi2rage_jax.train --config configs/mi2rage_mnre.py:root=/data/MNRE/mnre_txt,\
+views=/data/mnre_views,images=/data/mnre_images,bert=/models/bert-base-uncased,\
+clip=/models/clip-vit-base-patch16 --workdir runs/mi2rage_mnre
 
-Data: MNRE txt at `root` (default /work/shared/data/mnre: train + val only, so
-the val split is the test split here; point root at a copy with mnre_test.txt
-and set test=test for the paper's test set). Real images at `images`/<img_id>
+Data: MNRE txt at `root` (required: the folder with mnre_train.txt, e.g.
+root=/data/MNRE/mnre_txt; unset, the run stops with a one-line error). test=val
+(the default) scores the val split, for copies without mnre_test.txt; test=test
+is the paper's test set. Real images at `images`/<img_id>
 (needed by no_real_text, and appended at test time by no_real_image).
 Synthetic views: one views store per split and modality (mi2rage_jax/views.py),
   <views>/<image|text>/<split>/manifest.json
@@ -34,7 +35,7 @@ PAPER_VIEWS = {"no_real_text": 10, "no_real_image": 6}
 def get_config(arg=None):
   config, arg = mi2rage_demo.base_config(
       arg, setting="both", rounds=2, size="base", n_train=0, n_test=0,
-      root="/work/shared/data/mnre", test="val", images="", views="", bert="", clip="",
+      root="", test="val", images="", views="", bert="", clip="",
       dataset="mnre")
   if arg.dataset == "webnlg":
     config.settings = ("no_real_image",)

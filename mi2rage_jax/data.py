@@ -102,6 +102,9 @@ def read_demo(cfg):
 
 
 def read_mnre(cfg):
+  if not cfg.root:
+    raise ValueError("data.root is not set: point it at MNRE's mnre_txt/ folder "
+                     "(configs/mi2rage_mnre.py:root=DIR or --config.data.root=DIR)")
   reader = mnre_lib.MnreReader(cfg.root, dict(cfg.paths), strict=cfg.strict,
                                use_caption=False, use_depth=False)
   splits, relations, neg = _read(reader, (cfg.train_split, cfg.test_split))

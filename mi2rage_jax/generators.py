@@ -30,7 +30,7 @@ class DemoGenerator:
   name = "demo"
 
   def __init__(self, cfg, target):
-    from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+    from mi2rage_jax import demo
     self.target = target
     self.gen = demo.DemoGenerators(noise=float(cfg.noise), image_size=int(cfg.image_size),
                                    max_pairs=int(cfg.max_pairs))

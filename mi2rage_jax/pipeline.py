@@ -56,6 +56,7 @@ from mi2rage_jax import views as views_lib
 from mi2rage_jax.models.similarity import SimilarityModel
 from remote_jax import metrics as metrics_lib
 from remote_jax.data.tokenizer import MARKERS
+from remote_jax.writers import to_json
 
 log = logging.getLogger(__name__)
 
@@ -68,18 +69,8 @@ def _write_json(path, obj):
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1, default=_jsonable))
+  tmp.write_text(json.dumps(obj, indent=1, default=to_json))
   os.replace(tmp, path)
-
-
-def _jsonable(x):
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating,)):
-    return float(x)
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  raise TypeError(type(x))
 
 
 class Run:
@@ -482,7 +473,7 @@ class Run:
     return {"setting": self.setting, "n_train_views": self.n_views(self.train_split),
             "n_test_views": n, "append_real": real, "teacher": self.cfg.teacher.kind,
             "rounds": self.K, "unimodal": self.unimodal, **json.loads(
-                json.dumps(keep, default=_jsonable))}
+                json.dumps(keep, default=to_json))}
 
   def _has_real_target(self):
     inst = self.ds.splits[self.test_split][0]
@@ -556,7 +547,7 @@ class Run:
 
 def _hashed_ngrams(text, dim=512):
   """Text features for the diversity estimate: hashed unigram+bigram counts."""
-  import zlib  # pylint: disable=import-outside-toplevel
+  import zlib
   words = text.lower().split()
   feats = np.zeros(dim, np.float32)
   for gram in words + [a + " " + b for a, b in itertools.pairwise(words)]:

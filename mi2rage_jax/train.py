@@ -13,14 +13,14 @@ import os
 import pathlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
+
+from remote_jax import cli
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).",
-                                          lock_config=True)
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
 _SEEDS = flags.DEFINE_string("seeds", "", "Comma list of seeds: one run per seed + mean/std.")
 _EVAL_VIEWS = flags.DEFINE_string(
@@ -30,9 +30,9 @@ _EVAL_VIEWS = flags.DEFINE_string(
 
 def run(config, workdir, eval_views=()):
   """All settings of `config` in `workdir`; returns {setting: {"stages", "test", "eval"}}."""
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
-  from remote_jax.writers import MetricWriter  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import data as data_lib
+  from mi2rage_jax import pipeline
+  from remote_jax.writers import MetricWriter
 
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -72,18 +72,18 @@ def _fmt(summary):
 
 def main(argv):
   del argv
-  from remote_jax import (  # pylint: disable=import-outside-toplevel
-    errors,
-    metrics,
-    writers,
-    xla_cpu,
-  )
+  from remote_jax import errors, writers, xla_cpu
   writers.setup_cli_logging()
   config = _CONFIG.value
   if config is None:
     sys.exit("--config is required, e.g. --config configs/mi2rage_demo.py")
-  with errors.user_errors():
+  with errors.user_errors():   # bad data or config: one line, no traceback
     xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
+    _run_all(config)
+
+
+def _run_all(config):
+  from remote_jax import metrics
   workdir = pathlib.Path(_WORKDIR.value or "runs/mi2rage")
   eval_views = [int(n) for n in _EVAL_VIEWS.value.split(",") if n]
   if not _SEEDS.value:
@@ -107,5 +107,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -33,13 +33,9 @@ def init_params(model, batch, seed: int):
   return nn.meta.unbox(_INIT[model](jax.random.key(seed), batch)["params"])
 
 
-def _plain(x):
-  return x.to_dict() if hasattr(x, "to_dict") else dict(x)
-
-
 def train_step(model, optim_cfg, params, steps: int):
   """(tx, jitted step(state, batch, rng) -> (state, loss)), cached."""
-  key = (model, json.dumps(_plain(optim_cfg), sort_keys=True, default=str), int(steps))
+  key = (model, json.dumps(writers.jsonable(optim_cfg), sort_keys=True), int(steps))
   if key not in _STEP:
     tx, _ = optim_lib.make_optimizer(optim_cfg, params, max(steps, 1))
 
@@ -63,7 +59,7 @@ def load_pretrained(params, model_cfg, num_extra_tokens: int):
   vision_dir = model_cfg.vision.get("pretrained_dir", "")
   if not (text_dir or vision_dir):
     return params
-  from remote_jax.models import convert  # pylint: disable=import-outside-toplevel
+  from remote_jax.models import convert
   params = dict(params)
   if text_dir and "text" in params:
     _, loaded = convert.load_bert(text_dir, num_extra_tokens=num_extra_tokens, seed=0)

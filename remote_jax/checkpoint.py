@@ -9,12 +9,15 @@ Items of a step:
 Restoring goes *into* an abstract tree: every leaf's sharding is taken from
 it, so a checkpoint written on one mesh restores onto another.
 
-Where a run starts (`resume_source`): the latest step of workdir/ckpt, else
-`config.resume` (another run's checkpoint: full state), else `config.init`
-(pretrained weights: the trainer loads params only), else scratch.
+Where a run starts (`resume_source`): the newest step of workdir/ckpt that
+restores (newer unreadable steps are set aside, see `restore_latest`), else
+`config.resume` (another run's checkpoint: full state), else scratch.
 """
+import logging
 import os
 import pathlib
+import shutil
+import sys
 from typing import Any, NamedTuple
 
 import grain.checkpoint as grain_ckpt
@@ -22,11 +25,33 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from remote_jax.errors import CheckpointError
 from remote_jax.writers import jsonable
 
+log = logging.getLogger(__name__)
 
-class CheckpointError(RuntimeError):
-  """A checkpoint that exists but cannot be read (corrupt, incomplete, mismatched)."""
+
+def _short(e, limit=300):
+  """First line of an orbax/tensorstore error (they append kilobytes of specs)."""
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  text = text if len(text) <= limit else text[:limit] + " ..."
+  return f"{type(e).__name__}: {text}"
+
+
+def _quiet_aborted_reads():
+  """After a failed restore, orbax's pending reads finish on a closed event loop and
+  Python prints "Event loop is closed" tracebacks as unraisable: drop only those."""
+  previous = sys.unraisablehook
+  if getattr(previous, "_drops_closed_loop", False):
+    return
+
+  def hook(unraisable):
+    e = unraisable.exc_value
+    if not (isinstance(e, RuntimeError) and str(e) == "Event loop is closed"):
+      previous(unraisable)
+
+  hook._drops_closed_loop = True
+  sys.unraisablehook = hook
 
 
 def _abstract(tree):
@@ -57,6 +82,7 @@ class Checkpointer:
   def __init__(self, directory: str | os.PathLike, max_to_keep: int | None = 3,
                save_every: int = 1, async_save: bool = True, read_only: bool = False):
     self.directory = pathlib.Path(directory).absolute()
+    self.read_only = read_only
     # Exactly every `save_every` steps (orbax's default also saves the first
     # step it sees), plus on a preemption notice.
     policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -103,17 +129,42 @@ class Checkpointer:
     try:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types; name the checkpoint
-      raise CheckpointError(
-          f"cannot restore checkpoint step {step} from {self.directory}: "
-          f"{type(e).__name__}: {e}") from e
+      _quiet_aborted_reads()
+      raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
+                            f"{_short(e)}") from e
     return out["state"]
 
   def restore_latest(self, abstract_state: Any, data_iter=None) -> tuple[Any, int] | None:
-    """(state, step) of the latest checkpoint, or None when there is none."""
-    step = self.latest_step()
-    if step is None:
-      return None
-    return self.restore(step, abstract_state, data_iter), step
+    """(state, step) of the newest checkpoint that restores, or None when there is none.
+
+    A newer step that does not restore (a crash mid-write, a corrupt file) is logged
+    with the reason and moved to <directory>_unreadable/ on process 0, so that training
+    can save that step again.
+    """
+    steps = self.all_steps()
+    for i, step in enumerate(reversed(steps)):
+      try:
+        state = self.restore(step, abstract_state, data_iter)
+        self.load_meta(step)
+      except CheckpointError as e:
+        if i == len(steps) - 1:
+          raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {steps}); "
+                                f"the oldest: {e}") from None
+        log.warning("skipping checkpoint step %d: %s", step, e)
+        self._set_aside(step)
+        continue
+      return state, step
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0 and not self.read_only:
+      aside = self.directory.with_name(self.directory.name + "_unreadable")
+      aside.mkdir(exist_ok=True)
+      target = aside / str(step)
+      shutil.rmtree(target, ignore_errors=True)
+      shutil.move(str(self.directory / str(step)), target)
+      log.warning("moved the unreadable step %d to %s", step, target)
+    self._mngr.reload()
 
   def load_meta(self, step: int | None = None) -> dict:
     """The JSON meta item of `step` (default latest)."""
@@ -123,7 +174,8 @@ class Checkpointer:
     try:
       return self._mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     except Exception as e:
-      raise CheckpointError(f"cannot read meta of step {step} in {self.directory}: {e}") from e
+      raise CheckpointError(f"cannot read meta of step {step} in {self.directory}: "
+                            f"{_short(e)}") from e
 
   def _item_names(self, step: int) -> set[str]:
     step_dir = self.directory / str(step)
@@ -165,26 +217,25 @@ def open_checkpoint(path: str | os.PathLike) -> tuple[Checkpointer, int]:
 
 
 class Start(NamedTuple):
-  kind: str  # "workdir" | "resume" | "init" | "scratch"
+  kind: str  # "workdir" | "resume" | "scratch"
   path: str | None
 
 
-def resume_source(workdir: str | os.PathLike | None, resume: str | None = None,
-                  init: str | None = None) -> Start:
-  """Where training starts, by precedence: workdir latest > resume > init > scratch.
+def resume_source(workdir: str | os.PathLike | None, resume: str | None = None) -> Start:
+  """Where training starts, by precedence: workdir latest > resume > scratch.
 
   A preempted run restarted with the same workdir thus always continues from
-  its own last step, even if its config also names `resume` or `init`.
-  A named `resume`/`init` path that does not exist is an error, not a
-  silent fall-through to scratch.
+  its own last step, even if its config also names `resume`. A named `resume`
+  path that does not exist is an error, not a silent fall-through to scratch.
+  (Pretrained encoders are not a start: the trainer loads them into a scratch
+  start, from config.model.{text,vision}.pretrained_dir.)
   """
   if workdir is not None:
     ckpt_dir = pathlib.Path(workdir) / "ckpt"
     if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
       return Start("workdir", str(ckpt_dir))
-  for kind, path in (("resume", resume), ("init", init)):
-    if path:
-      if not pathlib.Path(path).exists():
-        raise FileNotFoundError(f"config.{kind} = {path!r} does not exist")
-      return Start(kind, str(path))
+  if resume:
+    if not pathlib.Path(resume).exists():
+      raise FileNotFoundError(f"config.resume = {resume!r} does not exist")
+    return Start("resume", str(resume))
   return Start("scratch", None)

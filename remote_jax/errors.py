@@ -19,6 +19,11 @@ OUR_CODE = tuple(str(pathlib.Path(__file__).resolve().parents[1] / d)
 USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
 
 
+class CheckpointError(ValueError):
+  """A checkpoint that exists but cannot be read: a training checkpoint (corrupt,
+  incomplete, another model's) or a pretrained one that does not fit our modules."""
+
+
 @contextlib.contextmanager
 def user_errors():
   try:
@@ -26,9 +31,18 @@ def user_errors():
   except USER_ERRORS as e:
     if os.environ.get("REMOTE_JAX_TRACEBACK") or not raised_by_us(e):
       raise
-    msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-    print(f"error: {msg}\n(set REMOTE_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
+    print_error(e.args[0] if isinstance(e, KeyError) and e.args else e)
     sys.exit(2)
+
+
+def print_error(msg, hint=""):
+  """`error: msg` on a line of its own: open progress bars are closed first, so the
+  line does not start after a bar's residue."""
+  tqdm = sys.modules.get("tqdm")
+  for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+    bar.close()
+  hint = f"{hint}; " if hint else ""
+  print(f"error: {msg}\n({hint}set REMOTE_JAX_TRACEBACK=1 for the traceback)", file=sys.stderr)
 
 
 def raised_by_us(exc):

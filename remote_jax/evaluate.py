@@ -8,10 +8,11 @@ by default the workdir's latest checkpoint is used. Prints JSON.
 import json
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+from remote_jax import cli
+
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding ckpt/.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint path (default: workdir).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test).")
@@ -33,5 +34,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -5,10 +5,11 @@ r"""Writes JSONL predictions with class probabilities and MMoE router weights.
 """
 import json
 
-from absl import app, flags
-from ml_collections import config_flags
+from absl import flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+from remote_jax import cli
+
+_CONFIG = cli.define_config_flag()
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding ckpt/.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint path (default: workdir).")
 _SPLIT = flags.DEFINE_string("split", "test", "Split to predict.")
@@ -53,5 +54,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
-  app.run(main)
+  cli.run(main)

@@ -111,7 +111,7 @@ class Setup:
   eval_step: Any
 
 
-def dummy_batch(meta, data_cfg, model_cfg, batch_size=2):
+def dummy_batch(meta, batch_size=2):
   """Zeros shaped like the batch contract (docs/design.md), for init."""
   b, l, k, s = batch_size, meta["max_length"], meta["num_objects"], meta["crop_size"]
   i32 = np.int32
@@ -132,7 +132,7 @@ def dummy_batch(meta, data_cfg, model_cfg, batch_size=2):
 def abstract_batch(meta, batch_size, batch_sh):
   """The global model batch as ShapeDtypeStructs, for compiling ahead of the data."""
   return {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=batch_sh)
-          for k, v in model_batch(dummy_batch(meta, None, None, 1)).items()}
+          for k, v in model_batch(dummy_batch(meta, 1)).items()}
 
 
 def load_pretrained(config, params, meta):
@@ -191,7 +191,7 @@ def setup(config, total_steps=1, compile_train=False):
       raise ValueError(f"config.{field}={config[field]} must be a multiple of the mesh's "
                        f"data x fsdp size ({shards}, config.mesh={list(config.mesh)})")
   model = remote.build(config.model, meta["num_classes"], meta["vocab_size"])
-  init_batch = dummy_batch(meta, config.data, config.model)
+  init_batch = dummy_batch(meta)
   rng = jax.random.key(config.seed)
   abstract_params = jax.eval_shape(
       lambda r: model.init({"params": r, "dropout": r}, init_batch)["params"], rng)

@@ -12,7 +12,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -40,8 +40,11 @@ def _is_main_process() -> bool:
   return jax.process_index() == 0
 
 
-def _to_json(x):
-  """json.dumps `default`: numpy/jax scalars and arrays, ConfigDicts, paths."""
+def to_json(x):
+  """json.dumps `default`: numpy/jax scalars and arrays, ConfigDicts, sets; else str (paths).
+
+  The project's one JSON conversion: metrics, config.json, checkpoint meta, cache keys.
+  """
   if hasattr(x, "to_dict"):
     return x.to_dict()
   if isinstance(x, (np.generic, np.ndarray)) or type(x).__module__.startswith("jax"):
@@ -53,7 +56,7 @@ def _to_json(x):
 
 def jsonable(x: Any) -> Any:
   """`x` as plain JSON types (numpy, jax, ConfigDict converted)."""
-  return json.loads(json.dumps(x, default=_to_json))
+  return json.loads(json.dumps(x, default=to_json))
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -91,7 +94,7 @@ class MetricWriter:
     """Saves the run config as workdir/config.json (ConfigDicts via to_dict)."""
     if not self.enabled:
       return
-    text = json.dumps(config, default=_to_json, indent=2, sort_keys=True)
+    text = json.dumps(config, default=to_json, indent=2, sort_keys=True)
     (self.workdir / "config.json").write_text(text + "\n", encoding="utf-8")
     self._tb.add_text("config", "```\n" + text + "\n```", 0)
 
@@ -204,23 +207,3 @@ class Progress:
     if self._bar is not None:
       self._bar.close()
       self._bar = None
-
-
-def iter_event_scalars(logdir: str | os.PathLike) -> Iterator[tuple[str, int, float]]:
-  """(tag, step, value) of every scalar in the TensorBoard event files under `logdir`.
-
-  Reads the TFRecord framing directly with tensorboardX's protobufs, so no
-  TensorFlow or tensorboard install is needed (CRCs are not checked).
-  """
-  from tensorboardX.proto import event_pb2
-  for path in sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*")):
-    data = path.read_bytes()
-    pos = 0
-    while pos + 12 <= len(data):
-      n = int.from_bytes(data[pos:pos + 8], "little")
-      body = data[pos + 12:pos + 12 + n]
-      pos += 12 + n + 4
-      event = event_pb2.Event.FromString(body)
-      for v in event.summary.value:
-        if v.HasField("simple_value"):
-          yield v.tag, int(event.step), float(v.simple_value)

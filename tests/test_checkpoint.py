@@ -99,6 +99,41 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path):
     checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False).restore_latest(state)
 
 
+def scramble(step_dir, seed=0):
+  """Overwrites the second half of every file of a step with random bytes."""
+  rng = np.random.default_rng(seed)
+  for p in pathlib.Path(step_dir).rglob("*"):
+    if p.is_file():
+      data = p.read_bytes()
+      p.write_bytes(data[:len(data) // 2] + rng.bytes(len(data) - len(data) // 2))
+
+
+def test_resume_skips_an_unreadable_newest_step(tmp_path, caplog):
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
+  it = make_iter()
+  for s in (1, 2):
+    next(it)
+    ckpt.save(s, {"w": jnp.full((64,), float(s))}, it, meta={"history": [s]})
+  scramble(tmp_path / "ckpt" / "2")
+  fresh = make_iter()
+  state, step = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False).restore_latest(
+      {"w": jnp.zeros(64)}, fresh)
+  assert step == 1
+  np.testing.assert_array_equal(state["w"], np.ones(64))
+  ref = make_iter()
+  next(ref)
+  np.testing.assert_array_equal(next(fresh), next(ref))   # the iterator of step 1 too
+  assert "skipping checkpoint step 2: cannot restore checkpoint step 2" in caplog.text
+  assert (tmp_path / "ckpt_unreadable" / "2").is_dir()   # set aside: step 2 can be saved again
+  again = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
+  assert again.all_steps() == [1] and again.save(2, {"w": jnp.zeros(64)}, force=True)
+  scramble(tmp_path / "ckpt" / "1")
+  scramble(tmp_path / "ckpt" / "2")
+  with pytest.raises(checkpoint.CheckpointError, match=r"no checkpoint .* restores"):
+    checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False).restore_latest(
+        {"w": jnp.zeros(64)})
+
+
 def test_open_checkpoint_paths(tmp_path):
   with pytest.raises(FileNotFoundError, match="does not exist"):
     checkpoint.open_checkpoint(tmp_path / "nowhere")
@@ -118,10 +153,9 @@ def test_resume_precedence(tmp_path):
   work, other = tmp_path / "work", tmp_path / "other"
   other.mkdir()
   assert checkpoint.resume_source(work) == ("scratch", None)
-  assert checkpoint.resume_source(work, init=str(other)) == ("init", str(other))
-  assert checkpoint.resume_source(work, str(other), str(tmp_path)).kind == "resume"
+  assert checkpoint.resume_source(work, str(other)) == ("resume", str(other))
   with pytest.raises(FileNotFoundError, match="config.resume"):
     checkpoint.resume_source(work, resume=str(tmp_path / "gone"))
   checkpoint.Checkpointer.for_workdir(work, async_save=False).save(1, {"w": jnp.ones(1)})
-  start = checkpoint.resume_source(work, str(other), str(other))
+  start = checkpoint.resume_source(work, str(other))
   assert start.kind == "workdir" and pathlib.Path(start.path) == work / "ckpt"

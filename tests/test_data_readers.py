@@ -219,7 +219,7 @@ def test_more_limits_and_pth(tmp_path):
 
 def test_convert_more_pth_needs_torch_only_there(tmp_path):
   try:
-    import torch  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+    import torch  # noqa: F401
     pytest.skip("torch is installed")
   except ImportError:
     pass

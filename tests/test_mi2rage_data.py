@@ -64,7 +64,7 @@ def test_webnlg_errors(tmp_path):
 
 
 def test_mnre_reader(mnre_dir):
-  cfg = mi2rage_mnre.get_config("views=/nonexistent").data
+  cfg = mi2rage_mnre.get_config(f"views=/nonexistent,root={mnre_dir}").data
   ds = data_lib.load(cfg)
   assert ds.relations[0] == "None" and len(ds.relations) == 23
   assert len(ds.splits["train"]) == 12247 and len(ds.splits["val"]) == 1624
@@ -89,7 +89,7 @@ def test_text_only_data_with_pregenerated_views(tmp_path):
           0, 255, (20, 20, 3), dtype=np.uint8)) for k in range(3)])
     store.save()
     stores[split] = str(store.root)
-  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
+  from configs import mi2rage_demo
   config = mi2rage_demo.get_config("fast,size=micro,setting=no_real_image,rounds=0")
   config.data = dict(config.data.to_dict(), name="webnlg", root=str(root))
   config.generator = dict(name="pregenerated", stores=stores)

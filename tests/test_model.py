@@ -38,7 +38,7 @@ def micro_config(semantics="paper", **changes):
 def make_batch(seed=0, b=2):
   rng = np.random.default_rng(seed)
   meta = dict(max_length=L, num_objects=K, crop_size=S)
-  batch = trainer.dummy_batch(meta, None, None, b)
+  batch = trainer.dummy_batch(meta, b)
   batch["input_ids"] = rng.integers(100, 2000, (b, L)).astype(np.int32)
   batch["attention_mask"][:, L - 4:] = 0          # padded text
   batch["obj_pixels"] = rng.normal(size=batch["obj_pixels"].shape).astype(np.float32)

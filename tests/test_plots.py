@@ -1,6 +1,7 @@
 """Plots (PNG files of the expected size) and metric writers (JSONL, TensorBoard)."""
 import json
 import logging
+import pathlib
 import struct
 
 import numpy as np
@@ -15,6 +16,26 @@ def png_size(path):
     head = f.read(24)
   assert head[:8] == b"\x89PNG\r\n\x1a\n"
   return struct.unpack(">II", head[16:24])
+
+
+def iter_event_scalars(logdir):
+  """(tag, step, value) of every scalar in the TensorBoard event files under `logdir`.
+
+  Reads the TFRecord framing directly with tensorboardX's protobufs, so no
+  TensorFlow or tensorboard install is needed (CRCs are not checked).
+  """
+  from tensorboardX.proto import event_pb2
+  for path in sorted(pathlib.Path(logdir).rglob("events.out.tfevents.*")):
+    data = path.read_bytes()
+    pos = 0
+    while pos + 12 <= len(data):
+      n = int.from_bytes(data[pos:pos + 8], "little")
+      body = data[pos + 12:pos + 12 + n]
+      pos += 12 + n + 4
+      event = event_pb2.Event.FromString(body)
+      for v in event.summary.value:
+        if v.HasField("simple_value"):
+          yield v.tag, int(event.step), float(v.simple_value)
 
 
 def write_run(workdir):
@@ -39,7 +60,7 @@ def test_metric_writer_jsonl_tb_and_config(tmp_path):
   assert [r["f1"] for r in writers.read_metrics(tmp_path, split="test")] == [46.0, 47.0, 48.0]
   assert json.loads((tmp_path / "config.json").read_text()) == {
       "optim": {"lr": 1e-5}, "seed": 1234}
-  scalars = list(writers.iter_event_scalars(tmp_path / "tb"))
+  scalars = list(iter_event_scalars(tmp_path / "tb"))
   dev_f1 = [(s, v) for tag, s, v in scalars if tag == "dev/f1"]
   assert dev_f1 == [(10, 51.0), (20, 52.0), (30, 53.0)]
   assert ("train/loss", 2, 1.0) in scalars

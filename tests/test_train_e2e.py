@@ -6,12 +6,14 @@ cache, so the model compiles once for the whole file.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 
 from tests.conftest import REPO
+from tests.test_checkpoint import scramble
 
 SMALL_DEMO = dict(seed=3, n_train=48, n_val=16, n_test=16)
 CONFIG = "--config=configs/demo.py:runlocal"
@@ -74,14 +76,19 @@ def test_train_step_compiles_once_before_the_state_exists(full_run):
 
 
 def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path):
+  """Killed after step 3 while writing step 6 (an unreadable newest checkpoint): the
+  rerun skips step 6, says why, resumes from step 3 and ends where the full run did."""
   full = json.loads((full_run[0] / "summary.json").read_text())
   cut = [CONFIG, f"--workdir={tmp_path}", *overrides(env[1])]
   first = run_cli(env, "remote_jax.train", *cut, "--config.stop_after_step=3")
   assert first.returncode == 0, first.stderr[-3000:]
   assert not (tmp_path / "summary.json").exists()
+  shutil.copytree(full_run[0] / "ckpt" / "6", tmp_path / "ckpt" / "6")
+  scramble(tmp_path / "ckpt" / "6")
   second = run_cli(env, "remote_jax.train", *cut)
   assert second.returncode == 0, second.stderr[-3000:]
-  assert "resumed from" in second.stderr
+  assert "skipping checkpoint step 6: cannot restore checkpoint step 6" in second.stderr
+  assert "resumed from" in second.stderr and "step 3" in second.stderr
   resumed = json.loads((tmp_path / "summary.json").read_text())
   assert resumed["last"]["step"] == full["last"]["step"] == 6
   for key, value in full["last"].items():
@@ -113,11 +120,14 @@ def test_evaluate_and_predict_from_checkpoint(env, full_run):
   assert 100.0 * correct / len(lines) == pytest.approx(summary["last"]["test/acc"], abs=1e-6)
 
 
-def test_umre_without_data_says_where_it_comes_from(env, tmp_path):
-  out = run_cli(env, "remote_jax.train", "--config=configs/umre.py", f"--workdir={tmp_path}")
-  assert out.returncode == 2, out.stderr[-2000:]
-  assert "data.root" in out.stderr and "Nikol-coder/REMOTE" in out.stderr
-  assert "Traceback" not in out.stderr
+def test_evaluate_on_an_unreadable_checkpoint_is_one_line(env, full_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(full_run[0] / "ckpt", workdir / "ckpt")
+  scramble(workdir / "ckpt" / "6")
+  ev = run_cli(env, "remote_jax.evaluate", CONFIG, f"--workdir={workdir}", *overrides(env[1]))
+  assert ev.returncode == 2, ev.stderr[-3000:]
+  assert "error: cannot restore checkpoint step 6" in ev.stderr
+  assert "Traceback" not in ev.stderr, ev.stderr[-3000:]
 
 
 def test_bad_config_arg_is_one_clear_line(env, tmp_path):

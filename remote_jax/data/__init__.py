@@ -11,3 +11,6 @@ DATASETS = {
     "mnre": mnre.MnreReader.from_config,
     "demo": synth.demo_reader,
 }
+# The reader class behind each name: its DEFAULT_PATHS keys are config.data.paths' keys.
+READERS = {"umre": umre.UmreReader, "more": more.MoreReader, "mnre": mnre.MnreReader,
+           "demo": umre.UmreReader}

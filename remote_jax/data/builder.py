@@ -22,8 +22,13 @@ from remote_jax.data import preprocess
 from remote_jax.data import tokenizer as tokenizer_lib
 from remote_jax.data.records import DataError
 from remote_jax.data.umre import SPLITS, cfg_get
+from remote_jax.writers import jsonable
 
 log = logging.getLogger(__name__)
+# Every cache is a custom builder config by design (named by its hash); tfds warns about
+# it each time a builder object is made, twice per data build.
+logging.getLogger("absl").addFilter(
+    lambda record: not str(record.msg).startswith("Using custom data configuration"))
 # Bump when preprocess.py changes what it writes: old caches are then ignored.
 PREPROCESS_VERSION = 1
 DEFAULTS = dict(max_length=128, num_objects=12, crop_size=64, use_caption=True, use_depth=True,
@@ -39,7 +44,7 @@ def setting(cfg, key):
 
 
 def make_reader(cfg):
-  from remote_jax.data import DATASETS  # pylint: disable=import-outside-toplevel
+  from remote_jax.data import DATASETS
   name = setting(cfg, "name")
   if name not in DATASETS:
     raise ValueError(f"data.name={name!r}; known datasets: {sorted(DATASETS)}")
@@ -48,19 +53,6 @@ def make_reader(cfg):
 
 def make_tokenizer(cfg):
   return tokenizer_lib.RelationTokenizer(setting(cfg, "tokenizer_dir"), setting(cfg, "max_length"))
-
-
-def plain(value):
-  """ConfigDict / nested values -> JSON-able plain values (for hashing and metadata)."""
-  if hasattr(value, "to_dict"):
-    value = value.to_dict()
-  if isinstance(value, dict):
-    return {str(k): plain(v) for k, v in sorted(value.items())}
-  if isinstance(value, (list, tuple)):
-    return [plain(v) for v in value]
-  if isinstance(value, pathlib.PurePath):
-    return str(value)
-  return value
 
 
 def _digest(paths):
@@ -75,8 +67,9 @@ def _digest(paths):
 
 def config_key(cfg, reader, tok):
   """Hash of everything that changes the stored examples."""
-  settings = {k: plain(setting(cfg, k)) for k in _HASHED}
+  settings = {k: jsonable(setting(cfg, k)) for k in _HASHED}
   settings["root"] = str(reader.root.resolve())
+  settings["paths"] = {k: v for k, v in (settings["paths"] or {}).items() if v != ""}  # "": default
   files, dirs = [], []
   for split in available_splits(reader):
     files += reader.source_files(split)
@@ -141,7 +134,7 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
     metadata = tfds.core.MetadataDict(
         relations=list(reader.relations), negative_id=reader.negative_id,
         vocab_size=self._tok.vocab_size, base_vocab_size=self._tok.base_vocab_size,
-        marker_ids=self._tok.marker_ids, settings=plain(
+        marker_ids=self._tok.marker_ids, settings=jsonable(
             {k: setting(self._cfg, k) for k in _HASHED}), skipped={}, buckets={})
     return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata,
                                  disable_shuffling=True)

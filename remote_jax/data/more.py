@@ -48,7 +48,7 @@ def convert_more_pth(pth, json_out):
   Key order (the slot order) is kept. Returns the number of images written.
   """
   try:
-    import torch  # pylint: disable=import-outside-toplevel
+    import torch
   except ImportError:
     raise ImportError(
         f"converting {pth} needs torch, only for this one-off conversion: install a CPU "

@@ -11,6 +11,7 @@ import numpy as np
 
 from remote_jax.data import builder as builder_lib
 from remote_jax.data import preprocess
+from remote_jax.writers import jsonable
 
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
@@ -20,7 +21,7 @@ CONTRACT_DTYPES = {k: dtype for k, (_, dtype) in preprocess.example_spec(1, 1, 1
 
 def get_builder(config_data):
   """The prepared builder for `config_data`, built on first use and memoised per process."""
-  key = json.dumps(builder_lib.plain(config_data), sort_keys=True, default=str)
+  key = json.dumps(jsonable(config_data), sort_keys=True)
   if key not in _BUILDERS:
     _BUILDERS[key] = builder_lib.prepare(config_data)
   return _BUILDERS[key]
@@ -62,7 +63,7 @@ class PadTo:
 
 def _host(shard_index, shard_count):
   if shard_index is None or shard_count is None:
-    import jax  # pylint: disable=import-outside-toplevel
+    import jax
     shard_index = jax.process_index() if shard_index is None else shard_index
     shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:

@@ -441,7 +441,7 @@ def ensure_demo_dataset(root, params):
 
 def demo_reader(cfg):
   """DATASETS["demo"]: writes the demo world if needed, then reads it as UMRE."""
-  from remote_jax.data import builder  # pylint: disable=import-outside-toplevel
+  from remote_jax.data import builder
   root = umre.cfg_get(cfg, "root") or pathlib.Path(builder.setting(cfg, "cache_dir")) / "demo"
   directory = ensure_demo_dataset(root, demo_params(cfg))
   return umre.UmreReader(directory, umre.cfg_get(cfg, "paths"),

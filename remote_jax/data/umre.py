@@ -1,7 +1,7 @@
 """UMRE as REMOTE's loader expects it (reference_remote.md section 1.1); base of all readers.
 
 Paths are relative to `root` unless absolute; each can be overridden through `data.paths`
-(key -> path). A `{split}` placeholder is filled with the dataset's own split file name.
+(key -> path; "" keeps the default). A `{split}` placeholder is filled with the dataset's own split file name.
 """
 import functools
 import json
@@ -50,7 +50,8 @@ class UmreReader:
                num_objects=None):
     self.root = pathlib.Path(root)
     self.paths = dict(self.DEFAULT_PATHS)
-    self.paths.update(dict(paths or {}))
+    # "" (the config's value for every key) keeps the default.
+    self.paths.update({k: v for k, v in dict(paths or {}).items() if v != ""})
     unknown = set(self.paths) - set(self.DEFAULT_PATHS)
     if unknown:
       raise ValueError(f"data.paths for {self.name}: unknown keys {sorted(unknown)}; "

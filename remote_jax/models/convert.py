@@ -19,16 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from remote_jax.errors import CheckpointError
 from remote_jax.models.encoders.bert import BertConfig, BertEncoder, read_config_json
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig, CLIPVisionTower
 
 log = logging.getLogger(__name__)
 
 INIT_STD = 0.02  # new marker rows and re-initialised position tables (HF / CLIP init)
-
-
-class CheckpointError(ValueError):
-  """A checkpoint directory that cannot be loaded into our modules."""
 
 
 # ----------------------------------------------------------------------------

@@ -295,6 +295,3 @@ def expert_names(model_cfg):
 
 def build(model_cfg, num_classes, vocab_size):
   return RemoteModel(model_cfg, num_classes=num_classes, vocab_size=vocab_size)
-
-
-MODELS = {"remote": build}
