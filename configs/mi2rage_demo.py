@@ -15,6 +15,8 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   mention   the captioner's rate of naming an emblem's organisation
   size      micro | tiny | small | minilm | base (encoder sizes)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
+  quick     300 train instances, 200 teacher / 300 student steps (the README's tables,
+            with size=micro, on a shared 2-core CPU)
 """
 import ml_collections
 
@@ -65,7 +67,7 @@ def base_config(arg, **defaults):
 
 
 def get_config(arg=None):
-  config, arg = base_config(arg, world="knowledge", know_err=0.2, mention=0.7)
+  config, arg = base_config(arg, world="knowledge", know_err=0.2, mention=0.7, quick=False)
   if arg.world not in ("knowledge", "shapes"):
     raise ValueError(f"world={arg.world!r}; allowed: knowledge, shapes")
   knowledge = arg.world == "knowledge"
@@ -75,6 +77,9 @@ def get_config(arg=None):
   # Fewer steps than base_config: the 3-seed ablation table of one setting fits in about
   # 30 min on a shared 2-core CPU (the student's loss flattens by step 300).
   config.teacher.steps, config.student.steps = 300, 400
+  if arg.quick:   # the ablation tables on a CPU shared with other work (with size=micro)
+    config.data.demo.n_train = 300
+    config.teacher.steps, config.student.steps = 200, 300
   if arg.fast:
     config.data.demo.update(n_train=12, n_val=2, n_test=6)
     config.ccg.update(n_initial=3, children=1)

@@ -401,7 +401,7 @@ KN_TEMPLATES = {
     "works_for": ("{p} works for {o} .", "{p} is employed by {o} ."),
     "left": ("{p} left {o} .", "{p} quit {o} last year ."),
 }
-# Per 30 examples: knowledge examples ("kn", kind, relation) and shape-world recipes.
+# Per 26 examples: knowledge examples ("kn", kind, relation) and shape-world recipes.
 KN_RECIPES = (
     [("kn", "seen", "works_for")] * 5 + [("kn", "seen", "none")] * 5
     + [("kn", "stated", "works_for")] * 4 + [("kn", "stated", "none")] * 4
