@@ -30,6 +30,29 @@ VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
             "none": "teacher=none", "unimodal": "unimodal=True"}
 
 
+def faithful_by_family(run_dir, n=3):
+  """{family: {split_all, split_kept}}: the generators' faithful fraction of all final-round
+  candidates and of the first n of the final ranking (what the student sees), per example
+  family of the knowledge world (kn_seen, kn_stated, oo, eo); {} for other worlds."""
+  from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+  data = json.loads((run_dir.parent / "config.json").read_text())["data"]
+  sels = sorted((run_dir / "selections").glob("train_round*.json"))
+  if data["name"] != "demo_knowledge" or not sels:
+    return {}
+  fam = demo.families(pathlib.Path("data_cache") / "demo", data["demo"])
+  last = sels[-1].stem.split("round")[1]
+  out = {}
+  for split in ("train", "test"):
+    store = json.loads((run_dir / "views" / split / "manifest.json").read_text())["instances"]
+    sel = json.loads((run_dir / "selections" / f"{split}_round{last}.json").read_text())
+    for iid, entry in sel["instances"].items():
+      ok = {v["id"]: v["meta"]["faithful"] for r in store[iid] for v in r["views"]}
+      f = out.setdefault(fam[iid], {})
+      f.setdefault(f"{split}_all", []).extend(ok[v] for v in entry["candidates"])
+      f.setdefault(f"{split}_kept", []).extend(ok[v] for v in entry["ranking"][:n])
+  return {k: {p: sum(v) / len(v) for p, v in d.items()} for k, d in sorted(out.items())}
+
+
 def faithful(run_dir):
   """(generated, trained-on) faithful fractions of one run's train views, or None."""
   path = run_dir / "results" / "diversity.json"
@@ -90,6 +113,11 @@ def main():
     if fa:
       row.update(faithful_generated=round(sum(f[0] for f in fa) / len(fa), 3),
                  faithful_trained_on=round(sum(f[1] for f in fa) / len(fa), 3))
+    fams = [f for f in (faithful_by_family(r) for r in runs) if f]
+    if fams:   # mean over seeds
+      row["faithful_by_family"] = {
+          k: {p: round(sum(f[k][p] for f in fams) / len(fams), 3) for p in fams[0][k]}
+          for k in fams[0]}
     rows.append(row)
     print(json.dumps(row), flush=True)
   (root / "ablation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -621,7 +621,7 @@ def read_world(cfg):
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from remote_jax.data import records  # pylint: disable=import-outside-toplevel
   params = {k: v for k, v in dict(cfg.demo).items() if k in synth.DEFAULTS}
-  root = cfg.root or pathlib.Path(cfg.cache_dir) / "demo"
+  root = cfg.root or pathlib.Path(cfg.cache_dir or "data_cache") / "demo"
   directory = ensure_world(root, params)
   relations = list(synth.RELATIONS)
   index = {r: i for i, r in enumerate(relations)}
@@ -640,12 +640,11 @@ def read_world(cfg):
   return data_lib.Dataset(splits, relations, index["none"])
 
 
-def families(cfg):
-  """{instance id: family} (kn_seen, kn_stated, oo, eo) of the knowledge world's splits."""
-  params = {k: v for k, v in dict(cfg.demo).items() if k in synth.DEFAULTS}
-  directory = ensure_world(cfg.root or pathlib.Path(cfg.cache_dir) / "demo", params)
+def families(root, params):
+  """{instance id: family} (kn_seen, kn_stated, oo, eo) of the world `params` under `root`."""
+  directory = ensure_world(root, {k: v for k, v in dict(params).items() if k in synth.DEFAULTS})
   out = {}
-  for split in (cfg.train_split, cfg.test_split):
+  for split in ("train", "val", "test"):
     for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
       out[f"{split}/{row}"] = json.loads(line)["family"]
   return out
