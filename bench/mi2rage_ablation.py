@@ -23,6 +23,8 @@ import subprocess
 import sys
 import time
 
+from remote_jax import metrics
+
 # Paper table 3: MI2RAGE, no CCG, similarity ("CLIP") teacher, random teacher, no teacher,
 # unimodal.
 VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
@@ -100,10 +102,15 @@ def main():
 
   rows = []
   for name in names:
-    agg = json.loads((root / name / "seeds_summary.json").read_text())[a.setting]
     runs = [root / name / f"seed_{s}" / a.setting for s in a.seeds.split(",") if s]
-    f1s = [round(json.loads(next((r / "results").glob("test_*.json")).read_text())["f1"], 2)
-           for r in runs]
+    # The per-seed result files of this table's view numbers (bench.mi2rage_views may have
+    # trained other students in the same workdirs since; seeds_summary.json is the last run's).
+    views = {"n_train": "3", "n_test": "3", **dict(
+        x.split("=") for x in a.extra.split(",") if x.startswith(("n_train=", "n_test=")))}
+    res = [json.loads((r / "results" / f"test_ntr{views['n_train']}_nte{views['n_test']}.json")
+                      .read_text()) for r in runs]
+    agg = metrics.seed_summary(res)
+    f1s = [round(x["f1"], 2) for x in res]
     fa = [f for f in (faithful(r) for r in runs) if f is not None]
     row = dict(variant=name, args=VARIANTS[name], setting=a.setting,
                f1_mean=round(agg["f1"]["mean"], 2), f1_std=round(agg["f1"]["std"], 2),
