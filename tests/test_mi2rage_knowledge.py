@@ -172,7 +172,7 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
     return {k: v[idx] for k, v in train_b.items()}
 
   params = trainer.init_params(model, sample(np.random.default_rng(0)), 0)
-  params = trainer.fit(model, params, sample, 100, dict(lr=2e-3, warmup_ratio=0.1), 0,
+  params = trainer.fit(model, params, sample, 50, dict(lr=3e-3, warmup_ratio=0.1), 0,
                        tmp_path / "ckpt", ckpt_every=0)
   test_b = _seen_batch(enc, test, with_image)
   logits = trainer.predict(model, params, len(test), 32,
