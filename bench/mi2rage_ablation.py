@@ -1,15 +1,18 @@
-r"""MI2RAGE teacher ablation on the demo world: student F1 per teacher over seeds.
+r"""MI2RAGE ablation (paper table 3) on the demo world: student F1 per variant over seeds.
 
   python -m bench.mi2rage_ablation --workdir runs/mi2rage_ablation \
       --setting no_real_text --seeds 0,1,2 --parallel 2
 
 Runs `python -m mi2rage_jax.train --config configs/mi2rage_demo.py:ARGS
---seeds ...` for each variant (trained teacher, random teacher, no teacher,
-unimodal), `--parallel` variants at a time, each in its own workdir (a rerun
-skips finished stages). Then prints one JSON line per variant (mean and
-standard deviation of the student's test F1 and accuracy over the seeds) and
-the diversity of the views per chained-generation round of the trained
-teacher's first seed, and writes `ablation.png` (bars with std error bars).
+--seeds ...` for each variant (MI2RAGE, no CCG, similarity teacher, random
+teacher, no teacher, unimodal), `--parallel` variants at a time, each in its
+own workdir (a rerun skips finished stages). Then prints and writes
+(`ablation.jsonl`) one JSON line per variant: mean and standard deviation of
+the student's test F1 and accuracy over the seeds, the per-seed F1, and the
+demo generators' ground truth: the fraction of faithful views among all
+generated train views and among those the student was trained on (mean over
+seeds). Then the diversity of the views per chained-generation round of the
+trained teacher's first seed, and `ablation.png` (bars with std error bars).
 The paper's ordering (teacher > random and none > unimodal) is what this
 measures, not what it assumes.
 """
@@ -20,8 +23,48 @@ import subprocess
 import sys
 import time
 
-VARIANTS = {"teacher": "teacher=trained", "random": "teacher=random", "none": "teacher=none",
-            "unimodal": "unimodal=True"}
+from remote_jax import metrics
+
+# Paper table 3: MI2RAGE, no CCG, similarity ("CLIP") teacher, random teacher, no teacher,
+# unimodal.
+VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
+            "similarity": "teacher=similarity", "random": "teacher=random",
+            "none": "teacher=none", "unimodal": "unimodal=True"}
+
+
+def faithful_by_family(run_dir, n=3):
+  """{family: {split_all, split_kept}}: the generators' faithful fraction of all final-round
+  candidates and of the first n of the final ranking (what the student sees), per example
+  family of the knowledge world (kn_seen, kn_stated, oo, eo); {} for other worlds."""
+  from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+  data = json.loads((run_dir.parent / "config.json").read_text())["data"]
+  sels = sorted((run_dir / "selections").glob("train_round*.json"))
+  if data["name"] != "demo_knowledge" or not sels:
+    return {}
+  fam = demo.families(pathlib.Path("data_cache") / "demo", data["demo"])
+  last = sels[-1].stem.split("round")[1]
+  out = {}
+  for split in ("train", "test"):
+    store = json.loads((run_dir / "views" / split / "manifest.json").read_text())["instances"]
+    sel = json.loads((run_dir / "selections" / f"{split}_round{last}.json").read_text())
+    for iid, entry in sel["instances"].items():
+      ok = {v["id"]: v["meta"]["faithful"] for r in store[iid] for v in r["views"]}
+      f = out.setdefault(fam[iid], {})
+      f.setdefault(f"{split}_all", []).extend(ok[v] for v in entry["candidates"])
+      f.setdefault(f"{split}_kept", []).extend(ok[v] for v in entry["ranking"][:n])
+  return {k: {p: sum(v) / len(v) for p, v in d.items()} for k, d in sorted(out.items())}
+
+
+def faithful(run_dir):
+  """(generated, trained-on) faithful fractions of one run's train views, or None."""
+  path = run_dir / "results" / "diversity.json"
+  if not path.exists():
+    return None
+  rounds = json.loads(path.read_text())["rounds"]
+  gen = [r["generated"] for r in rounds]
+  total = sum(g["n"] for g in gen)
+  return (sum(g["n"] * g.get("faithful_fraction", 0.0) for g in gen) / total,
+          rounds[-1]["kept"].get("faithful_fraction"))
 
 
 def main():
@@ -59,13 +102,32 @@ def main():
 
   rows = []
   for name in names:
-    agg = json.loads((root / name / "seeds_summary.json").read_text())[a.setting]
+    runs = [root / name / f"seed_{s}" / a.setting for s in a.seeds.split(",") if s]
+    # The per-seed result files of this table's view numbers (bench.mi2rage_views may have
+    # trained other students in the same workdirs since; seeds_summary.json is the last run's).
+    views = {"n_train": "3", "n_test": "3", **dict(
+        x.split("=") for x in a.extra.split(",") if x.startswith(("n_train=", "n_test=")))}
+    res = [json.loads((r / "results" / f"test_ntr{views['n_train']}_nte{views['n_test']}.json")
+                      .read_text()) for r in runs]
+    agg = metrics.seed_summary(res)
+    f1s = [round(x["f1"], 2) for x in res]
+    fa = [f for f in (faithful(r) for r in runs) if f is not None]
     row = dict(variant=name, args=VARIANTS[name], setting=a.setting,
                f1_mean=round(agg["f1"]["mean"], 2), f1_std=round(agg["f1"]["std"], 2),
                acc_mean=round(agg["acc"]["mean"], 2), acc_std=round(agg["acc"]["std"], 2),
-               seeds=agg["f1"]["n"], seconds=seconds.get(name))
+               seeds=agg["f1"]["n"], f1_per_seed=f1s, seconds=seconds.get(name),
+               extra=a.extra)
+    if fa:
+      row.update(faithful_generated=round(sum(f[0] for f in fa) / len(fa), 3),
+                 faithful_trained_on=round(sum(f[1] for f in fa) / len(fa), 3))
+    fams = [f for f in (faithful_by_family(r) for r in runs) if f]
+    if fams:   # mean over seeds
+      row["faithful_by_family"] = {
+          k: {p: round(sum(f[k][p] for f in fams) / len(fams), 3) for p in fams[0][k]}
+          for k in fams[0]}
     rows.append(row)
     print(json.dumps(row), flush=True)
+  (root / "ablation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
   first = a.seeds.split(",")[0]
   div = root / "teacher" / f"seed_{first}" / a.setting / "results" / "diversity.json"
   if div.exists():

@@ -8,9 +8,15 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   rounds    K, chained generation rounds (0 = no CCG)
   unimodal  train/test on the real training modality only
   n_train, n_test   synthetic views per instance in the student (fig. 5)
+  world     knowledge (default: hidden facts that real images show and the generators
+            know imperfectly, demo.py) | shapes (the remote_jax demo world)
   noise     the demo generators' rate of label-irrelevant outputs
+  know_err  the demo generators' rate of wrong knowledge per look-up
+  mention   the captioner's rate of naming an emblem's organisation
   size      micro | tiny | small | minilm | base (encoder sizes)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
+  quick     300 train instances, 200 teacher / 300 student steps (the README's tables,
+            with size=micro, on a shared 2-core CPU)
 """
 import ml_collections
 
@@ -46,7 +52,8 @@ def base_config(arg, **defaults):
                 demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),
                 train_split="train", test_split="test", image_dir="", relations=(),
                 tokenizer_dir="", max_length=48, image_size=vision["image_size"]),
-      generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={}),
+      generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={},
+                     knowledge=False, knowledge_error=0.0, mention_rate=1.0),
       ccg=dict(rounds=arg.rounds, n_initial=5, children=2, keep_fraction=0.6),
       teacher=dict(kind=arg.teacher, steps=400, batch_size=32, eval_batch_size=64,
                    test_criterion="maxprob", optim=dict(optim)),
@@ -60,7 +67,19 @@ def base_config(arg, **defaults):
 
 
 def get_config(arg=None):
-  config, arg = base_config(arg)
+  config, arg = base_config(arg, world="knowledge", know_err=0.2, mention=0.7, quick=False)
+  if arg.world not in ("knowledge", "shapes"):
+    raise ValueError(f"world={arg.world!r}; allowed: knowledge, shapes")
+  knowledge = arg.world == "knowledge"
+  config.data.name = "demo_knowledge" if knowledge else "demo"
+  config.generator.update(knowledge=knowledge, knowledge_error=float(arg.know_err),
+                          mention_rate=float(arg.mention))
+  # Fewer steps than base_config: the 3-seed ablation table of one setting fits in about
+  # 30 min on a shared 2-core CPU (the student's loss flattens by step 300).
+  config.teacher.steps, config.student.steps = 300, 400
+  if arg.quick:   # the ablation tables on a CPU shared with other work (with size=micro)
+    config.data.demo.n_train = 300
+    config.teacher.steps, config.student.steps = 200, 300
   if arg.fast:
     config.data.demo.update(n_train=12, n_val=2, n_test=6)
     config.ccg.update(n_initial=3, children=1)

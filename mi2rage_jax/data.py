@@ -4,6 +4,9 @@ Readers (`READERS[config.data.name](data_cfg) -> Dataset`):
   demo    the remote_jax demo world (data/synth.py) read as UMRE; an object
           entity '[OBJk]' is named by its caption without the article
           ("small red circle"); real images are the world's PNGs.
+  demo_knowledge  the knowledge world (demo.py): hidden facts that real images
+          show and the demo generators know imperfectly, plus the shape world's
+          object-object and entity-object examples.
   mnre    MNRE txt (remote_jax MnreReader); images from data.image_dir/<img_id>
           (needed only where the real image is used).
   webnlg  text-only JSONL, one object per line:
@@ -162,7 +165,13 @@ def read_webnlg(cfg):
   return Dataset(splits, relations, neg, has_images=False)
 
 
-READERS = {"demo": read_demo, "mnre": read_mnre, "webnlg": read_webnlg}
+def read_demo_knowledge(cfg):
+  from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+  return demo.read_world(cfg)
+
+
+READERS = {"demo": read_demo, "demo_knowledge": read_demo_knowledge, "mnre": read_mnre,
+           "webnlg": read_webnlg}
 
 
 def load(cfg) -> Dataset:

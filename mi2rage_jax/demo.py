@@ -19,8 +19,15 @@ Every output records in `meta.faithful` whether it and all its ancestors were
 produced faithfully (no noise draw), so label information loss and its repair by
 the teacher can be measured; the selection never reads it.
 """
+import hashlib
 import itertools
+import json
+import math
+import os
+import pathlib
 import re
+import shutil
+import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -246,25 +253,398 @@ def scene_from_text(text, rng, tries=30):
 
 
 class DemoGenerators:
-  """text->image (`render`) and image->text (`caption`) with a noise rate."""
+  """text->image (`render`) and image->text (`caption`) with a noise rate and, in the
+  knowledge world, imperfect knowledge of its facts (`FACTS`).
 
-  def __init__(self, noise: float = 0.0, image_size: int = 96, max_pairs: int = 3):
-    if not 0.0 <= noise <= 1.0:
-      raise ValueError(f"generator noise {noise} not in [0, 1]")
+  noise            rate of label-irrelevant outputs (the input is ignored)
+  knowledge_error  rate at which one knowledge look-up (person -> employer's emblem,
+                   organisation -> emblem, emblem -> organisation) returns a wrong
+                   answer; drawn independently per look-up
+  mention_rate     rate at which the captioner names the organisation of an emblem it
+                   sees ("the badge of O") instead of describing it ("a red square badge")
+  knowledge        False: the shape world only (no person scenes, no look-ups)
+  """
+
+  def __init__(self, noise: float = 0.0, image_size: int = 96, max_pairs: int = 3,
+               knowledge_error: float = 0.0, mention_rate: float = 1.0,
+               knowledge: bool = True):
+    for name, v in (("noise", noise), ("knowledge_error", knowledge_error),
+                    ("mention_rate", mention_rate)):
+      if not 0.0 <= v <= 1.0:
+        raise ValueError(f"generator {name} {v} not in [0, 1]")
     self.noise, self.image_size, self.max_pairs = float(noise), int(image_size), int(max_pairs)
+    self.knowledge_error, self.mention_rate = float(knowledge_error), float(mention_rate)
+    self.knowledge = bool(knowledge)
+
+  def know(self, truth, options, rng):
+    """A knowledge look-up: (answer, correct); wrong with rate `knowledge_error`."""
+    if rng.random() < self.knowledge_error:
+      wrong = [o for o in options if o != truth]
+      return wrong[int(rng.integers(len(wrong)))], False
+    return truth, True
+
+  def _random_image(self, rng):
+    if self.knowledge and rng.random() < 0.5:
+      return draw_kscene(random_kscene(rng), self.image_size)
+    return draw(random_scene(rng), self.image_size)
 
   def render(self, text, rng):
     """-> (image uint8, faithful)."""
     if rng.random() < self.noise:
-      return draw(random_scene(rng), self.image_size), False
+      return self._random_image(rng), False
+    scene, ok = self.kscene_from_text(text, rng) if self.knowledge else (None, True)
+    if scene is not None:
+      return draw_kscene(scene, self.image_size), ok
     return draw(scene_from_text(text, rng), self.image_size), True
+
+  def kscene_from_text(self, text, rng):
+    """-> (KScene | None, faithful): badge, uniform and sign the text names or implies.
+    Look-ups: person -> employer, organisation -> emblem (each may be wrong)."""
+    ok, found = True, {}
+
+    def emblem(org):
+      nonlocal ok
+      e, good = self.know(FACTS.emblem[org], EMBLEMS, rng)
+      ok &= good
+      return e
+
+    for kind, org in _BADGE_OF.findall(text):
+      if org in FACTS.emblem and kind not in found:
+        found[kind] = emblem(org)
+    for colour, shape, kind in _EMBLEM_OF.findall(text.lower()):
+      found.setdefault(kind, (colour, shape))
+    m = _UNIFORM_OF.search(text)
+    if m and m.group(1) in FACTS.emblem:
+      found["uniform"] = emblem(m.group(1))[0]
+    m = _UNIFORM.search(text.lower())
+    if m and "uniform" not in found:
+      found["uniform"] = m.group(1)
+    orgs = FACTS.orgs_in(text)
+    at = orgs[-1][0] if orgs and any(v in text for v in _SIGN_VERBS) else None
+    if at is not None and "sign" not in found:
+      found["sign"] = emblem(at)
+    person = FACTS.person_in(text)
+    if person is not None and "badge" not in found and "uniform" not in found:
+      employer, good = self.know(FACTS.employer[person], FACTS.orgs, rng)
+      ok &= good
+      if employer == at:   # at their own employer: its uniform (the sign's colour)
+        found["uniform"] = found["sign"][0]
+      else:
+        found["badge"] = emblem(employer)
+    if not found:
+      return None, True
+    if "badge" not in found and "uniform" not in found:
+      found["badge"] = EMBLEMS[int(rng.integers(len(EMBLEMS)))]
+    # No side shapes: photos that differ only in what matters give a student nothing
+    # instance-specific to memorise (with them it memorised views instead of reading text).
+    return KScene(found.get("badge"), found.get("sign"), uniform=found.get("uniform")), ok
 
   def caption(self, image, rng):
     """-> (caption, faithful)."""
     if rng.random() < self.noise:
-      return describe(decode(draw(random_scene(rng), self.image_size)), rng,
-                      self.max_pairs), False
-    shapes = decode(image)
-    if not shapes:
-      return "an empty grey picture", True
-    return describe(shapes, rng, self.max_pairs), True
+      return self._describe(self._random_image(rng), rng)[0], False
+    return self._describe(image, rng)
+
+  def _describe(self, image, rng):
+    k, shapes = _decoded(np.asarray(image, np.uint8), self.knowledge)
+    if k is None:
+      if not shapes:
+        return "an empty grey picture", True
+      return describe(shapes, rng, self.max_pairs), True
+    prefix = _PREFIXES[rng.integers(len(_PREFIXES))]
+    if k.uniform is not None:
+      text, ok = f"a person in a {k.uniform.colour} uniform", True
+    else:
+      text, ok = self._emblem_phrase(k.badge, "badge", rng)
+      text = "a person wearing " + text
+    text = prefix + text
+    if k.sign is not None:
+      phrase, good = self._emblem_phrase(k.sign, "sign", rng)
+      text, ok = text + " under " + phrase, ok and good
+    if k.extras and rng.random() < 0.5:
+      text += " next to " + k.extras[int(rng.integers(len(k.extras)))].phrase
+    return text, ok
+
+  def _emblem_phrase(self, shape, kind, rng):
+    if shape is None:
+      return f"a {kind}", True
+    if rng.random() < self.mention_rate and shape.key in FACTS.owner:
+      org, good = self.know(FACTS.owner[shape.key], FACTS.orgs, rng)
+      return f"the {kind} of {org}", good
+    return f"a {shape.colour} {shape.shape} {kind}", True
+
+
+# ----------------------------------------------------------------------------
+# The knowledge world: facts no sentence states, which real images show and the
+# generators know imperfectly (the world knowledge of a pretrained generator).
+#
+# Every organisation has an emblem (colour, shape); every person works for one
+# organisation. A photo of a person shows them wearing their employer's emblem
+# as a badge, except at their own employer, where they wear its uniform (its
+# colour). A photo "P was seen with O" shows O's sign above the person.
+#   seen    "P was seen with O ."   works_for iff P works for O, else none: the
+#           sentence cannot tell, the image can (a uniform, not a badge).
+#   stated  "P works for O ." / "P left O ."   the sentence tells; the image shows
+#           only the employer's badge, so the image alone needs emblem ->
+#           organisation knowledge, which the captioner has ("the badge of O").
+# Plus the shape world's object-object and entity-object examples (synth.py).
+
+KN_PEOPLE, KN_ORGS = 400, 15
+EMBLEMS = tuple((c, s) for c in COLOURS for s in SHAPES)   # 15: one per organisation
+PERSON = (70, 70, 80)     # body and head; not a palette colour, so `decode` skips it
+BODY_BOX = (0.3, 0.55, 0.7, 0.98)
+BADGE_BOX = (0.35, 0.6, 0.65, 0.9)
+SIGN_BOX = (0.35, 0.04, 0.65, 0.34)
+KN_TEMPLATES = {
+    "seen": ("{p} was seen with {o} .", "{p} was photographed with {o} .",
+             "{p} showed up at {o} ."),
+    "works_for": ("{p} works for {o} .", "{p} is employed by {o} ."),
+    "left": ("{p} left {o} .", "{p} quit {o} last year ."),
+}
+# Per 26 examples: knowledge examples ("kn", kind, relation) and shape-world recipes.
+KN_RECIPES = (
+    [("kn", "seen", "works_for")] * 5 + [("kn", "seen", "none")] * 5
+    + [("kn", "stated", "works_for")] * 4 + [("kn", "stated", "none")] * 4
+    + [("oo", "left_of", 0), ("oo", "above", 0), ("oo", "in_front_of", 0)]
+    + [("oo", "none", 0)] * 2
+    + [("eo", "holds", 0), ("eo", "owned_by", 0), ("eo", "none", 0)])
+WORLD_VERSION = 2   # part of the world's cache key: bump when the written data changes
+
+
+class Facts:
+  """The hidden facts, fixed (seed 4321) and shared by the world and the generators."""
+
+  def __init__(self, seed=4321):
+    rng = np.random.default_rng(seed)
+    word = lambda n: "".join(rng.choice(synth._SYLLABLES) for _ in range(n)).capitalize()
+    orgs, people = [], []
+    while len(orgs) < KN_ORGS:
+      name = f"{word(2)} {synth._ORG_SUFFIX[len(orgs) % len(synth._ORG_SUFFIX)]}"
+      if name not in orgs and name.split()[0] not in {o.split()[0] for o in orgs}:
+        orgs.append(name)
+    org_words = {w for o in orgs for w in o.split()}
+    while len(people) < KN_PEOPLE:
+      name = f"{word(2)} {word(2)}"
+      words = name.split()
+      if name not in people and not set(words) & org_words and words[0] != words[1]:
+        people.append(name)
+    self.orgs, self.people = tuple(orgs), tuple(people)
+    self.emblem = {o: EMBLEMS[k] for o, k in zip(orgs, rng.permutation(len(EMBLEMS)))}
+    self.owner = {e: o for o, e in self.emblem.items()}
+    self.employer = {p: orgs[int(rng.integers(len(orgs)))] for p in people}
+    self._org_re = re.compile("|".join(re.escape(o) for o in sorted(orgs, key=len,
+                                                                      reverse=True)))
+    self._person_re = re.compile("|".join(re.escape(p) for p in people))
+
+  def orgs_in(self, text):
+    return [(m.group(0), m.start()) for m in self._org_re.finditer(text)]
+
+  def person_in(self, text):
+    m = self._person_re.search(text)
+    return m.group(0) if m else None
+
+
+FACTS = Facts()
+
+
+class KScene:
+  """A knowledge-world photo: a person with a badge (emblem) or in a uniform (colour),
+  maybe a sign (emblem) above, side shapes."""
+
+  def __init__(self, badge=None, sign=None, extras=(), uniform=None):
+    self.badge, self.sign, self.extras, self.uniform = badge, sign, list(extras), uniform
+
+
+def _emblem_shape(emblem, box):
+  l, t, r, b = box
+  return Shape(emblem[0], emblem[1], "large", (l + r) / 2, (t + b) / 2, depth=3.0)
+
+
+def _side_shapes(rng, k):
+  """k small shapes in the side columns, away from the person and the sign."""
+  out = []
+  for _ in range(k):
+    for _ in range(20):
+      s = random_shape(rng, {x.key for x in out})
+      s.size = "small"
+      s.cx = float(rng.choice([rng.uniform(0.1, 0.17), rng.uniform(0.83, 0.9)]))
+      s.cy = float(rng.uniform(0.12, 0.88))
+      if not any(_overlap(s.box, x.box, 0.02) for x in out):
+        out.append(s)
+        break
+  return out
+
+
+def draw_kscene(scene, size=96):
+  image = Image.fromarray(draw(scene.extras, size))
+  d = ImageDraw.Draw(image)
+  px = lambda *v: [x * size for x in v]
+  if scene.sign is not None:   # the pole, then the sign on top of it
+    d.rectangle(px(0.48, 0.3, 0.52, 0.42), fill=PERSON)
+  d.ellipse(px(0.42, 0.38, 0.58, 0.54), fill=PERSON)    # head
+  body = COLOURS[scene.uniform] if scene.uniform else PERSON
+  d.rectangle(px(*BODY_BOX), fill=body)
+  out = np.array(image)
+  shapes = []
+  if scene.badge is not None and scene.uniform is None:
+    shapes.append(_emblem_shape(scene.badge, BADGE_BOX))
+  if scene.sign is not None:
+    shapes.append(_emblem_shape(scene.sign, SIGN_BOX))
+  layer = draw(shapes, size)
+  mask = np.any(layer != np.asarray(BACKGROUND, np.uint8), -1)
+  out[mask] = layer[mask]
+  return out
+
+
+def random_kscene(rng):
+  pick = lambda: EMBLEMS[int(rng.integers(len(EMBLEMS)))]
+  uniform = pick()[0] if rng.random() < 0.3 else None
+  return KScene(pick(), pick() if rng.random() < 0.5 else None,
+                _side_shapes(rng, int(rng.integers(0, 3))), uniform)
+
+
+def _in_box(s, box):
+  return box[0] <= s.cx <= box[2] and box[1] <= s.cy <= box[3]
+
+
+def decode_kscene(image):
+  """KScene-like (badge, sign, uniform as decoded Shapes, `others`) if the image shows a
+  person (their head), else None."""
+  img = np.asarray(image, np.int32)
+  person = np.abs(img - np.asarray(PERSON)).max(-1) <= 20
+  if person.mean() < 0.01:
+    return None
+  shapes = decode(image)
+  uniform = next((s for s in shapes if _in_box(s, BODY_BOX)
+                  and s.extent[2] - s.extent[0] >= 0.36), None)
+  rest = [s for s in shapes if s is not uniform]
+  badge = next((s for s in rest if _in_box(s, BADGE_BOX)), None) if uniform is None else None
+  sign = next((s for s in rest if _in_box(s, SIGN_BOX)), None)
+  return KScene(badge, sign, [s for s in rest if s is not badge and s is not sign], uniform)
+
+
+def _decoded(image, knowledge):
+  """(decode_kscene or None, decode) of an image, cached: a view is captioned many times."""
+  key = (hashlib.sha1(image.tobytes()).digest(), image.shape, knowledge)
+  if key not in _DECODED:
+    if len(_DECODED) > 4096:
+      _DECODED.clear()
+    k = decode_kscene(image) if knowledge else None
+    _DECODED[key] = (k, None if k is not None else decode(image))
+  return _DECODED[key]
+
+
+_DECODED = {}
+_BADGE_OF = re.compile(r"\b(badge|sign) of ([A-Z]\w+ \w+)")
+_EMBLEM_OF = re.compile(r"\b(" + "|".join(COLOURS) + r")\s+(" + "|".join(SHAPES)
+                        + r")\s+(badge|sign)\b")
+_UNIFORM = re.compile(r"\b(" + "|".join(COLOURS) + r") uniform\b")
+_UNIFORM_OF = re.compile(r"\buniform of ([A-Z]\w+ \w+)")
+_SIGN_VERBS = ("seen with", "photographed with", "showed up at")
+
+
+def _kn_example(rng, kind, relation, image_size):
+  """-> (tokens, head, tail, image): a knowledge-world example."""
+  person = FACTS.people[int(rng.integers(len(FACTS.people)))]
+  employer = FACTS.employer[person]
+  others = [o for o in FACTS.orgs if o != employer]
+  org = employer if relation == "works_for" else others[int(rng.integers(len(others)))]
+  key = "seen" if kind == "seen" else ("works_for" if relation == "works_for" else "left")
+  templates = KN_TEMPLATES[key]
+  tokens = templates[int(rng.integers(len(templates)))].format(p=person, o=org).split()
+  uniform = FACTS.emblem[org][0] if kind == "seen" and org == employer else None
+  scene = KScene(FACTS.emblem[employer], FACTS.emblem[org] if kind == "seen" else None,
+                 uniform=uniform)
+  span = lambda name: synth._span(tokens, name.split())
+  return tokens, (person, span(person)), (org, span(org)), draw_kscene(scene, image_size)
+
+
+def write_world(out_dir, seed=0, n_train=600, n_val=8, n_test=150, image_size=96):
+  """The knowledge world: `<split>.jsonl` (one instance a line) + `images/*.png`."""
+  out = pathlib.Path(out_dir)
+  (out / "images").mkdir(parents=True, exist_ok=True)
+  for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val),
+                                                ("test", n_test))):
+    rng = np.random.default_rng([seed, 7, split_index])
+    recipes = (KN_RECIPES * math.ceil(count / len(KN_RECIPES)))[:count]
+    order = rng.permutation(count)
+    lines = []
+    for i in range(count):
+      recipe = recipes[order[i]]
+      img = f"images/{split}_{i:05d}.png"
+      if recipe[0] == "kn":
+        tokens, (h, hp), (t, tp), image = _kn_example(rng, recipe[1], recipe[2], image_size)
+        head = dict(name=h, pos=hp, is_object=False)
+        tail = dict(name=t, pos=tp, is_object=False)
+        rel, ttype, family = recipe[2], 0, f"kn_{recipe[1]}"
+      else:
+        line, shapes, _ = synth._example(rng, recipe)
+        image = np.asarray(synth._render(shapes, image_size)[0])
+        ents = []
+        for e in (line["h"], line["t"]):
+          m = re.fullmatch(r"\[OBJ(\d+)\]", e["name"])
+          if m:   # an object is named by its caption without the article
+            name = shapes[int(m.group(1))].caption.split(" ", 1)[1]
+            ents.append(dict(name=name, pos=e["pos"], is_object=True))
+          else:
+            ents.append(dict(name=e["name"], pos=e["pos"], is_object=False))
+        head, tail = ents
+        tokens, rel = line["token"], line["relation"]
+        ttype, family = ("oo", "eo").index(recipe[0]) + 1, recipe[0]
+      Image.fromarray(image).save(out / img)
+      lines.append(json.dumps(dict(tokens=tokens, head=head, tail=tail, relation=rel,
+                                   triplet_type=ttype, family=family, image=img)))
+    (out / f"{split}.jsonl").write_text("\n".join(lines) + "\n")
+  return out
+
+
+def ensure_world(root, params):
+  """`root/knowledge-<hash of params>`, written once (atomically, safe with parallel writers)."""
+  key = hashlib.sha1(json.dumps(dict(params, version=WORLD_VERSION),
+                                sort_keys=True).encode()).hexdigest()[:10]
+  final = pathlib.Path(root) / f"knowledge-{key}"
+  if (final / "DONE").exists():
+    return final
+  final.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".knowledge-", dir=final.parent))
+  write_world(tmp, **params)
+  (tmp / "DONE").write_text(json.dumps(params))
+  try:
+    os.rename(tmp, final)
+  except OSError:   # another process finished first
+    shutil.rmtree(tmp, ignore_errors=True)
+  return final
+
+
+def read_world(cfg):
+  """data.READERS["demo_knowledge"]: writes the knowledge world if needed, then reads it."""
+  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from remote_jax.data import records  # pylint: disable=import-outside-toplevel
+  params = {k: v for k, v in dict(cfg.demo).items() if k in synth.DEFAULTS}
+  root = cfg.root or pathlib.Path(cfg.cache_dir or "data_cache") / "demo"
+  directory = ensure_world(root, params)
+  relations = list(synth.RELATIONS)
+  index = {r: i for i, r in enumerate(relations)}
+  splits = {}
+  for split in (cfg.train_split, cfg.test_split):
+    insts = []
+    for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
+      d = json.loads(line)
+      ents = [records.Entity(e["name"], tuple(e["pos"]), e["is_object"])
+              for e in (d["head"], d["tail"])]
+      insts.append(data_lib.Instance(f"{split}/{row}", split, tuple(d["tokens"]), ents[0],
+                                     ents[1], str(directory / d["image"]),
+                                     index[d["relation"]], d["triplet_type"],
+                                     d["image"].rsplit("/", 1)[-1]))
+    splits[split] = insts
+  return data_lib.Dataset(splits, relations, index["none"])
+
+
+def families(root, params):
+  """{instance id: family} (kn_seen, kn_stated, oo, eo) of the world `params` under `root`."""
+  directory = ensure_world(root, {k: v for k, v in dict(params).items() if k in synth.DEFAULTS})
+  out = {}
+  for split in ("train", "val", "test"):
+    for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
+      out[f"{split}/{row}"] = json.loads(line)["family"]
+  return out

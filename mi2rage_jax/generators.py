@@ -15,8 +15,10 @@ Entries:
                 whose parent is `parent`; `n` is not used (nothing is dropped).
                 A missing round or a kept parent without children is an error
                 naming the instance and the round.
-  demo          procedural generators over the demo world (demo.py), with a
-                configurable rate of label-irrelevant outputs (`noise`).
+  demo          procedural generators over the demo worlds (demo.py), with a
+                configurable rate of label-irrelevant outputs (`noise`) and, with
+                `knowledge`, imperfect knowledge of the knowledge world's facts
+                (`knowledge_error`, `mention_rate`).
 """
 import hashlib
 
@@ -32,8 +34,11 @@ class DemoGenerator:
   def __init__(self, cfg, target):
     from mi2rage_jax import demo
     self.target = target
-    self.gen = demo.DemoGenerators(noise=float(cfg.noise), image_size=int(cfg.image_size),
-                                   max_pairs=int(cfg.max_pairs))
+    self.gen = demo.DemoGenerators(
+        noise=float(cfg.noise), image_size=int(cfg.image_size), max_pairs=int(cfg.max_pairs),
+        knowledge_error=float(cfg.get("knowledge_error", 0.0)),
+        mention_rate=float(cfg.get("mention_rate", 1.0)),
+        knowledge=bool(cfg.get("knowledge", False)))
 
   def _to_target(self, source, rng):
     if self.target == "image":

@@ -38,7 +38,14 @@ def _check_outputs(run_dir, rounds):
   assert any((run_dir / "ckpt").glob("student*_n*"))
   assert (run_dir / "views" / "train" / "manifest.json").exists()
   res = json.loads(next((run_dir / "results").glob("test_*.json")).read_text())
-  assert 0.0 <= res["f1"] <= 100.0 and res["append_real"]
+  n_test = sum(1 for _ in json.loads((run_dir / "selections" / f"test_round{rounds}.json")
+                                     .read_text())["instances"])
+  assert res["append_real"] and res["n"] == n_test
+  # The metrics are the counts' (micro F1 over positive classes, `none` excluded).
+  p = 100 * res["correct_pos"] / max(res["pred_pos"], 1)
+  r = 100 * res["correct_pos"] / max(res["gold_pos"], 1)
+  assert res["precision"] == pytest.approx(p) and res["recall"] == pytest.approx(r)
+  assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
   div = json.loads((run_dir / "results" / "diversity.json").read_text())
   assert [d["round"] for d in div["rounds"]] == list(range(rounds + 1))
 
@@ -81,7 +88,11 @@ def test_both_settings_end_to_end(tmp_path):
                                  "rounds=0", "unimodal"])
 def test_ablations_run(tmp_path, arg):
   summary, _ = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
-  assert summary["no_real_image"]["test"]["f1"] >= 0.0
+  test = summary["no_real_image"]["test"]
+  key, _, value = arg.partition("=")
+  expect = {"teacher": ("teacher", value), "rounds": ("rounds", 0),
+            "unimodal": ("unimodal", True)}[key]
+  assert test[expect[0]] == expect[1] and test["n"] > 0
 
 
 def test_fit_resumes_after_an_interruption(tmp_path):
