@@ -21,7 +21,6 @@ def get_config(arg=None):
   # 46.4 s with XLA's defaults, 50.3 s with the "fast" preset (remote_jax/xla_cpu.py).
   config.xla_cpu = "xla"
   config.batch_size, config.eval_batch_size = 16, 64
-  # Object-object relations are learnt last (bench/triplet_probe.py): 20 epochs.
   # World v3 has 3,000 training examples (5x v2): 6 epochs keep `make run` to minutes.
   config.num_epochs = 6
   config.eval_every_epochs = 1
