@@ -23,11 +23,8 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import pathlib
 import re
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -599,21 +596,8 @@ def write_world(out_dir, seed=0, n_train=600, n_val=8, n_test=150, image_size=96
 
 
 def ensure_world(root, params):
-  """`root/knowledge-<hash of params>`, written once (atomically, safe with parallel writers)."""
-  key = hashlib.sha1(json.dumps(dict(params, version=WORLD_VERSION),
-                                sort_keys=True).encode()).hexdigest()[:10]
-  final = pathlib.Path(root) / f"knowledge-{key}"
-  if (final / "DONE").exists():
-    return final
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".knowledge-", dir=final.parent))
-  write_world(tmp, **params)
-  (tmp / "DONE").write_text(json.dumps(params))
-  try:
-    os.rename(tmp, final)
-  except OSError:   # another process finished first
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final
+  """`root/knowledge-<hash of params and WORLD_VERSION>`, written once."""
+  return synth.ensure_written(root, "knowledge", params, write_world, version=WORLD_VERSION)
 
 
 def read_world(cfg):

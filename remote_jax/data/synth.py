@@ -421,22 +421,27 @@ def demo_params(cfg):
   return params
 
 
-def ensure_demo_dataset(root, params):
-  """`root/demo-<hash of params and GENERATOR_VERSION>`, written once (atomically, safe with parallel writers)."""
-  key = hashlib.sha1(json.dumps(dict(params, generator=GENERATOR_VERSION),
-                                sort_keys=True).encode()).hexdigest()[:10]
-  final = pathlib.Path(root) / f"demo-{key}"
+def ensure_written(root, prefix, params, write, **version):
+  """`root/<prefix>-<hash of params and version>`, filled once by `write(dir, **params)`
+  (atomically: written to a temporary directory, then renamed; safe with parallel writers)."""
+  key = hashlib.sha1(json.dumps(dict(params, **version), sort_keys=True).encode()).hexdigest()[:10]
+  final = pathlib.Path(root) / f"{prefix}-{key}"
   if (final / "DONE").exists():
     return final
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo-", dir=final.parent))
-  write_demo_dataset(tmp, **params)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=final.parent))
+  write(tmp, **params)
   (tmp / "DONE").write_text(json.dumps(params))
   try:
     os.rename(tmp, final)
   except OSError:  # another process finished first
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+def ensure_demo_dataset(root, params):
+  """`root/demo-<hash of params and GENERATOR_VERSION>`, written once."""
+  return ensure_written(root, "demo", params, write_demo_dataset, generator=GENERATOR_VERSION)
 
 
 def demo_reader(cfg):
