@@ -62,8 +62,7 @@ class Shape:
 
   @property
   def box(self):
-    h = self.side / 2
-    return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+    return synth.square_box(self.cx, self.cy, self.side)
 
   @property
   def phrase(self):
@@ -88,15 +87,7 @@ def draw(shapes, size=96):
   image = Image.new("RGB", (size, size), BACKGROUND)
   d = ImageDraw.Draw(image)
   for s in sorted(shapes, key=lambda s: s.depth):
-    l, t, r, b = (v * size for v in s.box)
-    r, b = r - 1, b - 1
-    fill = COLOURS[s.colour]
-    if s.shape == "circle":
-      d.ellipse((l, t, r, b), fill=fill)
-    elif s.shape == "square":
-      d.rectangle((l, t, r, b), fill=fill)
-    else:
-      d.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
+    synth.draw_shape(d, s.shape, s.box, size, COLOURS[s.colour])
   return np.asarray(image, np.uint8)
 
 

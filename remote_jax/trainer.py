@@ -140,11 +140,15 @@ class Setup:
   meta: Any = None
 
   def jit_eval(self, fn):
-    """`fn(params, batch)` jitted as eval_step is: state-sharded params, batch sharded
-    over the data axes, outputs replicated (every process gets every row)."""
-    return jax.jit(fn, in_shardings=(self.state_sharding.params,
-                                     sharding.batch_sharding(self.mesh)),
-                   out_shardings=sharding.replicated(self.mesh))
+    """`fn(params, batch)` jitted as eval_step is."""
+    return _jit_eval(fn, self.state_sharding, self.mesh)
+
+
+def _jit_eval(fn, state_sh, mesh):
+  """State-sharded params, batch sharded over the data axes, outputs replicated (every
+  process gets every row)."""
+  return jax.jit(fn, in_shardings=(state_sh.params, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def dummy_batch(meta, batch_size=2):
@@ -267,8 +271,7 @@ def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", see
                                     jax.random.key(0)).compile()
       log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
       xla_cpu.release_freed_heap()
-    eval_step = jax.jit(eval_fn(model), in_shardings=(state_sh.params, batch_sh),
-                        out_shardings=replicated)
+    eval_step = _jit_eval(eval_fn(model), state_sh, mesh)
     engine = (tx, schedule, state_sh, init_jit, train_step, eval_step)
     if compile_batch is None:   # a compiled step takes its batch shape only
       with contextlib.suppress(TypeError):
