@@ -43,10 +43,13 @@ def base_config(arg, **defaults):
   optim = dict(lr=5e-4, schedule="linear", warmup_ratio=0.1, weight_decay=0.01,
                decay_mask="no_bias_norm", clip_norm=1.0)
   settings = (("no_real_text", "no_real_image") if arg.setting == "both" else (arg.setting,))
+  # The engine's settings, as REMOTE has them: the mesh (default: data parallel over
+  # every device), sharding rules, multi-process launch, the XLA:CPU flag preset.
+  engine = common.train_config()
   return ml_collections.ConfigDict(dict(
       seed=arg.seed,
       settings=settings,
-      xla_cpu="auto",   # XLA:CPU flag preset (remote_jax/xla_cpu.py); no effect on GPU/TPU
+      **{k: engine[k] for k in ("mesh", "sharding", "distributed", "xla_cpu")},
       ckpt_every=100,
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
                 demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),

@@ -23,11 +23,8 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import pathlib
 import re
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -65,8 +62,7 @@ class Shape:
 
   @property
   def box(self):
-    h = self.side / 2
-    return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+    return synth.square_box(self.cx, self.cy, self.side)
 
   @property
   def phrase(self):
@@ -91,15 +87,7 @@ def draw(shapes, size=96):
   image = Image.new("RGB", (size, size), BACKGROUND)
   d = ImageDraw.Draw(image)
   for s in sorted(shapes, key=lambda s: s.depth):
-    l, t, r, b = (v * size for v in s.box)
-    r, b = r - 1, b - 1
-    fill = COLOURS[s.colour]
-    if s.shape == "circle":
-      d.ellipse((l, t, r, b), fill=fill)
-    elif s.shape == "square":
-      d.rectangle((l, t, r, b), fill=fill)
-    else:
-      d.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
+    synth.draw_shape(d, s.shape, s.box, size, COLOURS[s.colour])
   return np.asarray(image, np.uint8)
 
 
@@ -599,21 +587,8 @@ def write_world(out_dir, seed=0, n_train=600, n_val=8, n_test=150, image_size=96
 
 
 def ensure_world(root, params):
-  """`root/knowledge-<hash of params>`, written once (atomically, safe with parallel writers)."""
-  key = hashlib.sha1(json.dumps(dict(params, version=WORLD_VERSION),
-                                sort_keys=True).encode()).hexdigest()[:10]
-  final = pathlib.Path(root) / f"knowledge-{key}"
-  if (final / "DONE").exists():
-    return final
-  final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".knowledge-", dir=final.parent))
-  write_world(tmp, **params)
-  (tmp / "DONE").write_text(json.dumps(params))
-  try:
-    os.rename(tmp, final)
-  except OSError:   # another process finished first
-    shutil.rmtree(tmp, ignore_errors=True)
-  return final
+  """`root/knowledge-<hash of params and WORLD_VERSION>`, written once."""
+  return synth.ensure_written(root, "knowledge", params, write_world, version=WORLD_VERSION)
 
 
 def read_world(cfg):

@@ -38,6 +38,7 @@ Teacher kinds (ablations): trained (paper), similarity (dual-encoder cosine to
 the real view), random (uniform random scores), none (no filtering: every
 candidate is kept in the chain; the final N are random).
 """
+import functools
 import itertools
 import json
 import logging
@@ -45,17 +46,16 @@ import os
 import pathlib
 import time
 
-import jax
 import numpy as np
 
 from mi2rage_jax import data as data_lib
 from mi2rage_jax import diversity as diversity_lib
 from mi2rage_jax import generators as gen_lib
-from mi2rage_jax import models, selection, trainer
+from mi2rage_jax import models, selection
 from mi2rage_jax import views as views_lib
 from mi2rage_jax.models.similarity import SimilarityModel
 from remote_jax import metrics as metrics_lib
-from remote_jax.data.tokenizer import MARKERS
+from remote_jax import sharding, trainer
 from remote_jax.writers import to_json
 
 log = logging.getLogger(__name__)
@@ -101,6 +101,11 @@ class Run:
     self._cand_cache = {}
     self._models = {}
     self._types = {i.id: i.triplet_type for insts in dataset.splits.values() for i in insts}
+
+  @functools.cached_property
+  def mesh(self):
+    """The device mesh of config.mesh that teachers and students train on."""
+    return sharding.make_mesh(self.cfg.mesh)
 
   def per(self, value):
     """A config value, or its entry for this setting (or synthetic modality) if a dict."""
@@ -270,25 +275,38 @@ class Run:
     insts = {i.id: i for i in self.ds.splits[split]}
     return [(insts[iid], v) for iid, vs in cands.items() for v in vs]
 
+  def _setup(self, model, init_batch, optim_cfg, steps, seed):
+    """The engine's Setup (remote_jax.trainer.build) on the config's mesh, with the
+    pretrained encoders of config.model loaded."""
+    s = trainer.build(model, init_batch, self.optim(optim_cfg), steps, self.mesh,
+                      rules=self.cfg.sharding, seed=seed)
+    s.state = s.state.replace(params=trainer.load_pretrained(
+        s.state.params, self.cfg.model, int(self.cfg.seed), use_cls=True, use_depth=False))
+    return s
+
+  def _fit(self, s, rows, batch_size, make, steps, seed, tag, name):
+    """Trains on batches of `batch_size` rows drawn from range(rows) (with replacement
+    only when fewer); `make([row]) -> batch`. Returns the params."""
+    def draw(rng):
+      return rng.choice(rows, batch_size, replace=rows < batch_size)
+
+    return trainer.fit(s, draw, make, steps, seed, self.workdir / "ckpt" / tag,
+                       ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
+                       name=f"{self.setting}/{name}")
+
   def _fit_teacher(self, r, pairs):
+    """(Setup, trained params) of the round-r teacher."""
     if ("teacher", r) in self._models:
       return self._models[("teacher", r)]
     tcfg = self.cfg.teacher
-    model = self.teacher_model()
     make = self.similarity_batch if tcfg.kind == "similarity" else self.teacher_batch
-    bs = int(tcfg.batch_size)
-
-    def sample(rng):
-      return make([pairs[k] for k in rng.choice(len(pairs), bs, replace=len(pairs) < bs)])
-
-    params = trainer.init_params(model, make(pairs[:bs]), int(self.cfg.seed) + 101 * r)
-    params = trainer.load_pretrained(params, self.cfg.model, len(MARKERS))
-    params = trainer.fit(model, params, sample, int(tcfg.steps), self.optim(tcfg.optim),
-                         int(self.cfg.seed) + r, self.workdir / "ckpt" / f"teacher_round{r}",
-                         ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
-                         name=f"{self.setting}/teacher_{r}")
-    self._models[("teacher", r)] = (model, params)
-    return model, params
+    s = self._setup(self.teacher_model(), make(pairs[:1]), tcfg.optim, int(tcfg.steps),
+                    int(self.cfg.seed) + 101 * r)
+    params = self._fit(s, len(pairs), int(tcfg.batch_size),
+                       lambda idx: make([pairs[k] for k in idx]), int(tcfg.steps),
+                       int(self.cfg.seed) + r, f"teacher_round{r}", f"teacher_{r}")
+    self._models[("teacher", r)] = (s, params)
+    return s, params
 
   # ---------------------------------------------------------------- stages
   def _generate(self, r):
@@ -328,19 +346,16 @@ class Run:
       return {iid: gen_lib.seeded(self.cfg.seed, "random-teacher", split, iid, r).random(len(vs))
               for iid, vs in cands.items()}
     pairs = self._pairs(cands, split)
-    model, params = self._fit_teacher(r, self._pairs(self.candidates(self.train_split, r),
-                                                     self.train_split))
+    s, params = self._fit_teacher(r, self._pairs(self.candidates(self.train_split, r),
+                                                 self.train_split))
     bs = int(tcfg.eval_batch_size)
     if kind == "similarity":
-      apply = jax.jit(lambda p, b: model.apply({"params": p}, b, method="pair_scores"))
-      flat = []
-      for s in range(0, len(pairs), bs):
-        chunk = pairs[s:s + bs]
-        pad = chunk + [chunk[-1]] * (bs - len(chunk))
-        flat.append(np.asarray(apply(params, self.similarity_batch(pad)))[:len(chunk)])
-      flat = -np.concatenate(flat)  # most similar first
+      scores = s.jit_eval(lambda p, b: s.model.apply({"params": p}, b, method="pair_scores"))
+      flat = -trainer.predict(s, params, len(pairs), bs,   # most similar first
+                              lambda idx: self.similarity_batch([pairs[k] for k in idx]),
+                              scores)
     else:
-      logits = trainer.predict(model, params, len(pairs), bs,
+      logits = trainer.predict(s, params, len(pairs), bs,
                                lambda idx: self.teacher_batch([pairs[k] for k in idx]))
       criterion = "loss" if split == self.train_split else tcfg.test_criterion
       flat = selection.SCORES[criterion](logits, np.asarray([i.label for i, _ in pairs]))
@@ -431,22 +446,17 @@ class Run:
     insts = self.ds.splits[self.train_split]
     views = self.final_views(self.train_split, n)
     slots = self._slots(n)
-    model = self.student_model()
-    bs = int(scfg.batch_size)
 
-    def sample(rng):
-      idx = rng.choice(len(insts), bs, replace=len(insts) < bs)
+    def make(idx):
       return self.student_batch([insts[k] for k in idx], views, slots)
 
-    params = trainer.init_params(model, sample(np.random.default_rng(0)), int(self.cfg.seed))
-    params = trainer.load_pretrained(params, self.cfg.model, len(MARKERS))
+    s = self._setup(self.student_model(), make([0]), scfg.optim, int(scfg.steps),
+                    int(self.cfg.seed))
     tag = f"student{'_unimodal' if self.unimodal else ''}_n{n}"
-    params = trainer.fit(model, params, sample, int(scfg.steps), self.optim(scfg.optim),
-                         int(self.cfg.seed) + 7, self.workdir / "ckpt" / tag,
-                         ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
-                         name=f"{self.setting}/student")
-    self._models["student"] = (model, params)
-    return model, params
+    params = self._fit(s, len(insts), int(scfg.batch_size), make, int(scfg.steps),
+                       int(self.cfg.seed) + 7, tag, "student")
+    self._models["student"] = (s, params)
+    return s, params
 
   def _student(self):
     self._student_params()
@@ -456,12 +466,12 @@ class Run:
     """Test metrics with n_test synthetic views (default student.n_test_views)."""
     scfg = self.cfg.student
     n = self.n_views(self.test_split) if n_test is None else int(n_test)
-    model, params = self._student_params()
+    s, params = self._student_params()
     insts = self.ds.splits[self.test_split]
     views = self.final_views(self.test_split, n)
     real = bool(scfg.append_real) and not self.unimodal and self._has_real_target()
     slots = self._slots(n, real)
-    logits = trainer.predict(model, params, len(insts), int(scfg.eval_batch_size),
+    logits = trainer.predict(s, params, len(insts), int(scfg.eval_batch_size),
                              lambda idx: self.student_batch([insts[k] for k in idx], views,
                                                             slots, real))
     preds = logits.argmax(-1)

@@ -4,14 +4,15 @@ Each setting of `config.settings` runs in DIR/<setting>/ (stages: generate_r /
 teacher_r / select_r for r = 0..K, student, test, diversity; see pipeline.py).
 A rerun skips finished stages and resumes an interrupted one. Ablations are
 config args (`configs/mi2rage_demo.py:teacher=random,rounds=0`). `--seeds 0,1,2`
-runs each seed in DIR/seed_N and writes DIR/seeds_summary.json (mean, std).
+runs each seed in DIR/seed_N and writes DIR/seeds_summary.json (mean, std); the
+harness (flags, XLA preset, jax.distributed, one-line errors) is remote_jax.cli's,
+and teachers and students train on remote_jax.trainer's engine (config.mesh).
 `--eval_views 1,2,4` also evaluates the trained students with those numbers of
 test-time views (results/test_ntr*_nte*.json).
 """
 import json
 import os
 import pathlib
-import sys
 
 from absl import flags
 
@@ -20,9 +21,7 @@ from remote_jax import cli
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-_CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
-_SEEDS = flags.DEFINE_string("seeds", "", "Comma list of seeds: one run per seed + mean/std.")
+cli.define_train_flags()
 _EVAL_VIEWS = flags.DEFINE_string(
     "eval_views", "", "Comma list of test-time view counts to evaluate the trained student "
     "with besides student.n_test_views (paper fig. 5, bottom row).")
@@ -58,7 +57,8 @@ def run(config, workdir, eval_views=()):
   return summary
 
 
-def _fmt(summary):
+def _report(summary, config):
+  del config   # the harness passes it; the summary names its settings
   lines = []
   for setting, s in summary.items():
     t = s["test"] or {}
@@ -70,41 +70,30 @@ def _fmt(summary):
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  from remote_jax import errors, writers, xla_cpu
-  writers.setup_cli_logging()
-  config = _CONFIG.value
-  if config is None:
-    sys.exit("--config is required, e.g. --config configs/mi2rage_demo.py")
-  with errors.user_errors():   # bad data or config: one line, no traceback
-    xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
-    _run_all(config)
+def _train(config, workdir):
+  return run(config, workdir, [int(n) for n in _EVAL_VIEWS.value.split(",") if n.strip()])
 
 
-def _run_all(config):
+def _aggregate(summaries):
+  """{setting (or setting/n_test=N): mean, std of each test metric over the seeds}."""
   from remote_jax import metrics
-  workdir = pathlib.Path(_WORKDIR.value or "runs/mi2rage")
-  eval_views = [int(n) for n in _EVAL_VIEWS.value.split(",") if n]
-  if not _SEEDS.value:
-    print(_fmt(run(config, workdir, eval_views)))
-    return
   per_setting = {}
-  for seed in [int(s) for s in _SEEDS.value.split(",") if s]:
-    with config.unlocked():
-      config.seed = seed
-    summary = run(config, workdir / f"seed_{seed}", eval_views)
-    print(f"seed {seed}\n{_fmt(summary)}")
+  for summary in summaries:
     for setting, s in summary.items():
       per_setting.setdefault(setting, []).append(s["test"])
       for n, res in s["eval"].items():
         per_setting.setdefault(f"{setting}/n_test={n}", []).append(res)
-  agg = {k: metrics.seed_summary(v) for k, v in per_setting.items()}
-  (workdir / "seeds_summary.json").write_text(json.dumps(agg, indent=1) + "\n")
-  for setting, a in agg.items():
-    print(f"{setting}: F1 {a['f1']['mean']:.2f} +- {a['f1']['std']:.2f} (n={a['f1']['n']}), "
-          f"acc {a['acc']['mean']:.2f} +- {a['acc']['std']:.2f}")
+  return {k: metrics.seed_summary(v) for k, v in per_setting.items()}
 
+
+def _report_seeds(agg):
+  return "\n".join(f"{setting}: F1 {a['f1']['mean']:.2f} +- {a['f1']['std']:.2f} "
+                   f"(n={a['f1']['n']}), acc {a['acc']['mean']:.2f} +- {a['acc']['std']:.2f}"
+                   for setting, a in agg.items())
+
+
+main = cli.train_main(_train, _report, _aggregate, _report_seeds,
+                      default_workdir=lambda config: "runs/mi2rage")
 
 if __name__ == "__main__":
   cli.run(main)

@@ -1,4 +1,5 @@
-"""What the CLIs share at the front door: `--config` names and flag errors.
+"""What the CLIs share at the front door: `--config` names, flag errors, and the
+training harness of remote_jax.train and mi2rage_jax.train.
 
 `--config NAME.py[:arg]` (or `configs/NAME.py[:arg]`) that is not a file under the
 working directory is looked up among the configs installed with the package, so the
@@ -10,8 +11,13 @@ line, like the data errors of `remote_jax.errors`.
   ...
   if __name__ == "__main__":
     cli.run(main)
+
+A training CLI defines `define_train_flags()` and runs `train_main(...)`: logging,
+the XLA:CPU preset, `jax.distributed`, one-line errors and `--seeds` (one run per
+seed in workdir/seed_N, then workdir/seeds_summary.json with the mean and std).
 """
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -146,3 +152,60 @@ def run(main):
   """app.run with the --config resolution and one-line flag errors."""
   flags.mark_flags_as_required(["config"])
   app.run(main, flags_parser=parse_flags)
+
+
+def define_train_flags(workdir_help="Run directory."):
+  """`--config` (with overrides and `--dry_run`), `--workdir` and `--seeds`."""
+  define_config_flag()
+  flags.DEFINE_string("workdir", None, workdir_help)
+  flags.DEFINE_string("seeds", "", "Comma list of seeds: one run per seed in workdir/seed_N, "
+                      "then their mean and std (workdir/seeds_summary.json).")
+
+
+def _seeds(value):
+  try:
+    return [int(s) for s in value.split(",") if s.strip()]
+  except ValueError:
+    raise ValueError(f"--seeds={value}: expected a comma list of integers, e.g. 0,1,2") from None
+
+
+def train_main(train, report, aggregate, report_seeds, default_workdir):
+  """The absl `main` of a training CLI (flags of `define_train_flags`).
+
+  `train(config, workdir) -> summary` is one run; `report(summary, config)` its
+  printed table; with `--seeds`, `aggregate([summary, ...])` gives the JSON of
+  seeds_summary.json and `report_seeds(aggregate)` its table. `default_workdir(config)`
+  when `--workdir` is not given. Only process 0 prints and writes the seeds summary.
+  """
+  def main(argv):
+    del argv
+    from remote_jax import distributed, writers, xla_cpu
+    writers.setup_cli_logging()
+    config = flags.FLAGS.config
+    with errors.user_errors():
+      seeds = _seeds(flags.FLAGS.seeds)
+      xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
+    import jax
+    workdir = pathlib.Path(flags.FLAGS.workdir or default_workdir(config))
+    distributed.maybe_initialize(config)
+    jax.config.update("jax_threefry_partitionable", True)
+    main_process = distributed.is_main()
+    with errors.user_errors():
+      if not seeds:
+        summary = train(config, workdir)
+        if main_process:
+          print(report(summary, config))
+        return
+      summaries = []
+      for seed in seeds:
+        with config.unlocked():
+          config.seed = seed
+        summaries.append(train(config, workdir / f"seed_{seed}"))
+        if main_process:
+          print(f"seed {seed}\n{report(summaries[-1], config)}")
+      agg = aggregate(summaries)
+      if main_process:
+        (workdir / "seeds_summary.json").write_text(json.dumps(agg, indent=2) + "\n")
+        print(report_seeds(agg))
+
+  return main

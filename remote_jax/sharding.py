@@ -131,6 +131,14 @@ def global_batch(local_batch, mesh):
       lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local_batch)
 
 
+def check_batch_size(mesh, size, field="batch_size"):
+  """A global batch must split evenly over the mesh's batch axes (data x fsdp)."""
+  shards = _axis_size(mesh, tuple(a for a in BATCH_AXES if a in mesh.shape))
+  if size % shards:
+    raise ValueError(f"config.{field}={size} must be a multiple of the mesh's data x fsdp "
+                     f"size ({shards}, mesh {dict(mesh.shape)})")
+
+
 def host_rows(mesh, global_size, field="batch_size"):
   """(rows, shard_index, shard_count): this process's slice of a global batch.
 
@@ -138,6 +146,7 @@ def host_rows(mesh, global_size, field="batch_size"):
   differ only along `tensor` hold the same rows, so they must read the same
   data shard (batch_size // process_count would split them and mix rows).
   """
+  check_batch_size(mesh, global_size, field)
   index_map = batch_sharding(mesh).addressable_devices_indices_map((global_size,))
   spans = sorted({sl[0].indices(global_size)[:2] for sl in index_map.values()})
   start, stop = spans[0][0], spans[-1][1]

@@ -1,10 +1,16 @@
-"""Train state, the pure jitted train/eval steps, and the training loop.
+"""Train state, the pure jitted train/eval steps, and the training loops.
 
-The steps are pure functions `train_step(state, batch, rng) -> (state, metrics)`
-and `eval_step(params, batch) -> outputs`, jitted with explicit shardings from
-`remote_jax.sharding` and the state donated. The loop only moves data, logs,
-evaluates, checkpoints and plots.
+One engine serves REMOTE and MI2RAGE. The seam is a loss function
+`loss_fn(model, params, batch, rng, train) -> (objective, metrics)`
+(`remote_loss`, `classifier_loss`); `make_train_step` turns it into the pure
+step `train_step(state, batch, rng) -> (state, metrics)`, which `build` jits
+with explicit shardings from `remote_jax.sharding` and the state donated.
+`train_steps` is the loop both use (sharded batches, progress, logged means,
+the NaN check); `train_and_evaluate` adds REMOTE's data, evaluation and model
+selection, `fit` / `predict` the resumable fixed-step training and batched
+inference of MI2RAGE's teachers and students.
 """
+import contextlib
 import dataclasses
 import json
 import logging
@@ -49,7 +55,7 @@ def model_batch(batch):
 
 
 def cross_entropy(logits, labels, weights):
-  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
   weights = weights.astype(jnp.float32)
   return (losses * weights).sum() / jnp.maximum(weights.sum(), 1.0)
 
@@ -59,27 +65,44 @@ def mean_ot_diagnostics(ot):
   return {f"ot/{lvl}/{k}": v for lvl, d in ot.items() for k, v in d.items()}
 
 
-def make_train_step(model, tx):
+def _classification(logits, batch):
+  """(loss, {"loss", "accuracy"}): cross-entropy over the rows `mask` keeps (all if absent)."""
+  mask = batch.get("mask")
+  mask = jnp.ones(batch["label"].shape, bool) if mask is None else mask
+  loss = cross_entropy(logits, batch["label"], mask)
+  acc = ((logits.argmax(-1) == batch["label"]) * mask).sum() / jnp.maximum(mask.sum(), 1)
+  return loss, {"loss": loss, "accuracy": acc}
+
+
+def classifier_loss(model, params, batch, rng, train):
+  """The loss of a model whose output is the logits (MI2RAGE's teachers and students)."""
+  logits = model.apply({"params": params}, batch, deterministic=not train,
+                       rngs={"dropout": rng})
+  return _classification(logits, batch)
+
+
+def remote_loss(model, params, batch, rng, train):
+  """REMOTE's: cross-entropy plus the model-side regularisers (the MMoE's load balancing
+  when enabled; 0 otherwise); the reported loss is the cross-entropy."""
+  logits, aux = model.apply({"params": params}, batch, deterministic=not train,
+                            rngs={"dropout": rng})
+  loss, metrics = _classification(logits, batch)
+  metrics.update(missing_marker=aux["missing_marker"].mean(), aux_loss=aux["aux_loss"],
+                 **mean_ot_diagnostics(aux["ot"]))
+  return loss + aux["aux_loss"], metrics
+
+
+def make_train_step(model, tx, loss_fn=remote_loss):
+  """The pure step: gradients of `loss_fn`'s objective, one optimizer update; the
+  metrics are `loss_fn`'s plus the gradient norm. Dropout keys fold in the step."""
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
-
-    def loss_fn(params):
-      logits, aux = model.apply({"params": params}, batch, deterministic=False,
-                                rngs={"dropout": rng})
-      loss = cross_entropy(logits, batch["label"], batch["mask"])
-      # Model-side regularisers (the MMoE's load balancing when enabled; 0 otherwise).
-      return loss + aux["aux_loss"], (logits, aux, loss)
-
-    (_, (logits, aux, loss)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    objective = lambda params: loss_fn(model, params, batch, rng, True)
+    (_, metrics), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    acc = ((logits.argmax(-1) == batch["label"]) * batch["mask"]).sum() / jnp.maximum(
-        batch["mask"].sum(), 1)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "accuracy": acc,
-               "missing_marker": aux["missing_marker"].mean(), "aux_loss": aux["aux_loss"]}
-    metrics.update(mean_ot_diagnostics(aux["ot"]))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, metrics
+    return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
 
   return train_step
 
@@ -96,11 +119,15 @@ def make_eval_step(model):
   return eval_step
 
 
+def make_logits_step(model):
+  """eval_step of a model whose output is the logits."""
+  return lambda params, batch: model.apply({"params": params}, batch, deterministic=True)
+
+
 @dataclasses.dataclass
 class Setup:
-  """Everything the loop, evaluate.py and predict.py share."""
-  config: Any
-  meta: Any
+  """A model's mesh, optimizer, sharded state and jitted steps (`build`); REMOTE's also
+  carries the config and dataset meta that its loop, evaluate.py and predict.py share."""
   model: nn.Module
   mesh: Any
   tx: Any
@@ -109,6 +136,19 @@ class Setup:
   state_sharding: Any
   train_step: Any
   eval_step: Any
+  config: Any = None
+  meta: Any = None
+
+  def jit_eval(self, fn):
+    """`fn(params, batch)` jitted as eval_step is."""
+    return _jit_eval(fn, self.state_sharding, self.mesh)
+
+
+def _jit_eval(fn, state_sh, mesh):
+  """State-sharded params, batch sharded over the data axes, outputs replicated (every
+  process gets every row)."""
+  return jax.jit(fn, in_shardings=(state_sh.params, sharding.batch_sharding(mesh)),
+                 out_shardings=sharding.replicated(mesh))
 
 
 def dummy_batch(meta, batch_size=2):
@@ -135,21 +175,27 @@ def abstract_batch(meta, batch_size, batch_sh):
           for k, v in model_batch(dummy_batch(meta, 1)).items()}
 
 
-def load_pretrained(config, params, meta):
-  """Replaces the encoder params by converted local checkpoints, if configured."""
+def load_pretrained(params, model_config, seed, **vision):
+  """Replaces the `text` / `vision` encoder params by converted local checkpoints where
+  `model_config.{text,vision}.pretrained_dir` is set (and the model has that encoder).
+
+  The word embeddings gain one fresh row per marker token (the tokenizer's vocabulary
+  is the checkpoint's plus MARKERS); `vision` overrides the fields of
+  `model_config.vision` that `convert.load_clip_vision` takes.
+  """
+  from remote_jax.data.tokenizer import MARKERS
   from remote_jax.models import convert
-  text_dir, vision_dir = config.model.text.pretrained_dir, config.model.vision.pretrained_dir
-  if text_dir:
-    extra = meta["vocab_size"] - convert.read_hf_config(text_dir)["vocab_size"]
-    _, text = convert.load_bert(text_dir, num_extra_tokens=extra, seed=config.seed)
+  text_dir = model_config.text.get("pretrained_dir", "")
+  vision_dir = model_config.vision.get("pretrained_dir", "")
+  if text_dir and "text" in params:
+    _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed)
     params = _replace(params, "text", text, text_dir)
-    log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, extra)
-  if vision_dir:
-    v = config.model.vision
-    _, vision = convert.load_clip_vision(
-        vision_dir, image_size=v.image_size, patch_size=v.patch_size,
-        use_cls=v.use_cls, use_depth=v.use_depth, seed=config.seed)
-    params = _replace(params, "vision", vision, vision_dir)
+    log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
+  if vision_dir and "vision" in params:
+    v = {k: model_config.vision[k] for k in ("image_size", "patch_size", "use_cls", "use_depth")
+         if k in model_config.vision}
+    _, weights = convert.load_clip_vision(vision_dir, **{**v, **vision}, seed=seed)
+    params = _replace(params, "vision", weights, vision_dir)
     log.info("loaded pretrained vision tower from %s", vision_dir)
   return params
 
@@ -172,57 +218,86 @@ def _replace(params, key, new, where):
   merged = dict(flat_old)
   for name, value in flat_new.items():
     merged[name] = jax.device_put(jnp.asarray(value, flat_old[name].dtype),
-                                  flat_old[name].sharding)
+                                  getattr(flat_old[name], "sharding", None))
   return {**params, key: flax.traverse_util.unflatten_dict(merged, sep="/")}
 
 
-def setup(config, total_steps=1, compile_train=False):
-  """Model, optimizer, mesh, sharded state and the jitted steps.
+# Jitted functions per (model, optimizer, steps, mesh, rules, loss, eval): MI2RAGE's
+# teachers of later rounds, and repeated runs in one process, reuse their compilations.
+_ENGINES = {}
 
-  With `compile_train` the train step is compiled from abstract shapes before
-  the state exists, and the compiler's freed heap goes back to the OS: its
-  transient memory then does not stack on parameters and optimizer state.
+
+def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", seed=0,
+          loss_fn=classifier_loss, eval_fn=make_logits_step, compile_batch=None):
+  """Setup of `model` on `mesh`: sharded state initialised from `seed` on `init_batch`
+  (numpy, any batch size), the optimizer of `optim_config` over `total_steps`, the train
+  step of `loss_fn` (state donated) and the eval step `eval_fn(model)(params, batch)`.
+
+  With `compile_batch` (abstract global batch) the train step is compiled before the
+  state exists, and the compiler's freed heap goes back to the OS: its transient memory
+  then does not stack on parameters and optimizer state.
   """
+  rules = rules if isinstance(rules, str) else tuple(map(tuple, rules))
+  key = (model, json.dumps(writers.jsonable(dict(optim_config)), sort_keys=True),
+         max(total_steps, 1), mesh, rules, loss_fn, eval_fn)
+  try:
+    cached = compile_batch is None and key in _ENGINES
+  except TypeError:   # an unhashable model config: no reuse
+    cached = False
+  if not cached:
+    init = lambda r, b: model.init({"params": r, "dropout": r}, b)["params"]
+    abstract_params = jax.eval_shape(init, jax.random.key(seed), init_batch)
+    tx, schedule = optim.make_optimizer(optim_config, nn.meta.unbox(abstract_params),
+                                        max(total_steps, 1))
+
+    def init_fn(r, b):
+      params = init(r, b)
+      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                        opt_state=tx.init(nn.meta.unbox(params)))
+
+    replicated = sharding.replicated(mesh)
+    batch_sh = sharding.batch_sharding(mesh)
+    abstract_state = jax.eval_shape(init_fn, jax.random.key(seed), init_batch)
+    state_sh = sharding.state_shardings(abstract_state, mesh, rules)
+    # Straight into the shardings, so no host holds a full copy.
+    init_jit = jax.jit(lambda r, b: nn.meta.unbox(init_fn(r, b)),
+                       in_shardings=(replicated, replicated), out_shardings=state_sh)
+    train_step = jax.jit(make_train_step(model, tx, loss_fn), donate_argnums=(0,),
+                         in_shardings=(state_sh, batch_sh, replicated),
+                         out_shardings=(state_sh, replicated))
+    if compile_batch is not None:
+      t0 = time.perf_counter()
+      train_step = train_step.lower(nn.meta.unbox(abstract_state), compile_batch,
+                                    jax.random.key(0)).compile()
+      log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
+      xla_cpu.release_freed_heap()
+    eval_step = _jit_eval(eval_fn(model), state_sh, mesh)
+    engine = (tx, schedule, state_sh, init_jit, train_step, eval_step)
+    if compile_batch is None:   # a compiled step takes its batch shape only
+      with contextlib.suppress(TypeError):
+        _ENGINES[key] = engine
+  else:
+    engine = _ENGINES[key]
+  tx, schedule, state_sh, init_jit, train_step, eval_step = engine
+  with mesh:
+    state = init_jit(jax.random.key(seed), init_batch)
+  return Setup(model, mesh, tx, schedule, state, state_sh, train_step, eval_step)
+
+
+def setup(config, total_steps=1, compile_train=False):
+  """REMOTE's Setup: model of config.model, mesh of config.mesh (`build`)."""
   meta = pipeline.dataset_meta(config.data)
   mesh = sharding.make_mesh(config.mesh)
-  shards = mesh.shape["data"] * mesh.shape["fsdp"]
   for field in ("batch_size", "eval_batch_size"):
-    if config[field] % shards:
-      raise ValueError(f"config.{field}={config[field]} must be a multiple of the mesh's "
-                       f"data x fsdp size ({shards}, config.mesh={list(config.mesh)})")
+    sharding.check_batch_size(mesh, config[field], field)
   model = remote.build(config.model, meta["num_classes"], meta["vocab_size"])
-  init_batch = dummy_batch(meta)
-  rng = jax.random.key(config.seed)
-  abstract_params = jax.eval_shape(
-      lambda r: model.init({"params": r, "dropout": r}, init_batch)["params"], rng)
-  tx, schedule = optim.make_optimizer(config.optim, nn.meta.unbox(abstract_params), total_steps)
-
-  def init_fn(r):
-    params = model.init({"params": r, "dropout": r}, init_batch)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(nn.meta.unbox(params)))
-
-  replicated = sharding.replicated(mesh)
-  batch_sh = sharding.batch_sharding(mesh)
-  abstract_state = jax.eval_shape(init_fn, rng)
-  state_sh = sharding.state_shardings(abstract_state, mesh, config.sharding)
-  train_step = jax.jit(make_train_step(model, tx), donate_argnums=(0,),
-                       in_shardings=(state_sh, batch_sh, replicated),
-                       out_shardings=(state_sh, replicated))
-  if compile_train:
-    t0 = time.perf_counter()
-    train_step = train_step.lower(nn.meta.unbox(abstract_state),
-                                  abstract_batch(meta, config.batch_size, batch_sh),
-                                  jax.random.key(0)).compile()
-    log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-    xla_cpu.release_freed_heap()
-  with mesh:
-    state, _ = sharding.create_sharded_state(init_fn, rng, mesh, config.sharding, state_sh)
-  # Outputs replicated: every process reads all rows (multi-host metrics).
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(state_sh.params, batch_sh),
-                      out_shardings=(replicated, replicated))
-  return Setup(config, meta, model, mesh, tx, schedule, state, state_sh, train_step,
-               eval_step)
+  compile_batch = (abstract_batch(meta, config.batch_size, sharding.batch_sharding(mesh))
+                   if compile_train else None)
+  s = build(model, dummy_batch(meta), config.optim, total_steps, mesh, rules=config.sharding,
+            seed=config.seed, loss_fn=remote_loss, eval_fn=make_eval_step,
+            compile_batch=compile_batch)
+  s.config, s.meta = config, meta
+  return s
 
 
 def restore(config, path):
@@ -280,6 +355,109 @@ def evaluate(s: Setup, params, split, *, collect=False):
   return result
 
 
+def train_steps(s: Setup, state, next_batch, total_steps, rng, *, writer=None, split="train",
+                log_every=50, after_step=None):
+  """Runs `s.train_step` from `state.step` to `total_steps`; returns the state.
+
+  `next_batch(step)` gives this process's rows of the global batch of (0-based) `step`.
+  Every `log_every` steps (and at the last) the mean metrics, with the learning rate
+  and examples/s, go to `writer` under `split`; a non-finite loss or gradient norm
+  raises there. `after_step(step, state)` (checkpoints, evaluation) may return True to
+  stop early.
+  """
+  step = int(state.step)
+  progress = writers.Progress(total_steps, initial=step, desc=split, log_every=log_every)
+  t0, examples, pending = time.perf_counter(), 0, []
+  try:
+    while step < total_steps:
+      batch = sharding.global_batch(next_batch(step), s.mesh)
+      state, m = s.train_step(state, batch, rng)
+      step += 1
+      n = len(jax.tree.leaves(batch)[0])
+      examples += n
+      pending.append(m)
+      if step % log_every == 0 or step == total_steps:
+        pending = jax.device_get(pending)
+        mean = {k: float(np.mean([x[k] for x in pending])) for k in pending[0]}
+        pending = []
+        metrics_lib.check_finite(step, loss=mean["loss"], grad_norm=mean["grad_norm"])
+        mean["lr"] = float(s.schedule(step))
+        mean["examples_per_s"] = examples / max(time.perf_counter() - t0, 1e-9)
+        if writer is not None:
+          writer.write(step, mean, split=split)
+        progress.update(step, examples=n, loss=mean["loss"])
+      else:
+        progress.update(step, examples=n)
+      if after_step is not None and after_step(step, state):
+        break
+  finally:
+    progress.close()
+  return state
+
+
+def process_rows(mesh, rows, field="batch_size"):
+  """This process's part of a global batch's row array (its slice, by the mesh)."""
+  n, shard, _ = sharding.host_rows(mesh, len(rows), field)
+  return rows[shard * n:(shard + 1) * n]
+
+
+def fit(s: Setup, draw, make, steps, seed, ckpt_dir, *, ckpt_every=0, writer=None,
+        name="train", log_every=50):
+  """Trains `s.state` (donated) for `steps` steps; returns the trained params.
+
+  Step i's global batch holds the rows `draw(np.random.default_rng([seed, i]))`
+  (indices); each process builds its part with `make(indices) -> numpy batch`.
+  Dropout keys fold the step into key(seed). The state is saved to `ckpt_dir` every
+  `ckpt_every` steps and at the end (meta {"done": true}); called again with the same
+  directory it resumes from the newest step that restores, or returns the finished
+  run's params at once.
+  """
+  ckpt = ckpt_lib.Checkpointer(pathlib.Path(ckpt_dir).absolute(), max_to_keep=1,
+                               async_save=False)
+  try:
+    state = s.state
+    restored = ckpt.restore_latest(state)
+    if restored is not None:
+      state, start = restored
+      if ckpt.load_meta(start).get("done"):
+        return state.params
+      log.info("%s: resuming at step %d", name, start)
+
+    def next_batch(i):
+      return make(process_rows(s.mesh, np.asarray(draw(np.random.default_rng([seed, i])))))
+
+    def after_step(i, state):
+      if ckpt_every and i % ckpt_every == 0 and i < steps:
+        ckpt.save(i, state, meta={"done": False}, force=True)
+
+    state = train_steps(s, state, next_batch, steps, jax.random.key(seed), writer=writer,
+                        split=name, log_every=log_every, after_step=after_step)
+    ckpt.save(steps, state, meta={"done": True, "steps": steps}, force=True)
+    ckpt.wait()
+    return state.params
+  finally:
+    ckpt.close()
+
+
+def predict(s: Setup, params, n, batch_size, make, fn=None):
+  """Outputs of `fn` (default `s.eval_step`) for rows 0..n-1, as numpy (n, ...).
+
+  Batches have the fixed global size `batch_size` (the last is padded by repeating
+  its last row), so one compiled function serves every call; each process makes its
+  rows with `make(indices)`, and the outputs come back with every row.
+  """
+  fn = s.eval_step if fn is None else fn
+  out = []
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, min(start + batch_size, n))
+    valid = len(idx)
+    idx = np.concatenate([idx, np.full(batch_size - valid, idx[-1])])
+    local = make(process_rows(s.mesh, idx, "eval_batch_size"))
+    out.append(np.asarray(jax.device_get(fn(params, sharding.global_batch(local, s.mesh))))
+               [:valid])
+  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
 def steps_per_epoch(config, meta):
   n = meta["splits"]["train"]
   return max(n // config.batch_size, 1)
@@ -317,8 +495,7 @@ def train_and_evaluate(config, workdir):
     state = other.restore(step, state)
     log.info("initialised from checkpoint %s step %d (data restarts)", start.path, step)
   else:
-    if config.model.text.pretrained_dir or config.model.vision.pretrained_dir:
-      state = state.replace(params=load_pretrained(config, state.params, s.meta))
+    state = state.replace(params=load_pretrained(state.params, config.model, config.seed))
   if main:
     groups = optim.group_summary(config.optim, state.params)
     log.info("parameter groups: %s", json.dumps(groups))
@@ -326,34 +503,14 @@ def train_and_evaluate(config, workdir):
     log.info("model: %.2fM parameters; %d steps (%d per epoch)", n_params / 1e6,
              total_steps, spe)
 
-  rng = jax.random.key(config.seed + 1)
-  step = int(state.step)
-  progress = writers.Progress(total_steps, initial=step, log_every=config.log_every_steps)
   eval_every = config.eval_every_steps or max(int(spe * config.eval_every_epochs), 1)
   ckpt_every = config.checkpoint_every_steps
-  t0, examples = time.perf_counter(), 0
-  train_metrics = []
-  while step < total_steps:
-    batch = next(train_iter)
-    state, m = s.train_step(state, sharding.global_batch(model_batch(batch), s.mesh), rng)
-    step += 1
-    examples += config.batch_size
-    train_metrics.append(m)
-    if not (step % config.log_every_steps == 0 or step == total_steps):
-      progress.update(step, examples=config.batch_size)
-    else:
-      m = jax.device_get(train_metrics)
-      train_metrics = []
-      mean = {k: float(np.mean([x[k] for x in m])) for k in m[0]}
-      metrics_lib.check_finite(step, loss=mean["loss"], grad_norm=mean["grad_norm"])
-      mean["lr"] = float(s.schedule(step))
-      mean["examples_per_s"] = examples / max(time.perf_counter() - t0, 1e-9)
-      writer.write(step, mean, split="train")
-      progress.update(step, examples=config.batch_size, loss=mean["loss"])
-    if ckpt_every and step % ckpt_every == 0 and not (step % eval_every == 0
-                                                      or step == total_steps):
+
+  def after_step(step, state):
+    evaluates = step % eval_every == 0 or step == total_steps
+    if ckpt_every and step % ckpt_every == 0 and not evaluates:
       ckpt.save(step, state, train_iter, meta={"history": history}, force=True)
-    if step % eval_every == 0 or step == total_steps:
+    if evaluates:
       record = {"step": step, "epoch": step / spe}
       for split in ("dev", "test"):
         if SPLITS[split] in meta["splits"]:
@@ -369,16 +526,20 @@ def train_and_evaluate(config, workdir):
         log.info("step %d: dev f1 %s test f1 %s (best dev %s at step %s)", step,
                  f1(record, "dev/f1"), f1(record, "test/f1"), f1(best, "dev/f1"),
                  best.get("step"))
-    if config.stop_after_step and step >= config.stop_after_step and step < total_steps:
-      # As if the job were killed here: no summary; a rerun with the same
-      # workdir resumes from the last checkpoint.
-      log.warning("stopping at step %d (config.stop_after_step)", step)
-      progress.close()
-      ckpt.wait()
-      ckpt.close()
-      writer.close()
-      return {"stopped_at": step, "history": history}
-  progress.close()
+    # As if the job were killed here: no summary; a rerun with the same workdir
+    # resumes from the last checkpoint.
+    return bool(config.stop_after_step) and total_steps > step >= config.stop_after_step
+
+  state = train_steps(s, state, lambda _: model_batch(next(train_iter)), total_steps,
+                      jax.random.key(config.seed + 1), writer=writer,
+                      log_every=config.log_every_steps, after_step=after_step)
+  step = int(state.step)
+  if step < total_steps:
+    log.warning("stopping at step %d (config.stop_after_step)", step)
+    ckpt.wait()
+    ckpt.close()
+    writer.close()
+    return {"stopped_at": step, "history": history}
   ckpt.wait()
   summary = summarise(config, history)
   writer.write(step, summary, split="summary")

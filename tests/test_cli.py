@@ -78,6 +78,17 @@ def test_command_line_mistakes_are_one_line(tmp_path, module, args, expected):
   assert len(lines) == 2 and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("module", ["remote_jax.train", "mi2rage_jax.train"])
+def test_both_training_clis_share_the_harness(tmp_path, module):
+  """remote_jax.cli.train_main: the same --seeds flag and one-line errors in both."""
+  out = run(module, "--config=demo.py" if module.startswith("remote") else
+            "--config=mi2rage_demo.py", "--seeds=0,x", cwd=tmp_path)
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "error: --seeds=0,x: expected a comma list of integers" in out.stderr
+  assert "Traceback" not in out.stderr
+  assert "one run per seed in workdir/seed_N" in run(module, "--helpfull", cwd=tmp_path).stdout
+
+
 def test_mi2rage_cli_resolves_names_too(tmp_path):
   out = run("mi2rage_jax.train", "--config=mi2rage_demo.py:fast", "--dry_run", cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]

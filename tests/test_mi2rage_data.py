@@ -95,6 +95,8 @@ def test_text_only_data_with_pregenerated_views(tmp_path):
   config.generator = dict(name="pregenerated", stores=stores)
   config.model.vision.image_size = 16
   config.data.image_size = 16
+  # The tests' 8 CPU devices: the smallest batch (4) splits over data, tensor holds the rest.
+  config.mesh = [("data", 4), ("tensor", 2)]
   summary = train.run(config, tmp_path / "run")["no_real_image"]
   assert summary["test"]["append_real"] is False           # no real image to append
   assert set(summary["stages"].values()) == {"ran"}

@@ -158,8 +158,9 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   """'P was seen with O': the text student learns works_for vs none from the real image
   (badge == sign), and cannot without it (held-out people: the text alone is chance)."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import models, trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import models  # pylint: disable=import-outside-toplevel
+  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.test_mi2rage_models import model_cfg, one_device  # pylint: disable=import-outside-toplevel
   enc = data_lib.Encoder("", 24)
   cfg = model_cfg(vocab=enc.vocab_size)
   cfg.vision.image_size = 32
@@ -167,15 +168,12 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   train, test = _seen_rows(128, 0), _seen_rows(96, 1)
   train_b = _seen_batch(enc, train, with_image)
 
-  def sample(rng):
-    idx = rng.choice(len(train), 32)
-    return {k: v[idx] for k, v in train_b.items()}
-
-  params = trainer.init_params(model, sample(np.random.default_rng(0)), 0)
-  params = trainer.fit(model, params, sample, 50, dict(lr=3e-3, warmup_ratio=0.1), 0,
-                       tmp_path / "ckpt", ckpt_every=0)
+  s = one_device(model, train_b, 50, dict(lr=3e-3, warmup_ratio=0.1))
+  params = trainer.fit(s, lambda rng: rng.choice(len(train), 32),
+                       lambda idx: {k: v[idx] for k, v in train_b.items()}, 50, 0,
+                       tmp_path / "ckpt")
   test_b = _seen_batch(enc, test, with_image)
-  logits = trainer.predict(model, params, len(test), 32,
+  logits = trainer.predict(s, params, len(test), 32,
                            lambda idx: {k: v[idx] for k, v in test_b.items()})
   acc = float((logits.argmax(-1) == test_b["label"]).mean())
   print(f"with_image={with_image} acc={acc:.3f}")
@@ -189,8 +187,9 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   """A text teacher trained on noisy captions of "seen with" photos keeps, per instance, more
   faithful captions (the generators' ground truth) than a random selection does."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import models, selection, trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import models, selection  # pylint: disable=import-outside-toplevel
+  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  from tests.test_mi2rage_models import model_cfg, one_device  # pylint: disable=import-outside-toplevel
   enc = data_lib.Encoder("", 32)
   gen = demo.DemoGenerators(noise=0.4, knowledge_error=0.2, mention_rate=0.7)
   rows, views = _seen_rows(64, 2), []
@@ -200,14 +199,10 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   b["label"] = np.asarray([inst.label for inst, _, _ in views], np.int32)
   model = models.build_teacher("text", model_cfg(vocab=enc.vocab_size), 2)
 
-  def sample(rng):
-    idx = rng.choice(len(views), 32)
-    return {k: v[idx] for k, v in b.items()}
-
-  params = trainer.init_params(model, sample(np.random.default_rng(0)), 0)
-  params = trainer.fit(model, params, sample, 120, dict(lr=2e-3, warmup_ratio=0.1), 0,
-                       tmp_path / "ckpt", ckpt_every=0)
-  logits = trainer.predict(model, params, len(views), 64,
+  s = one_device(model, b, 120, dict(lr=2e-3, warmup_ratio=0.1))
+  params = trainer.fit(s, lambda rng: rng.choice(len(views), 32),
+                       lambda idx: {k: v[idx] for k, v in b.items()}, 120, 0, tmp_path / "ckpt")
+  logits = trainer.predict(s, params, len(views), 64,
                            lambda idx: {k: v[idx] for k, v in b.items()})
   loss = selection.loss_score(logits, b["label"]).reshape(len(rows), 5)
   ok = np.asarray([f for _, _, f in views]).reshape(len(rows), 5)

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from mi2rage_jax import data as data_lib
-from mi2rage_jax import models, pipeline, trainer
+from mi2rage_jax import models, pipeline
+from remote_jax import sharding, trainer
 from remote_jax.data.records import Entity
 
 C = 5
@@ -47,6 +48,14 @@ def _text_student_batch(rng, b, n, length=12, valid=None):
 
 
 BATCHES = {"no_real_text": _image_student_batch, "no_real_image": _text_student_batch}
+
+
+def one_device(model, batch, steps=1, optim=None, seed=0):
+  """The engine's Setup of `model` on a one-device mesh (the tests' 8 CPU devices would
+  make small batches too small to split)."""
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  first = jax.tree.map(lambda x: x[:1], batch)   # init needs shapes only
+  return trainer.build(model, first, optim or dict(lr=1e-3), steps, mesh, seed=seed)
 
 
 def random_params(model, batch, seed=0):
@@ -149,8 +158,9 @@ def test_teacher_never_sees_the_real_view(tmp_path, setting):
     np.testing.assert_array_equal(batch[k], batch2[k])
   model = run.teacher_model()
   params = random_params(model, batch)
-  np.testing.assert_array_equal(trainer.predict(model, params, 2, 2, lambda i: batch),
-                                trainer.predict(model, params, 2, 2, lambda i: batch2))
+  s = one_device(model, batch)
+  np.testing.assert_array_equal(trainer.predict(s, params, 2, 2, lambda i: batch),
+                                trainer.predict(s, params, 2, 2, lambda i: batch2))
   # The student input does change with the real view (the test could fail).
   student_views = {inst.id: synthetic}
   s1 = run.student_batch([inst], student_views, 2)
@@ -169,10 +179,10 @@ def test_pretrained_text_encoder_loads_into_the_teacher(minilm_dir):
   batch = dict(input_ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids),
                subj_pos=np.zeros(2, np.int32), obj_pos=np.ones(2, np.int32))
   params = random_params(model, batch)
-  loaded = trainer.load_pretrained(params, cfg, 12)
+  loaded = trainer.load_pretrained(params, cfg, 0)
   word = loaded["text"]["embeddings"]["word_embeddings"]["embedding"]
   assert word.shape == (30534, 384) and np.abs(word - params["text"]["embeddings"][
       "word_embeddings"]["embedding"]).max() > 0.1
   cfg.text.vocab_size = 30540       # a vocabulary that is not the checkpoint's + markers
   with pytest.raises(ValueError, match="do not fit"):
-    trainer.load_pretrained(random_params(models.build_teacher("text", cfg, C), batch), cfg, 12)
+    trainer.load_pretrained(random_params(models.build_teacher("text", cfg, C), batch), cfg, 0)

@@ -125,6 +125,25 @@ def _names(rng):
 DESCRIPTIONS = dict(p="{} is a person .", l="{} is a city .", o="{} is an organisation .")
 
 
+def square_box(cx, cy, side):
+  """(x0, y0, x1, y1) of the square of `side` centred on (cx, cy)."""
+  h = side / 2
+  return (cx - h, cy - h, cx + h, cy + h)
+
+
+def draw_shape(canvas, kind, box, size, fill):
+  """A circle, square or (any other kind) triangle filling `box` (fractions of the
+  image) on the ImageDraw `canvas` of a `size`-pixel image."""
+  l, t, r, b = (v * size for v in box)
+  r, b = r - 1, b - 1
+  if kind == "circle":
+    canvas.ellipse((l, t, r, b), fill=fill)
+  elif kind == "square":
+    canvas.rectangle((l, t, r, b), fill=fill)
+  else:
+    canvas.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
+
+
 class _Shape:
   """One object: attributes, centre (cx, cy), side s (fractions of the image), nearness d."""
 
@@ -134,8 +153,7 @@ class _Shape:
 
   @property
   def box(self):
-    h = self.s / 2
-    return (self.cx - h, self.cy - h, self.cx + h, self.cy + h)
+    return square_box(self.cx, self.cy, self.s)
 
   @property
   def combo(self):
@@ -275,15 +293,8 @@ def _render(shapes, size):
   draw, draw_index = ImageDraw.Draw(image), ImageDraw.Draw(index)
   for i in sorted(range(len(shapes)), key=lambda i: shapes[i].d):
     shape = shapes[i]
-    l, t, r, b = (v * size for v in shape.box)
-    r, b = r - 1, b - 1
     for d, fill in ((draw, COLOURS[shape.colour]), (draw_index, i + 1)):
-      if shape.shape == "circle":
-        d.ellipse((l, t, r, b), fill=fill)
-      elif shape.shape == "square":
-        d.rectangle((l, t, r, b), fill=fill)
-      else:
-        d.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
+      draw_shape(d, shape.shape, shape.box, size, fill)
   lut = np.asarray([BACKGROUND_DEPTH] + [s.d for s in shapes], np.float32)
   return image, lut[np.asarray(index)]
 
@@ -421,22 +432,27 @@ def demo_params(cfg):
   return params
 
 
-def ensure_demo_dataset(root, params):
-  """`root/demo-<hash of params and GENERATOR_VERSION>`, written once (atomically, safe with parallel writers)."""
-  key = hashlib.sha1(json.dumps(dict(params, generator=GENERATOR_VERSION),
-                                sort_keys=True).encode()).hexdigest()[:10]
-  final = pathlib.Path(root) / f"demo-{key}"
+def ensure_written(root, prefix, params, write, **version):
+  """`root/<prefix>-<hash of params and version>`, filled once by `write(dir, **params)`
+  (atomically: written to a temporary directory, then renamed; safe with parallel writers)."""
+  key = hashlib.sha1(json.dumps(dict(params, **version), sort_keys=True).encode()).hexdigest()[:10]
+  final = pathlib.Path(root) / f"{prefix}-{key}"
   if (final / "DONE").exists():
     return final
   final.parent.mkdir(parents=True, exist_ok=True)
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=".demo-", dir=final.parent))
-  write_demo_dataset(tmp, **params)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=final.parent))
+  write(tmp, **params)
   (tmp / "DONE").write_text(json.dumps(params))
   try:
     os.rename(tmp, final)
   except OSError:  # another process finished first
     shutil.rmtree(tmp, ignore_errors=True)
   return final
+
+
+def ensure_demo_dataset(root, params):
+  """`root/demo-<hash of params and GENERATOR_VERSION>`, written once."""
+  return ensure_written(root, "demo", params, write_demo_dataset, generator=GENERATOR_VERSION)
 
 
 def demo_reader(cfg):
