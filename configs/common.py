@@ -62,6 +62,21 @@ VISION_SIZES = {
 }
 
 
+def text_tower(dims, **overrides):
+  """config.model.text: BERT's settings (bert-base-uncased's config.json) at `dims`."""
+  tower = dict(dims, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+               hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+               initializer_range=0.02, pretrained_dir="")
+  return {**tower, **overrides}
+
+
+def vision_tower(dims, **overrides):
+  """config.model.vision: CLIP ViT's settings at `dims`."""
+  tower = dict(dims, layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02,
+               pretrained_dir="")
+  return {**tower, **overrides}
+
+
 def model_config(size="tiny", semantics="paper"):
   """The REMOTE model config. `semantics` picks the paper's or the released code's behaviour.
 
@@ -73,12 +88,9 @@ def model_config(size="tiny", semantics="paper"):
   if semantics not in ("paper", "reference"):
     raise ValueError(f"model semantics {semantics!r}: allowed 'paper', 'reference'")
   paper = semantics == "paper"
-  text = dict(TEXT_SIZES[size], vocab_size=30522, max_position_embeddings=512,
-              type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1,
-              layer_norm_eps=1e-12, initializer_range=0.02, pretrained_dir="")
-  vision = dict(VISION_SIZES[size], image_size=64, patch_size=32, use_cls=False,
-                use_depth=True, layer_norm_eps=1e-5, attention_dropout=0.0,
-                initializer_range=0.02, pretrained_dir="")
+  text = text_tower(TEXT_SIZES[size])
+  vision = vision_tower(VISION_SIZES[size], image_size=64, patch_size=32, use_cls=False,
+                        use_depth=True)
   num_layers = text["num_layers"]
   if vision["num_layers"] != num_layers:
     raise ValueError("text and vision towers need the same number of layers")
@@ -177,6 +189,22 @@ def data_config(name, **overrides):
   return data
 
 
+def optim_config(**overrides):
+  """config.optim (remote_jax/optim.py says what each key does): the released protocol's
+  AdamW, lr 1e-5, 6% warmup then linear decay, weight decay 0.01 on everything."""
+  optim = dict(
+      name="adamw", lr=1e-5, schedule="linear", warmup_ratio=0.06,
+      warmup_steps=None,            # set: overrides warmup_ratio
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.01, decay_mask="all",
+      clip_norm=0.0,                # <= 0: no clipping
+      grad_accum=1,
+      groups={}, frozen_patterns=(),
+  )
+  optim.update(overrides)
+  return optim
+
+
 def train_config(**overrides):
   """Optimiser, schedule, loop, checkpoints, logging, mesh: the shared defaults."""
   config = ml_collections.ConfigDict(dict(
@@ -192,12 +220,7 @@ def train_config(**overrides):
       report_max_over_epochs=False, # the released code's test-set selection
       max_steps=0,                  # >0 caps the schedule's length (smoke tests)
       stop_after_step=0,            # >0 stops as if killed there (resume drills)
-      optim=dict(
-          name="adamw", lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
-          weight_decay=0.01, decay_mask="all", warmup_ratio=0.06,
-          clip_norm=0.0, grad_accum=1,
-          groups={}, frozen_patterns=(),
-      ),
+      optim=optim_config(),
       mesh=[("data", -1)],
       sharding="dp",
       distributed=dict(coordinator_address="", num_processes=0, process_id=-1),

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from configs import common
 from mi2rage_jax import models, trainer
 from tests.test_mi2rage_models import C, model_cfg, random_params
 
@@ -102,7 +103,7 @@ def test_fit_resumes_after_an_interruption(tmp_path):
                subj_pos=np.array([1, 1, 2, 2], np.int32), obj_pos=np.array([3, 4, 5, 6], np.int32),
                label=np.array([0, 1, 2, 3], np.int32))
   params = random_params(model, batch)
-  optim = dict(lr=1e-3, warmup_ratio=0.0)
+  optim = common.optim_config(lr=1e-3, warmup_ratio=0.0)
 
   def sample(rng):
     return {**batch, "label": rng.integers(0, C, 4).astype(np.int32)}

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from configs import common
 from mi2rage_jax import demo
 from mi2rage_jax.generators import seeded
 
@@ -172,7 +173,8 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
     return {k: v[idx] for k, v in train_b.items()}
 
   params = trainer.init_params(model, sample(np.random.default_rng(0)), 0)
-  params = trainer.fit(model, params, sample, 50, dict(lr=3e-3, warmup_ratio=0.1), 0,
+  optim = common.optim_config(lr=3e-3, warmup_ratio=0.1)
+  params = trainer.fit(model, params, sample, 50, optim, 0,
                        tmp_path / "ckpt", ckpt_every=0)
   test_b = _seen_batch(enc, test, with_image)
   logits = trainer.predict(model, params, len(test), 32,
@@ -205,7 +207,8 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
     return {k: v[idx] for k, v in b.items()}
 
   params = trainer.init_params(model, sample(np.random.default_rng(0)), 0)
-  params = trainer.fit(model, params, sample, 120, dict(lr=2e-3, warmup_ratio=0.1), 0,
+  optim = common.optim_config(lr=2e-3, warmup_ratio=0.1)
+  params = trainer.fit(model, params, sample, 120, optim, 0,
                        tmp_path / "ckpt", ckpt_every=0)
   logits = trainer.predict(model, params, len(views), 64,
                            lambda idx: {k: v[idx] for k, v in b.items()})
