@@ -32,7 +32,7 @@ def main(argv):
   if config is None:
     sys.exit("--config is required, e.g. --config configs/demo.py")
   with errors.user_errors():
-    xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
+    xla_cpu.apply(config.xla_cpu)   # before the backend starts
   workdir = pathlib.Path(_WORKDIR.value or f"runs/{config.data.name}")
   distributed.maybe_initialize(config)
   jax.config.update("jax_threefry_partitionable", True)

@@ -232,7 +232,7 @@ def restore(config, path):
   join first and each restores and scores its shard, as in training."""
   if not path:
     raise ValueError("give --workdir or --checkpoint")
-  xla_cpu.apply(config.get("xla_cpu", "xla"))   # before setup starts the backend
+  xla_cpu.apply(config.xla_cpu)   # before setup starts the backend
   distributed.maybe_initialize(config)
   s = setup(config)
   ckpt, step = ckpt_lib.open_checkpoint(path)

@@ -111,7 +111,8 @@ def _run(tmp_path, setting):
   cfg = ml_collections.ConfigDict(dict(
       seed=0, ckpt_every=0,
       data=dict(train_split="train", test_split="test", image_size=16),
-      generator=dict(name="demo", noise=0.0, image_size=96, max_pairs=3, stores={}),
+      generator=dict(name="demo", noise=0.0, image_size=96, max_pairs=3, stores={},
+                     knowledge=False, knowledge_error=0.0, mention_rate=1.0),
       ccg=dict(rounds=0, n_initial=2, children=1, keep_fraction=0.6),
       teacher=dict(kind="trained"), student=dict(unimodal=False),
       model=model_cfg()))
