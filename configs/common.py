@@ -178,8 +178,8 @@ def data_config(name, **overrides):
       modalities="both",
       depth_norm="none",       # none (released) | minmax | more (255 - 100 d)
       strict="strict",         # strict: stop at the first bad line; skip: count and list
-      cache_dir="",            # default: <workdir>/../data_cache
-      tokenizer_dir="",        # default: the vocabulary of the offline MiniLM package
+      cache_dir="data_cache",  # preprocessed datasets (relative: to the working directory)
+      tokenizer_dir="",        # "": the vocabulary of the offline MiniLM package
       worker_count=0,
       # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
       # so --config.data.paths.images=DIR works.

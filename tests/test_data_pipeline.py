@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from remote_jax.data import builder as builder_lib
 from remote_jax.data import pipeline, preprocess, umre
 from remote_jax.data.records import Entity
@@ -98,7 +99,8 @@ def umre_train():
 
 
 def make_pre(tok, reader, **kw):
-  args = dict(num_objects=3, crop_size=4, use_caption=True, use_depth=True)
+  args = dict(num_objects=3, crop_size=4, use_caption=True, use_depth=True, depth_norm="none",
+              modalities="both")
   args.update(kw)
   return preprocess.Preprocessor(tok, reader.relations, **args)
 
@@ -146,11 +148,10 @@ def test_preprocess_is_deterministic(tok, umre_train):
 
 
 # ---------------------------------------------------------------- tfds cache
-def fixture_cfg(cache, root, **kw):
-  cfg = dict(name="umre", root=str(root), cache_dir=str(cache), max_length=32, num_objects=3,
-             crop_size=4)
-  cfg.update(kw)
-  return cfg
+def fixture_cfg(cache, root, name="umre", **kw):
+  sizes = dict(max_length=32, num_objects=3, crop_size=4)
+  return common.data_config(name, root=str(root), cache_dir=str(cache),
+                            **{**sizes, **kw}).to_dict()
 
 
 def test_builder_rows_meta_and_rebuild_on_change(tmp_path, tok):
@@ -207,8 +208,9 @@ def test_builder_skip_mode_counts_preprocessing_failures(tmp_path):
 @pytest.fixture(scope="module")
 def demo_cfg(tmp_path_factory):
   cache = tmp_path_factory.mktemp("demo_cache")
-  cfg = dict(name="demo", cache_dir=str(cache), max_length=32, num_objects=5, crop_size=8,
-             demo=dict(seed=3, n_train=23, n_val=11, n_test=5, image_size=32))
+  cfg = common.data_config("demo", cache_dir=str(cache), max_length=32, num_objects=5,
+                           crop_size=8).to_dict()
+  cfg["demo"] = dict(seed=3, n_train=23, n_val=11, n_test=5, image_size=32)
   pipeline.get_builder(cfg)
   return cfg
 
@@ -340,8 +342,8 @@ def test_buckets_reach_the_meta_as_rows(tmp_path):
                                   image_size=32)
   lines = umre.UmreReader(root).buckets("test")["compositional"]
   assert len(lines) == 4
-  cfg = dict(name="umre", root=str(root), cache_dir=str(tmp_path / "cache"), max_length=32,
-             num_objects=5, crop_size=8, strict="skip")
+  cfg = common.data_config("umre", root=str(root), cache_dir=str(tmp_path / "cache"),
+                           max_length=32, num_objects=5, crop_size=8, strict="skip").to_dict()
   meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
   assert meta["buckets"]["test"] == {"compositional": lines}
   assert meta["buckets"]["train"] == {} and meta["buckets"]["val"] == {}

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from remote_jax.data import DATASETS, synth, umre
 
 SMALL = dict(n_train=150, n_val=60, n_test=150, image_size=48)
@@ -239,7 +240,8 @@ def test_images_render_the_world(demo, world):
 
 def test_demo_registry_writes_once(tmp_path):
   small = dict(n_train=30, n_val=9, n_test=9, image_size=48)
-  cfg = dict(name="demo", root=str(tmp_path / "demo"), demo=dict(seed=1, **small))
+  cfg = common.data_config("demo", root=str(tmp_path / "demo")).to_dict()
+  cfg["demo"] = dict(seed=1, **small)
   reader = DATASETS["demo"](cfg)
   assert (reader.root / "DONE").exists()
   stamp = (reader.root / "train_set.json").stat().st_mtime_ns

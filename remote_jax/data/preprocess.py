@@ -131,8 +131,8 @@ def _position(ids, token_id):
 class Preprocessor:
   """Callable `(sample, index) -> example dict`; deterministic, caches a few decoded images."""
 
-  def __init__(self, tokenizer, relations, *, num_objects, crop_size, use_caption=True,
-               use_depth=True, depth_norm="none", modalities="both", image_cache=16):
+  def __init__(self, tokenizer, relations, *, num_objects, crop_size, use_caption, use_depth,
+               depth_norm, modalities, image_cache=16):
     if depth_norm not in DEPTH_NORMS:
       raise ValueError(f"data.depth_norm={depth_norm!r}; expected one of {DEPTH_NORMS}")
     if modalities not in MODALITIES:
