@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from configs import common
+from remote_jax.data import batch_spec, pipeline, preprocess, umre
 from remote_jax.data import builder as builder_lib
-from remote_jax.data import pipeline, preprocess, umre
 from remote_jax.data.records import Entity
 from remote_jax.data.tokenizer import RelationTokenizer
 
@@ -123,7 +123,7 @@ def test_preprocess_example_positions(tok, umre_train):
   eo = make_pre(tok, reader)(samples[2], 2)  # img_b: [OBJ1] is slot 0 (key order)
   assert (eo["tail_obj"], eo["triplet_type"]) == (0, 2)
   np.testing.assert_allclose(eo["obj_boxes"][0, :4], [0.25, 0.25, 0.75, 1.0])
-  spec = preprocess.example_spec(40, 3, 4)
+  spec = batch_spec.example_spec(40, 3, 4)
   assert {k: (v.shape, v.dtype) for k, v in eo.items()} == spec
 
 
@@ -228,7 +228,7 @@ def test_batches_match_contract(demo_cfg):
   assert shapes["obj_boxes"] == ((4, 5, 5), "float32") and shapes["obj_mask"][1] == "bool"
   for key in ("input_ids", "token_type_ids", "attention_mask"):
     assert shapes[key] == ((4, 32), "int32")
-  for key in preprocess.SCALAR_KEYS:
+  for key in batch_spec.SCALAR_INTS:
     assert shapes[key] == ((4,), "int32")
   assert shapes["mask"] == ((4,), "bool") and "obj_pixels_u8" not in batch
   empty = ~batch["obj_mask"]

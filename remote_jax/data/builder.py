@@ -18,7 +18,7 @@ import pathlib
 import tensorflow_datasets as tfds
 from etils import epath
 
-from remote_jax.data import preprocess
+from remote_jax.data import batch_spec, preprocess
 from remote_jax.data import tokenizer as tokenizer_lib
 from remote_jax.data.records import DataError
 from remote_jax.data.umre import SPLITS, cfg_get, setting
@@ -129,7 +129,7 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
                      data_dir=str(root), file_format="array_record", **kwargs)
 
   def _info(self):
-    spec = preprocess.example_spec(setting(self._cfg, "max_length"),
+    spec = batch_spec.example_spec(setting(self._cfg, "max_length"),
                                    setting(self._cfg, "num_objects"),
                                    setting(self._cfg, "crop_size"))
     # Arrays as raw bytes: tf.Example int64/float lists are ~10x slower to write and read
