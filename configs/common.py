@@ -163,6 +163,12 @@ def model_config(size="tiny", semantics="paper"):
   ))
 
 
+# The demo world's parameters (remote_jax/data/synth.py, world v3): 1,000 / 500 / 500
+# examples per triplet type; 30% of the objects' captions say nothing about them.
+DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
+                  caption_absent=0.3)
+
+
 def data_config(name, **overrides):
   """config.data: which dataset, where its files are, and how to preprocess."""
   data = ml_collections.ConfigDict(dict(
@@ -185,6 +191,8 @@ def data_config(name, **overrides):
       # so --config.data.paths.images=DIR works.
       paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
   ))
+  if name == "demo":
+    data.demo = dict(DEMO_WORLD)
   data.update(overrides)
   return data
 

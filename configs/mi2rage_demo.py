@@ -45,7 +45,7 @@ def base_config(arg, **defaults):
       xla_cpu="auto",   # XLA:CPU flag preset (remote_jax/xla_cpu.py); no effect on GPU/TPU
       ckpt_every=100,
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
-                demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),
+                demo=dict(common.DEMO_WORLD, n_train=600, n_val=8, n_test=150),
                 train_split="train", test_split="test", image_dir="", relations=(),
                 tokenizer_dir="", max_length=48, image_size=vision["image_size"]),
       generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={},

@@ -210,7 +210,7 @@ def demo_cfg(tmp_path_factory):
   cache = tmp_path_factory.mktemp("demo_cache")
   cfg = common.data_config("demo", cache_dir=str(cache), max_length=32, num_objects=5,
                            crop_size=8).to_dict()
-  cfg["demo"] = dict(seed=3, n_train=23, n_val=11, n_test=5, image_size=32)
+  cfg["demo"] = dict(cfg["demo"], seed=3, n_train=23, n_val=11, n_test=5, image_size=32)
   pipeline.get_builder(cfg)
   return cfg
 
@@ -339,7 +339,7 @@ def test_buckets_reach_the_meta_as_rows(tmp_path):
   differ from lines once an example is skipped."""
   from remote_jax.data import synth  # pylint: disable=import-outside-toplevel
   root = synth.write_demo_dataset(tmp_path / "demo", seed=2, n_train=6, n_val=3, n_test=30,
-                                  image_size=32)
+                                  image_size=32, caption_absent=0.3)
   lines = umre.UmreReader(root).buckets("test")["compositional"]
   assert len(lines) == 4
   cfg = common.data_config("umre", root=str(root), cache_dir=str(tmp_path / "cache"),
