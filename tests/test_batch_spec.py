@@ -1,6 +1,5 @@
 """The batch contract (remote_jax/data/batch_spec.py) against everything that uses it: the
 stored features, the pipeline's batches, the init and compile batches and docs/design.md."""
-import pathlib
 
 import numpy as np
 import pytest
@@ -8,9 +7,8 @@ import pytest
 from configs import common
 from remote_jax import trainer
 from remote_jax.data import batch_spec, pipeline
+from tests.conftest import FIXTURES, REPO
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-FIXTURES = REPO / "tests" / "fixtures"
 L, K, S, B = 24, 3, 8, 4
 
 

@@ -15,9 +15,8 @@ from remote_jax.data import batch_spec, pipeline, preprocess, umre
 from remote_jax.data import builder as builder_lib
 from remote_jax.data.records import Entity
 from remote_jax.data.tokenizer import RelationTokenizer
+from tests.conftest import FIXTURES, REPO
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = ["Alice", "met", "Bob", "in", "Paris"]
 
 

@@ -10,8 +10,7 @@ import pytest
 from configs import common
 from remote_jax.data import DATASETS, mnre, more, preprocess, records, umre
 from remote_jax.data.records import DataError
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+from tests.conftest import FIXTURES
 
 
 def copy_fixture(name, tmp_path):

@@ -1,7 +1,6 @@
 """MI2RAGE end to end on the demo world, from the CLI: stages, selections, checkpoints, resume."""
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -11,9 +10,8 @@ import pytest
 
 from configs import common
 from mi2rage_jax import models, trainer
-from tests.test_mi2rage_models import C, model_cfg, random_params
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, C, random_params
+from tests.conftest import mi2rage_model_cfg as model_cfg
 
 
 def _cli(workdir, arg, *extra):

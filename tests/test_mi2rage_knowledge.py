@@ -160,7 +160,7 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   (badge == sign), and cannot without it (held-out people: the text alone is chance)."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models, trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg  # pylint: disable=import-outside-toplevel
+  from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
   enc = data_lib.Encoder("", 24)
   cfg = model_cfg(vocab=enc.vocab_size)
   cfg.vision.image_size = 32
@@ -192,7 +192,7 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   faithful captions (the generators' ground truth) than a random selection does."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models, selection, trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg  # pylint: disable=import-outside-toplevel
+  from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
   enc = data_lib.Encoder("", 32)
   gen = demo.DemoGenerators(noise=0.4, knowledge_error=0.2, mention_rate=0.7)
   rows, views = _seen_rows(64, 2), []

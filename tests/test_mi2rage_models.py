@@ -1,7 +1,6 @@
 """MI2RAGE teachers and students: no real-view leak, view masks, jit(vmap) shapes."""
 import dataclasses
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -11,18 +10,8 @@ from PIL import Image
 from mi2rage_jax import data as data_lib
 from mi2rage_jax import models, pipeline, trainer
 from remote_jax.data.records import Entity
-
-C = 5
-
-
-def model_cfg(vocab=100):
-  return ml_collections.ConfigDict(dict(
-      text=dict(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
-                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
-                hidden_dropout=0.1, attention_dropout=0.1),
-      vision=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                  image_size=16, patch_size=8),
-      dropout=0.1, cross_heads=2, cross_mlp=64))
+from tests.conftest import C, random_params
+from tests.conftest import mi2rage_model_cfg as model_cfg
 
 
 def _image_student_batch(rng, b, n, length=12, valid=None):
@@ -47,17 +36,6 @@ def _text_student_batch(rng, b, n, length=12, valid=None):
 
 
 BATCHES = {"no_real_text": _image_student_batch, "no_real_image": _text_student_batch}
-
-
-def random_params(model, batch, seed=0):
-  """Random parameters of the right structure without compiling `init` (fast tests)."""
-  shapes = jax.eval_shape(lambda b: model.init({"params": jax.random.key(0)}, b, True), batch)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-    return (base + 0.2 * rng.normal(size=x.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes["params"]))
 
 
 @pytest.fixture(scope="module", params=sorted(BATCHES))
