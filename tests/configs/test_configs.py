@@ -53,7 +53,8 @@ def test_mi2rage_optimisers_are_complete(name):
     cfg = dict(config[stage]["optim"])
     lr = cfg["lr"]
     for value in (lr.values() if isinstance(lr, dict) else [lr]):   # per-modality rates
-      optim._resolve(dict(cfg, lr=value))
+      resolved = optim._resolve(dict(cfg, lr=value))
+      assert resolved == dict(cfg, lr=value) and set(resolved) == set(optim.KEYS)
 
 
 def test_a_missing_setting_names_its_field():
