@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from configs import common
 from remote_jax.models.fusion import make_fusion
 
 SHAPES = {   # name: (B, n, m, D)
@@ -63,7 +64,11 @@ def bench_case(case, shape_name, repeats):
   variant, cfg = CASES[case]
   shape = SHAPES[shape_name]
   q, qm, s, sm, w = _inputs(shape)
-  blk = make_fusion(dict(variant=variant, **cfg), shape[-1], "blk")
+  # config.model.mot of the variant's semantics; one xattn head per 64 dims, as released.
+  semantics = "reference" if variant == "ot_reference" else "paper"
+  cfg = dict(common.model_config("base", semantics).mot, variant=variant,
+             num_heads=max(shape[-1] // 64, 1), **cfg)
+  blk = make_fusion(cfg, shape[-1], "blk")
   params = jax.jit(blk.init)(jax.random.key(0), q, qm, s, sm)
   fwd = jax.jit(lambda p, q, qm, s, sm: blk.apply(p, q, qm, s, sm)[0])
 

@@ -62,6 +62,21 @@ VISION_SIZES = {
 }
 
 
+def text_tower(dims, **overrides):
+  """config.model.text: BERT's settings (bert-base-uncased's config.json) at `dims`."""
+  tower = dict(dims, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+               hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+               initializer_range=0.02, pretrained_dir="")
+  return {**tower, **overrides}
+
+
+def vision_tower(dims, **overrides):
+  """config.model.vision: CLIP ViT's settings at `dims`."""
+  tower = dict(dims, layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02,
+               pretrained_dir="")
+  return {**tower, **overrides}
+
+
 def model_config(size="tiny", semantics="paper"):
   """The REMOTE model config. `semantics` picks the paper's or the released code's behaviour.
 
@@ -73,12 +88,9 @@ def model_config(size="tiny", semantics="paper"):
   if semantics not in ("paper", "reference"):
     raise ValueError(f"model semantics {semantics!r}: allowed 'paper', 'reference'")
   paper = semantics == "paper"
-  text = dict(TEXT_SIZES[size], vocab_size=30522, max_position_embeddings=512,
-              type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1,
-              layer_norm_eps=1e-12, initializer_range=0.02, pretrained_dir="")
-  vision = dict(VISION_SIZES[size], image_size=64, patch_size=32, use_cls=False,
-                use_depth=True, layer_norm_eps=1e-5, attention_dropout=0.0,
-                initializer_range=0.02, pretrained_dir="")
+  text = text_tower(TEXT_SIZES[size])
+  vision = vision_tower(VISION_SIZES[size], image_size=64, patch_size=32, use_cls=False,
+                        use_depth=True)
   num_layers = text["num_layers"]
   if vision["num_layers"] != num_layers:
     raise ValueError("text and vision towers need the same number of layers")
@@ -104,14 +116,18 @@ def model_config(size="tiny", semantics="paper"):
           variant="ot_paper" if paper else "ot_reference",
           levels="all",                       # "all" or "2,4,6" (level indices)
           source_levels="all_below" if paper else "skip_previous",
+          # The paper's lambda (eq. 6) has no value: on cosine costs in [0, 2], 0.1 gives
+          # a clearly non-uniform yet smooth plan; the released 0.5 is nearly flat.
           epsilon=0.1 if paper else 0.5,
-          iters=50,
+          iters=50,                           # as released
           cost="cosine",
+          # unrolled: the exact gradient of the truncated loop (what PyTorch computes);
+          # implicit assumes convergence and is unreliable on low-rank features.
           diff="unrolled",
           solver="ott",                       # ott (ott-jax) | jax (plain, unrolled only)
-          tau_a=1.0, tau_b=1.0,
-          eps_init=1.0, eps_decay=1.0,
-          num_heads=text["num_heads"],
+          tau_a=1.0, tau_b=1.0,               # balanced (1.0) or unbalanced (< 1) marginals
+          eps_init=1.0, eps_decay=1.0,        # no epsilon schedule
+          num_heads=text["num_heads"],        # xattn's heads (12 at 768, as released)
           alpha_init=0.5,
           residual_init=1.0,
           mask=paper,
@@ -147,6 +163,12 @@ def model_config(size="tiny", semantics="paper"):
   ))
 
 
+# The demo world's parameters (remote_jax/data/synth.py, world v3): 1,000 / 500 / 500
+# examples per triplet type; 30% of the objects' captions say nothing about them.
+DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
+                  caption_absent=0.3)
+
+
 def data_config(name, **overrides):
   """config.data: which dataset, where its files are, and how to preprocess."""
   data = ml_collections.ConfigDict(dict(
@@ -162,15 +184,33 @@ def data_config(name, **overrides):
       modalities="both",
       depth_norm="none",       # none (released) | minmax | more (255 - 100 d)
       strict="strict",         # strict: stop at the first bad line; skip: count and list
-      cache_dir="",            # default: <workdir>/../data_cache
-      tokenizer_dir="",        # default: the vocabulary of the offline MiniLM package
+      cache_dir="data_cache",  # preprocessed datasets (relative: to the working directory)
+      tokenizer_dir="",        # "": the vocabulary of the offline MiniLM package
       worker_count=0,
       # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
       # so --config.data.paths.images=DIR works.
       paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
   ))
+  if name == "demo":
+    data.demo = dict(DEMO_WORLD)
   data.update(overrides)
   return data
+
+
+def optim_config(**overrides):
+  """config.optim (remote_jax/optim.py says what each key does): the released protocol's
+  AdamW, lr 1e-5, 6% warmup then linear decay, weight decay 0.01 on everything."""
+  optim = dict(
+      name="adamw", lr=1e-5, schedule="linear", warmup_ratio=0.06,
+      warmup_steps=None,            # set: overrides warmup_ratio
+      b1=0.9, b2=0.999, eps=1e-8,
+      weight_decay=0.01, decay_mask="all",
+      clip_norm=0.0,                # <= 0: no clipping
+      grad_accum=1,
+      groups={}, frozen_patterns=(),
+  )
+  optim.update(overrides)
+  return optim
 
 
 def train_config(**overrides):
@@ -188,12 +228,7 @@ def train_config(**overrides):
       report_max_over_epochs=False, # the released code's test-set selection
       max_steps=0,                  # >0 caps the schedule's length (smoke tests)
       stop_after_step=0,            # >0 stops as if killed there (resume drills)
-      optim=dict(
-          name="adamw", lr=1e-5, b1=0.9, b2=0.999, eps=1e-8,
-          weight_decay=0.01, decay_mask="all", warmup_ratio=0.06,
-          clip_norm=0.0, grad_accum=1,
-          groups={}, frozen_patterns=(),
-      ),
+      optim=optim_config(),
       mesh=[("data", -1)],
       sharding="dp",
       distributed=dict(coordinator_address="", num_processes=0, process_id=-1),

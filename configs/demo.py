@@ -11,9 +11,6 @@ from configs import common
 def get_config(arg=None):
   config = common.remote_config(arg, "demo", default_size="tiny", max_length=48,
                                 num_objects=5, crop_size=32)
-  # World v3 (remote_jax/data/synth.py): 1,000 / 500 / 500 examples per triplet type.
-  config.data.demo = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
-                          caption_absent=0.3)
   config.model.vision.patch_size = 16
   # The plain-JAX Sinkhorn (same iterations, unrolled): about 1.4x the demo's steps/s.
   config.model.mot.solver = "jax"

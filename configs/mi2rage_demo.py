@@ -34,14 +34,10 @@ def base_config(arg, **defaults):
   arg = common.parse_arg(arg, **spec)
   sizes = dict(common.TEXT_SIZES, micro=MICRO)
   vision_sizes = dict(common.VISION_SIZES, micro=MICRO)
-  text = dict(sizes[arg.size], vocab_size=30534, max_position_embeddings=512,
-              type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1,
-              layer_norm_eps=1e-12, initializer_range=0.02, pretrained_dir="")
-  vision = dict(vision_sizes[arg.size], image_size=32, patch_size=8,
-                layer_norm_eps=1e-5, attention_dropout=0.0, initializer_range=0.02,
-                pretrained_dir="")
-  optim = dict(lr=5e-4, schedule="linear", warmup_ratio=0.1, weight_decay=0.01,
-               decay_mask="no_bias_norm", clip_norm=1.0)
+  text = common.text_tower(sizes[arg.size], vocab_size=30534)   # + the 12 markers
+  vision = common.vision_tower(vision_sizes[arg.size], image_size=32, patch_size=8)
+  optim = common.optim_config(lr=5e-4, warmup_ratio=0.1, decay_mask="no_bias_norm",
+                              clip_norm=1.0)
   settings = (("no_real_text", "no_real_image") if arg.setting == "both" else (arg.setting,))
   # The engine's settings, as REMOTE has them: the mesh (default: data parallel over
   # every device), sharding rules, multi-process launch, the XLA:CPU flag preset.
@@ -52,7 +48,7 @@ def base_config(arg, **defaults):
       **{k: engine[k] for k in ("mesh", "sharding", "distributed", "xla_cpu")},
       ckpt_every=100,
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
-                demo=dict(seed=0, n_train=600, n_val=8, n_test=150, image_size=96),
+                demo=dict(common.DEMO_WORLD, n_train=600, n_val=8, n_test=150),
                 train_split="train", test_split="test", image_dir="", relations=(),
                 tokenizer_dir="", max_length=48, image_size=vision["image_size"]),
       generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={},

@@ -27,7 +27,7 @@ runs the text student (no_real_image) only.
 Args: setting, teacher, rounds, unimodal, n_train, n_test (0: the paper's per-setting
 numbers), root, test, images, views, bert, clip, dataset (mnre|webnlg), seed.
 """
-from configs import mi2rage_demo
+from configs import common, mi2rage_demo
 
 PAPER_VIEWS = {"no_real_text": 10, "no_real_image": 6}
 
@@ -52,14 +52,13 @@ def get_config(arg=None):
   config.ccg = dict(rounds=arg.rounds, n_initial=30, children=(4, 1), keep_fraction=0.6)
   # Section 9.1: AdamW + cosine; teacher batch 256, lr 3e-7 (texts) / 5e-7 (images).
   config.teacher.update(batch_size=256, steps=2000, eval_batch_size=256)
-  config.teacher.optim = dict(lr={"text": 3e-7, "image": 5e-7}, schedule="cosine",
-                              warmup_ratio=0.1, weight_decay=0.01, decay_mask="all")
+  config.teacher.optim = common.optim_config(lr={"text": 3e-7, "image": 5e-7},
+                                             schedule="cosine", warmup_ratio=0.1)
   student = config.student.to_dict()
   student.update(batch_size=16, steps=8000, eval_batch_size=32,
                  n_train_views=arg.n_train or dict(PAPER_VIEWS),
                  n_test_views=arg.n_test or dict(PAPER_VIEWS),
-                 optim=dict(lr=1e-5, schedule="cosine", warmup_ratio=0.1, weight_decay=0.01,
-                            decay_mask="all"))
+                 optim=common.optim_config(lr=1e-5, schedule="cosine", warmup_ratio=0.1))
   config.student = student
   config.model.cross_heads = 12
   config.diversity.update(pca_dim=32, components=3)

@@ -96,8 +96,7 @@ def _read(reader, splits):
 
 
 def read_demo(cfg):
-  params = dict(synth.DEFAULTS)
-  params.update({k: v for k, v in dict(cfg.demo).items() if k in synth.DEFAULTS})
+  params = synth.demo_params(cfg)
   directory = synth.ensure_demo_dataset(cfg.root or pathlib.Path(cfg.cache_dir) / "demo", params)
   reader = umre.UmreReader(directory, strict="strict", use_caption=True, use_depth=False)
   splits, relations, neg = _read(reader, (cfg.train_split, cfg.test_split))

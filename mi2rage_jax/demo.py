@@ -547,7 +547,11 @@ def _kn_example(rng, kind, relation, image_size):
   return tokens, (person, span(person)), (org, span(org)), draw_kscene(scene, image_size)
 
 
-def write_world(out_dir, seed=0, n_train=600, n_val=8, n_test=150, image_size=96):
+# The knowledge world's parameters: those of config.data.demo it uses.
+WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size")
+
+
+def write_world(out_dir, *, seed, n_train, n_val, n_test, image_size):
   """The knowledge world: `<split>.jsonl` (one instance a line) + `images/*.png`."""
   out = pathlib.Path(out_dir)
   (out / "images").mkdir(parents=True, exist_ok=True)
@@ -595,7 +599,7 @@ def read_world(cfg):
   """data.READERS["demo_knowledge"]: writes the knowledge world if needed, then reads it."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from remote_jax.data import records  # pylint: disable=import-outside-toplevel
-  params = {k: v for k, v in dict(cfg.demo).items() if k in synth.DEFAULTS}
+  params = {k: dict(cfg.demo)[k] for k in WORLD_KEYS}
   root = cfg.root or pathlib.Path(cfg.cache_dir or "data_cache") / "demo"
   directory = ensure_world(root, params)
   relations = list(synth.RELATIONS)
@@ -617,7 +621,7 @@ def read_world(cfg):
 
 def families(root, params):
   """{instance id: family} (kn_seen, kn_stated, oo, eo) of the world `params` under `root`."""
-  directory = ensure_world(root, {k: v for k, v in dict(params).items() if k in synth.DEFAULTS})
+  directory = ensure_world(root, {k: dict(params)[k] for k in WORLD_KEYS})
   out = {}
   for split in ("train", "val", "test"):
     for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):

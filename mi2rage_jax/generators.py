@@ -36,9 +36,8 @@ class DemoGenerator:
     self.target = target
     self.gen = demo.DemoGenerators(
         noise=float(cfg.noise), image_size=int(cfg.image_size), max_pairs=int(cfg.max_pairs),
-        knowledge_error=float(cfg.get("knowledge_error", 0.0)),
-        mention_rate=float(cfg.get("mention_rate", 1.0)),
-        knowledge=bool(cfg.get("knowledge", False)))
+        knowledge_error=float(cfg.knowledge_error), mention_rate=float(cfg.mention_rate),
+        knowledge=bool(cfg.knowledge))
 
   def _to_target(self, source, rng):
     if self.target == "image":

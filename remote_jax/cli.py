@@ -184,7 +184,7 @@ def train_main(train, report, aggregate, report_seeds, default_workdir):
     config = flags.FLAGS.config
     with errors.user_errors():
       seeds = _seeds(flags.FLAGS.seeds)
-      xla_cpu.apply(config.get("xla_cpu", "xla"))   # before the backend starts
+      xla_cpu.apply(config.xla_cpu)   # before the backend starts
     import jax
     workdir = pathlib.Path(flags.FLAGS.workdir or default_workdir(config))
     distributed.maybe_initialize(config)

@@ -1,28 +1,29 @@
 """Optimizer: AdamW with parameter groups, a frozen group and the HF schedule.
 
-Config (`config.optim`, a ConfigDict or dict; every key optional):
+Config (`config.optim`, a ConfigDict or dict with every key below; the values live in
+configs/common.py:optim_config):
   name           "adamw" (the only optimizer; kept so configs can say so)
-  lr             1e-5   peak learning rate
-  schedule       "linear" warmup then linear decay to 0 (HF
+  lr             peak learning rate
+  schedule       "linear": warmup then linear decay to 0 (HF
                  get_linear_schedule_with_warmup); "constant" (warmup, then
                  flat); "cosine" (warmup, then cosine to 0)
-  warmup_ratio   0.06   warmup = ratio * total_steps (a float, as in HF)
-  warmup_steps   None   overrides warmup_ratio when set
-  b1, b2, eps    0.9, 0.999, 1e-8
-  weight_decay   0.01   decoupled (torch AdamW: p -= lr * wd * p)
-  decay_mask     "all"  the released code decays every parameter incl.
+  warmup_ratio   warmup = ratio * total_steps (a float, as in HF)
+  warmup_steps   overrides warmup_ratio unless None
+  b1, b2, eps    Adam's
+  weight_decay   decoupled (torch AdamW: p -= lr * wd * p)
+  decay_mask     "all": the released code decays every parameter incl.
                  LayerNorm and biases; "no_bias_norm" skips biases, norms
                  and every parameter with fewer than 2 dims
-  clip_norm      None   global-norm clipping of the trained gradients (<= 0: off)
-  grad_accum     1      > 1 wraps the optimizer in optax.MultiSteps (mean)
-  groups         {}     {name: {"pattern": regex, "lr_mult": 1.0,
+  clip_norm      global-norm clipping of the trained gradients (None or <= 0: off)
+  grad_accum     > 1 wraps the optimizer in optax.MultiSteps (mean)
+  groups         {name: {"pattern": regex, "lr_mult": 1.0,
                  "weight_decay": <override>}}; patterns are `re.search`ed on
                  the "/"-joined parameter path ("text/layers_0/attention/...").
                  ConfigDict sorts keys, so in a mapping the patterns must be
                  disjoint (overlap is an error); give a sequence of
                  (name, spec) pairs when "first match wins" is wanted.
                  Unmatched parameters fall in the group "default" (lr_mult 1).
-  frozen_patterns ()    regexes of parameters never updated (optax.set_to_zero;
+  frozen_patterns regexes of parameters never updated (optax.set_to_zero;
                  they get no Adam state). The released protocol, where the
                  classifier and mm_linear stay at init (reference_remote.md
                  4.2), is frozen_patterns=("head/mm_linear", "head/classifier")
@@ -41,11 +42,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-DEFAULTS = {
-    "name": "adamw", "lr": 1e-5, "schedule": "linear", "warmup_ratio": 0.06, "warmup_steps": None,
-    "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.01, "decay_mask": "all",
-    "clip_norm": None, "grad_accum": 1, "groups": None, "frozen_patterns": (),
-}
+KEYS = ("name", "lr", "schedule", "warmup_ratio", "warmup_steps", "b1", "b2", "eps",
+        "weight_decay", "decay_mask", "clip_norm", "grad_accum", "groups", "frozen_patterns")
 GROUP_KEYS = ("pattern", "lr_mult", "weight_decay")
 FROZEN, DEFAULT = "frozen", "default"
 _NORM_RE = re.compile(r"norm|(^|/)ln[^/]*/|(^|/)(bias|scale)$", re.IGNORECASE)
@@ -72,10 +70,13 @@ def _as_dict(x) -> dict:
 
 def _resolve(config) -> dict:
   cfg = _as_dict(config)
-  unknown = sorted(set(cfg) - set(DEFAULTS))
+  unknown = sorted(set(cfg) - set(KEYS))
   if unknown:
-    raise ValueError(f"optim config: unknown key(s) {unknown}; allowed: {sorted(DEFAULTS)}")
-  cfg = {**DEFAULTS, **cfg}
+    raise ValueError(f"optim config: unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
+  missing = [k for k in KEYS if k not in cfg]
+  if missing:
+    raise ValueError(f"optim config: {missing} not set (configs/common.py:optim_config sets "
+                     "every key)")
   if cfg["name"] != "adamw":
     raise ValueError(f"optim.name: only 'adamw' is implemented, got {cfg['name']!r}")
   return cfg

@@ -28,7 +28,7 @@ import optax
 from remote_jax import checkpoint as ckpt_lib
 from remote_jax import distributed, optim, sharding, writers, xla_cpu
 from remote_jax import metrics as metrics_lib
-from remote_jax.data import pipeline
+from remote_jax.data import batch_spec, pipeline
 from remote_jax.models import remote
 
 log = logging.getLogger(__name__)
@@ -37,10 +37,7 @@ log = logging.getLogger(__name__)
 SPLITS = {"train": "train", "dev": "val", "test": "test"}
 
 # Batch fields the model reads; `index` only travels to predictions.
-MODEL_FIELDS = (
-    "input_ids", "token_type_ids", "attention_mask", "obj_pixels", "obj_depth",
-    "obj_boxes", "obj_mask", "head_marker", "head_desc", "head_obj",
-    "tail_marker", "tail_desc", "tail_obj", "triplet_type", "label", "mask")
+MODEL_FIELDS = batch_spec.MODEL_FIELDS
 
 
 @flax.struct.dataclass
@@ -152,27 +149,13 @@ def _jit_eval(fn, state_sh, mesh):
 
 
 def dummy_batch(meta, batch_size=2):
-  """Zeros shaped like the batch contract (docs/design.md), for init."""
-  b, l, k, s = batch_size, meta["max_length"], meta["num_objects"], meta["crop_size"]
-  i32 = np.int32
-  return {
-      "input_ids": np.zeros((b, l), i32), "token_type_ids": np.zeros((b, l), i32),
-      "attention_mask": np.ones((b, l), i32),
-      "obj_pixels": np.zeros((b, k, s, s, 3), np.float32),
-      "obj_depth": np.zeros((b, k, s, s, 1), np.float32),
-      "obj_boxes": np.zeros((b, k, 5), np.float32),
-      "obj_mask": np.ones((b, k), bool),
-      **{f: np.full((b,), -1, i32) for f in (
-          "head_marker", "head_desc", "head_obj", "tail_marker", "tail_desc", "tail_obj")},
-      "triplet_type": np.zeros((b,), i32), "label": np.zeros((b,), i32),
-      "mask": np.ones((b,), bool),
-  }
+  """The batch contract's fill values (data/batch_spec.py), for init."""
+  return batch_spec.dummy_batch(meta, batch_size)
 
 
 def abstract_batch(meta, batch_size, batch_sh):
   """The global model batch as ShapeDtypeStructs, for compiling ahead of the data."""
-  return {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype, sharding=batch_sh)
-          for k, v in model_batch(dummy_batch(meta, 1)).items()}
+  return batch_spec.abstract_batch(meta, batch_size, batch_sh)
 
 
 def load_pretrained(params, model_config, seed, **vision):
@@ -307,7 +290,7 @@ def restore(config, path):
   join first and each restores and scores its shard, as in training."""
   if not path:
     raise ValueError("give --workdir or --checkpoint")
-  xla_cpu.apply(config.get("xla_cpu", "xla"))   # before setup starts the backend
+  xla_cpu.apply(config.xla_cpu)   # before setup starts the backend
   distributed.maybe_initialize(config)
   s = setup(config)
   ckpt, step = ckpt_lib.open_checkpoint(path)

@@ -8,12 +8,87 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import functools
 import pathlib
 
+import jax
+import ml_collections
+import numpy as np
 import pytest
+
+from configs import common
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+FIXTURES = REPO / "tests" / "fixtures"
+
+# Tiny graphs: XLA's backend optimisations cost more compile time than they save.
+jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+
+# ------------------------------------------- a micro REMOTE model and its batch
+L, K, S, C = 16, 3, 16, 5   # tokens, object slots, crop size, classes
+
+
+def micro_config(semantics="paper", **changes):
+  """config.model at 32 wide with 3 Sinkhorn iterations; `changes`: {"mot.iters": 2, ...}."""
+  cfg = common.model_config("tiny", semantics)
+  cfg.text.update(hidden_size=32, num_heads=2, intermediate_size=64)
+  cfg.vision.update(hidden_size=32, num_heads=2, intermediate_size=64, image_size=S,
+                    patch_size=8)
+  cfg.mot.update(iters=3, num_heads=2)
+  cfg.moe.update(num_heads=2)
+  cfg.head.hidden = (32,) if semantics == "paper" else ()
+  for key, value in changes.items():
+    node = cfg
+    *path, last = key.split(".")
+    for part in path:
+      node = node[part]
+    node[last] = value
+  return cfg
+
+
+def make_batch(seed=0, b=2):
+  from remote_jax import trainer
+  rng = np.random.default_rng(seed)
+  meta = dict(max_length=L, num_objects=K, crop_size=S)
+  batch = trainer.dummy_batch(meta, b)
+  batch["input_ids"] = rng.integers(100, 2000, (b, L)).astype(np.int32)
+  batch["attention_mask"][:, L - 4:] = 0          # padded text
+  batch["obj_pixels"] = rng.normal(size=batch["obj_pixels"].shape).astype(np.float32)
+  batch["obj_depth"] = rng.normal(size=batch["obj_depth"].shape).astype(np.float32)
+  batch["obj_boxes"] = rng.uniform(size=batch["obj_boxes"].shape).astype(np.float32)
+  batch["obj_mask"][:, 2:] = False                 # slot 2 is empty
+  # example 0: entity-entity; example 1: entity-object with object slot 1
+  batch["head_marker"][:] = 1
+  batch["tail_marker"][:] = [3, 6]
+  batch["head_desc"][:] = [8, 8]
+  batch["tail_obj"][:] = [-1, 1]
+  batch["triplet_type"][:] = [0, 2]
+  batch["label"][:] = [1, 2]
+  return batch
+
+
+# ------------------------------------------------- micro MI2RAGE teachers/students
+def mi2rage_model_cfg(vocab=100):
+  return ml_collections.ConfigDict(dict(
+      text=dict(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
+                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
+                hidden_dropout=0.1, attention_dropout=0.1),
+      vision=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
+                  image_size=16, patch_size=8),
+      dropout=0.1, cross_heads=2, cross_mlp=64))
+
+
+def random_params(model, batch, seed=0):
+  """Random parameters of the right structure without compiling `init` (fast tests)."""
+  import flax.linen as nn
+  shapes = jax.eval_shape(lambda b: model.init({"params": jax.random.key(0)}, b, True), batch)
+  rng = np.random.default_rng(seed)
+
+  def fill(path, x):
+    base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
+    return (base + 0.2 * rng.normal(size=x.shape)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes["params"]))
 
 
 @pytest.fixture(scope="session")
@@ -29,3 +104,14 @@ def mnre_dir():
   if not d.exists():
     pytest.skip(f"real MNRE annotations not found at {d}")
   return d
+
+
+def one_device(model, batch, steps=1, optim=None, seed=0):
+  """The engine's Setup of `model` on a one-device mesh (the tests' 8 CPU devices would
+  make small batches too small to split)."""
+  from configs import common
+  from remote_jax import sharding, trainer
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  first = jax.tree.map(lambda x: x[:1], batch)   # init needs shapes only
+  return trainer.build(model, first, common.optim_config(**(optim or dict(lr=1e-3))), steps,
+                       mesh, seed=seed)

@@ -18,10 +18,10 @@ import pathlib
 import tensorflow_datasets as tfds
 from etils import epath
 
-from remote_jax.data import preprocess
+from remote_jax.data import batch_spec, preprocess
 from remote_jax.data import tokenizer as tokenizer_lib
 from remote_jax.data.records import DataError
-from remote_jax.data.umre import SPLITS, cfg_get
+from remote_jax.data.umre import SPLITS, cfg_get, setting
 from remote_jax.writers import jsonable
 
 log = logging.getLogger(__name__)
@@ -31,16 +31,22 @@ logging.getLogger("absl").addFilter(
     lambda record: not str(record.msg).startswith("Using custom data configuration"))
 # Bump when preprocess.py changes what it writes: old caches are then ignored.
 PREPROCESS_VERSION = 1
-DEFAULTS = dict(max_length=128, num_objects=12, crop_size=64, use_caption=True, use_depth=True,
-                depth_norm="none", modalities="both", strict="strict", tokenizer_dir=None,
-                cache_dir="data_cache")
-_HASHED = ("name", "root", "paths", "max_length", "num_objects", "crop_size", "use_caption",
-           "use_depth", "depth_norm", "modalities", "strict", "demo")
+# The settings that change the stored examples (the cache key). `root`, `paths` and `demo`
+# are optional fields (demo: the demo world's parameters, only for name="demo").
+_HASHED = ("name", "max_length", "num_objects", "crop_size", "use_caption", "use_depth",
+           "depth_norm", "modalities", "strict")
+_OPTIONAL = ("root", "paths", "demo")
 
 
-def setting(cfg, key):
-  """config.data.<key>; unset, None or "" mean the default."""
-  return cfg_get(cfg, key, DEFAULTS.get(key))
+def _settings(cfg):
+  return {**{k: setting(cfg, k) for k in _HASHED}, **{k: cfg_get(cfg, k) for k in _OPTIONAL}}
+
+
+def cache_dir(cfg):
+  path = setting(cfg, "cache_dir")
+  if not path:
+    raise ValueError("data.cache_dir is empty; give the directory for preprocessed datasets")
+  return pathlib.Path(path).resolve()
 
 
 def make_reader(cfg):
@@ -52,7 +58,9 @@ def make_reader(cfg):
 
 
 def make_tokenizer(cfg):
-  return tokenizer_lib.RelationTokenizer(setting(cfg, "tokenizer_dir"), setting(cfg, "max_length"))
+  # "": the vocabulary of the offline MiniLM package.
+  return tokenizer_lib.RelationTokenizer(setting(cfg, "tokenizer_dir") or None,
+                                         setting(cfg, "max_length"))
 
 
 def _digest(paths):
@@ -67,7 +75,7 @@ def _digest(paths):
 
 def config_key(cfg, reader, tok):
   """Hash of everything that changes the stored examples."""
-  settings = {k: jsonable(setting(cfg, k)) for k in _HASHED}
+  settings = {k: jsonable(v) for k, v in _settings(cfg).items()}
   settings["root"] = str(reader.root.resolve())
   settings["paths"] = {k: v for k, v in (settings["paths"] or {}).items() if v != ""}  # "": default
   files, dirs = [], []
@@ -114,14 +122,14 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
     self._reader = reader or make_reader(cfg)
     self._tok = tokenizer or make_tokenizer(cfg)
     key = config_key(cfg, self._reader, self._tok)
-    cache_dir = pathlib.Path(setting(cfg, "cache_dir")).resolve()
+    root = cache_dir(cfg)
     name = f"{setting(cfg, 'name')}-{key}"
-    self.report_dir = cache_dir / "reports" / name
+    self.report_dir = root / "reports" / name
     super().__init__(config=tfds.core.BuilderConfig(name=name),
-                     data_dir=str(cache_dir), file_format="array_record", **kwargs)
+                     data_dir=str(root), file_format="array_record", **kwargs)
 
   def _info(self):
-    spec = preprocess.example_spec(setting(self._cfg, "max_length"),
+    spec = batch_spec.example_spec(setting(self._cfg, "max_length"),
                                    setting(self._cfg, "num_objects"),
                                    setting(self._cfg, "crop_size"))
     # Arrays as raw bytes: tf.Example int64/float lists are ~10x slower to write and read
@@ -135,7 +143,7 @@ class RemoteData(tfds.core.GeneratorBasedBuilder):
         relations=list(reader.relations), negative_id=reader.negative_id,
         vocab_size=self._tok.vocab_size, base_vocab_size=self._tok.base_vocab_size,
         marker_ids=self._tok.marker_ids, settings=jsonable(
-            {k: setting(self._cfg, k) for k in _HASHED}), skipped={}, buckets={})
+            _settings(self._cfg)), skipped={}, buckets={})
     return tfds.core.DatasetInfo(builder=self, features=features, metadata=metadata,
                                  disable_shuffling=True)
 

@@ -9,14 +9,14 @@ import json
 import grain
 import numpy as np
 
+from remote_jax.data import batch_spec
 from remote_jax.data import builder as builder_lib
-from remote_jax.data import preprocess
 from remote_jax.writers import jsonable
 
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 _BUILDERS = {}
-CONTRACT_DTYPES = {k: dtype for k, (_, dtype) in preprocess.example_spec(1, 1, 1).items()}
+CONTRACT_DTYPES = {k: dtype for k, (_, dtype) in batch_spec.example_spec(1, 1, 1).items()}
 
 
 def get_builder(config_data):

@@ -10,6 +10,7 @@ import collections
 import numpy as np
 from PIL import Image
 
+from remote_jax.data import batch_spec
 from remote_jax.data.records import DataError
 
 DEPTH_NORMS = ("none", "minmax", "more")
@@ -17,8 +18,6 @@ MODALITIES = ("both", "text", "vision")
 # The word every sentence word becomes under modalities="vision" (a BERT special token).
 HIDDEN_WORD = "[MASK]"
 TRIPLET_TYPES = ("entity-entity", "object-object", "entity-object")
-SCALAR_KEYS = ("head_marker", "head_desc", "head_obj", "tail_marker", "tail_desc", "tail_obj",
-               "triplet_type", "label", "index")
 
 
 def mark_sentence(tokens, head, tail):
@@ -131,8 +130,8 @@ def _position(ids, token_id):
 class Preprocessor:
   """Callable `(sample, index) -> example dict`; deterministic, caches a few decoded images."""
 
-  def __init__(self, tokenizer, relations, *, num_objects, crop_size, use_caption=True,
-               use_depth=True, depth_norm="none", modalities="both", image_cache=16):
+  def __init__(self, tokenizer, relations, *, num_objects, crop_size, use_caption, use_depth,
+               depth_norm, modalities, image_cache=16):
     if depth_norm not in DEPTH_NORMS:
       raise ValueError(f"data.depth_norm={depth_norm!r}; expected one of {DEPTH_NORMS}")
     if modalities not in MODALITIES:
@@ -227,17 +226,8 @@ class Preprocessor:
     out.update(obj_pixels_u8=pixels, obj_depth=depth, obj_boxes=boxes, obj_mask=mask,
                triplet_type=record.triplet_type, label=self.label_ids[record.relation],
                index=index)
-    for key in SCALAR_KEYS:
+    for key in batch_spec.SCALAR_INTS:
       out[key] = np.int32(out[key])
     out["mask"] = np.bool_(True)
     return out
 
-
-def example_spec(max_length, num_objects, crop_size):
-  """{key: (shape, numpy dtype)} of one stored example (the builder's features)."""
-  l, k, s = max_length, num_objects, crop_size
-  spec = {key: ((l,), np.int32) for key in ("input_ids", "token_type_ids", "attention_mask")}
-  spec.update(obj_pixels_u8=((k, s, s, 3), np.uint8), obj_depth=((k, s, s, 1), np.float32),
-              obj_boxes=((k, 5), np.float32), obj_mask=((k,), np.bool_), mask=((), np.bool_))
-  spec.update({key: ((), np.int32) for key in SCALAR_KEYS})
-  return spec

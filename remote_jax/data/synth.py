@@ -80,8 +80,8 @@ TEMPLATES = {
 _SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "ne", "zo", "fa",
               "gu", "pel", "ris", "tam", "ko", "vi", "sen")
 _ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
-DEFAULTS = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
-                caption_absent=0.3)
+# The world's parameters: config.data.demo (values: configs/common.py DEMO_WORLD).
+WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "caption_absent")
 # Part of the cache key of ensure_demo_dataset: bump when the generated data changes.
 GENERATOR_VERSION = 3
 
@@ -387,8 +387,7 @@ def _plan(rng, count, split):
   return [plan[i] for i in rng.permutation(len(plan))]
 
 
-def write_demo_dataset(out_dir, seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
-                       caption_absent=0.3):
+def write_demo_dataset(out_dir, *, seed, n_train, n_val, n_test, image_size, caption_absent):
   """Writes the demo world in UMRE layout under `out_dir` (UmreReader's default paths), plus
   `buckets.json` and the ground truth `world.json`."""
   out = pathlib.Path(out_dir)
@@ -426,9 +425,13 @@ def write_demo_dataset(out_dir, seed=0, n_train=3000, n_val=1500, n_test=1500, i
 
 
 def demo_params(cfg):
-  params = dict(DEFAULTS)
-  params.update({k: v for k, v in dict(umre.cfg_get(cfg, "demo", None) or {}).items()
-                 if k in DEFAULTS})
+  """config.data.demo: every parameter of the world (WORLD_KEYS)."""
+  params = dict(umre.cfg_get(cfg, "demo") or {})
+  missing = [k for k in WORLD_KEYS if k not in params]
+  unknown = sorted(set(params) - set(WORLD_KEYS))
+  if missing or unknown:
+    raise ValueError(f"data.demo: missing {missing}, unknown {unknown}; the demo world takes "
+                     f"{list(WORLD_KEYS)} (configs/common.py DEMO_WORLD)")
   return params
 
 

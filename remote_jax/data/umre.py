@@ -29,9 +29,19 @@ WHERE_FROM = {
 
 
 def cfg_get(cfg, key, default=None):
-  """A field of a dict or an ml_collections ConfigDict; missing, None or "" give `default`."""
+  """An optional field of a dict or an ml_collections ConfigDict; missing, None or "" give
+  `default`."""
   value = None if cfg is None or key not in cfg else cfg[key]
   return default if value is None or value == "" else value
+
+
+def setting(cfg, key):
+  """config.data.<key>. configs/common.py:data_config sets every setting, so a missing one
+  is a caller's mistake (a hand-made dict: start from data_config instead)."""
+  if cfg is None or key not in cfg:
+    raise ValueError(f"data.{key} is not set (configs/common.py:data_config sets every "
+                     "data setting)")
+  return cfg[key]
 
 
 class UmreReader:
@@ -71,10 +81,9 @@ class UmreReader:
       raise ValueError(f"data.root is not set for dataset {cls.name!r}. "
                        f"{WHERE_FROM.get(cls.name, '')} Then pass "
                        "--config.data.root=DIR (and data.paths.<key> for files elsewhere).")
-    return cls(root, cfg_get(cfg, "paths"), strict=cfg_get(cfg, "strict", "strict"),
-               use_caption=cfg_get(cfg, "use_caption", True),
-               use_depth=cfg_get(cfg, "use_depth", True),
-               num_objects=cfg_get(cfg, "num_objects"))
+    return cls(root, cfg_get(cfg, "paths"), strict=setting(cfg, "strict"),
+               use_caption=setting(cfg, "use_caption"), use_depth=setting(cfg, "use_depth"),
+               num_objects=setting(cfg, "num_objects"))
 
   # Paths.
   def path(self, key, split=None):

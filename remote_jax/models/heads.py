@@ -79,12 +79,14 @@ COMBINES = {"mm_linear": combine_mm_linear, "concat": combine_concat}
 class RelationHead(nn.Module):
   """(H_T (B,L,D), obj_feats (B,K,D), batch, deterministic) -> (logits (B,C), aux)."""
   num_classes: int
-  hidden: tuple[int, ...] = ()
-  dropout: float = 0.0
-  use_desc: bool = True
+  # config.model.head (configs/common.py:model_config):
+  hidden: tuple[int, ...]
+  dropout: float
+  use_desc: bool
+  object_without_marker: str
+  # Not config fields: the released code's pair combination and activation.
   combine: str = "mm_linear"
   activation: str = "relu"
-  object_without_marker: str = "zero_side"
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 

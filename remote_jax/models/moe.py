@@ -8,11 +8,12 @@ is the top level; vision levels may differ in length (patch vs object tokens).
 Paper naming: V2T_j = top vision level (queries) over text level j
 (vision-shaped); T2V_j = top text level over vision level j (text-shaped).
 
-cfg keys (model.moe): variant, experts ("T,V,T2V,V2T" subsets, paper only),
-num_heads (default 1 = eqs. 9-10 as written), shared_projections (paper),
-mask_keys (key masks in the cross-attention; default True for paper, False
-for reference = the released code), dropout_text / dropout_vision (attention
-dropout when text / vision tokens are the queries), dtype.
+cfg keys (model.moe, every one set by configs/common.py:model_config): variant,
+experts ("T,V,T2V,V2T" subsets, paper only), num_heads (1 = eqs. 9-10 as
+written), shared_projections (paper), mask_keys (key masks in the
+cross-attention; False = the released code), dropout_text / dropout_vision
+(attention dropout when text / vision tokens are the queries), residual,
+route_by, router_norm, balance_weight (paper only), dtype.
 """
 from typing import Any
 
@@ -135,16 +136,16 @@ class PaperMMoE(nn.Module):
   `balance_weight` * router_balance (0 for the paper, which has no such term).
   """
   dim: int
-  experts: tuple[str, ...] = EXPERT_GROUPS
-  num_heads: int = 1
-  shared_projections: bool = True
-  mask_keys: bool = True
-  dropout_text: float = 0.0
-  dropout_vision: float = 0.0
-  residual: bool = False
-  route_by: str = "example"
-  router_norm: bool = False
-  balance_weight: float = 0.0
+  experts: tuple[str, ...]
+  num_heads: int
+  shared_projections: bool
+  mask_keys: bool
+  dropout_text: float
+  dropout_vision: float
+  residual: bool
+  route_by: str
+  router_norm: bool
+  balance_weight: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -230,7 +231,7 @@ class ReferenceSide(nn.Module):
   num_heads: int
   dropout_rate: float
   activation: str
-  mask_keys: bool = False
+  mask_keys: bool
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -277,10 +278,10 @@ class ReferenceMMoE(nn.Module):
   ("T", "T2V_0", ...), expert_names_vision ("V", "V2T_0", ...).
   """
   dim: int
-  num_heads: int = 12
-  mask_keys: bool = False
-  dropout_text: float = 0.1
-  dropout_vision: float = 0.0
+  num_heads: int
+  mask_keys: bool
+  dropout_text: float
+  dropout_vision: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -330,31 +331,26 @@ class NoMMoE(nn.Module):
 
 
 def _common(cfg, dim, name):
-  dtype = cfg.get("dtype", "float32")
+  dtype = cfg["dtype"]
   return {"dim": dim, "name": name, "dtype": DTYPES.get(dtype, dtype)}
 
 
 def build_paper(cfg: dict, dim: int, name: str) -> nn.Module:
   return PaperMMoE(
-      experts=parse_experts(cfg.get("experts", "T,V,T2V,V2T")),
-      num_heads=cfg.get("num_heads", 1),
-      shared_projections=cfg.get("shared_projections", True),
-      mask_keys=cfg.get("mask_keys", True),
-      dropout_text=cfg.get("dropout_text", 0.0),
-      dropout_vision=cfg.get("dropout_vision", 0.0),
-      residual=cfg.get("residual", False), route_by=cfg.get("route_by", "example"),
-      router_norm=cfg.get("router_norm", False),
-      balance_weight=float(cfg.get("balance_weight", 0.0)), **_common(cfg, dim, name))
+      experts=parse_experts(cfg["experts"]), num_heads=cfg["num_heads"],
+      shared_projections=cfg["shared_projections"], mask_keys=cfg["mask_keys"],
+      dropout_text=cfg["dropout_text"], dropout_vision=cfg["dropout_vision"],
+      residual=cfg["residual"], route_by=cfg["route_by"], router_norm=cfg["router_norm"],
+      balance_weight=float(cfg["balance_weight"]), **_common(cfg, dim, name))
 
 
 def build_reference(cfg: dict, dim: int, name: str) -> nn.Module:
-  if parse_experts(cfg.get("experts", "T,V,T2V,V2T")) != EXPERT_GROUPS:
+  if parse_experts(cfg["experts"]) != EXPERT_GROUPS:
     raise ValueError(f"model.moe.experts={cfg['experts']!r}: expert subsets "
                      "exist only for model.moe.variant='paper'")
   return ReferenceMMoE(
-      num_heads=cfg.get("num_heads", 12), mask_keys=cfg.get("mask_keys", False),
-      dropout_text=cfg.get("dropout_text", 0.1),
-      dropout_vision=cfg.get("dropout_vision", 0.0), **_common(cfg, dim, name))
+      num_heads=cfg["num_heads"], mask_keys=cfg["mask_keys"], dropout_text=cfg["dropout_text"],
+      dropout_vision=cfg["dropout_vision"], **_common(cfg, dim, name))
 
 
 def build_off(cfg: dict, dim: int, name: str) -> nn.Module:
@@ -369,7 +365,7 @@ def make_moe(cfg: dict, dim: int, name: str = "moe") -> nn.Module:
   variant = cfg.get("variant")
   if variant not in MMOE:
     raise ValueError(f"model.moe.variant={variant!r}: allowed {sorted(MMOE)}")
-  heads = cfg.get("num_heads", 1)
+  heads = cfg.get("num_heads")
   if variant != "off" and (not isinstance(heads, int) or heads < 1 or dim % heads):
     raise ValueError(f"model.moe.num_heads={heads!r}: must be a positive integer that "
                      f"divides the width {dim} (the text encoder's hidden_size)")

@@ -149,7 +149,7 @@ class RemoteModel(nn.Module):
     self.head = heads_lib.RelationHead(
         num_classes=self.num_classes, hidden=tuple(cfg.head.hidden),
         dropout=cfg.head.dropout, use_desc=cfg.head.use_desc,
-        object_without_marker=cfg.head.get("object_without_marker", "zero_side"),
+        object_without_marker=cfg.head.object_without_marker,
         dtype=self.dtype, name="head")
     if cfg.use_pos:
       # Box features [l, t, r, b, area] -> model width. New layers use
@@ -288,7 +288,7 @@ class RemoteModel(nn.Module):
 
 def expert_names(model_cfg):
   """The MMoE's expert names (static), for logs and the router plot."""
-  moe = moe_lib.MMOE[model_cfg.moe.variant](dict(model_cfg.moe), 1, "moe")
+  moe = moe_lib.MMOE[model_cfg.moe.variant](dict(model_cfg.moe, dtype=model_cfg.dtype), 1, "moe")
   levels = model_cfg.text.num_layers + 1
   return tuple(moe.expert_names(levels, levels))
 

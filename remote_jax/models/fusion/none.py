@@ -1,8 +1,9 @@
 """The `none` block (the paper's "w/o MOT" ablation) and the plumbing every
 fusion block shares: config readers, call validation and diagnostic averaging.
 
-Config values come from one flat dict (`config.model.mot`); a missing or None
-key takes the variant's default, a bad one raises ValueError naming the field.
+Config values come from one flat dict (`config.model.mot`), whose defaults live in
+configs/common.py:model_config and nowhere else: a missing key, or a bad value,
+raises ValueError naming the field.
 """
 import math
 
@@ -12,29 +13,32 @@ import jax.numpy as jnp
 FIELD = "model.mot"
 
 
-def _get(cfg, key, default):
+def _get(cfg, key):
   value = cfg.get(key) if cfg is not None else None
-  return default if value is None else value
+  if value is None:
+    raise ValueError(f"{FIELD}.{key} is not set (configs/common.py:model_config sets every "
+                     "field of model.mot)")
+  return value
 
 
-def cfg_choice(cfg, key, allowed, default):
-  value = _get(cfg, key, default)
+def cfg_choice(cfg, key, allowed):
+  value = _get(cfg, key)
   if value not in tuple(allowed):
     raise ValueError(f"{FIELD}.{key}={value!r}: allowed values are {sorted(allowed)}")
   return value
 
 
-def cfg_flag(cfg, key, default):
-  value = _get(cfg, key, default)
+def cfg_flag(cfg, key):
+  value = _get(cfg, key)
   if type(value) is not bool:
     raise ValueError(f"{FIELD}.{key}={value!r}: must be True or False")
   return value
 
 
-def cfg_number(cfg, key, default, lo=-math.inf, hi=math.inf, lo_open=False,
+def cfg_number(cfg, key, lo=-math.inf, hi=math.inf, lo_open=False,
                hi_open=False, integer=False):
   """A float (or int) in the interval lo..hi; `*_open` excludes the end."""
-  value = _get(cfg, key, default)
+  value = _get(cfg, key)
   span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
   kind = "an integer" if integer else "a number"
   numeric = isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -85,17 +85,17 @@ class OTPaper(nn.Module):
   solving (tracing ott's Sinkhorn at init costs seconds per block).
   """
   dim: int
-  epsilon: float = 0.1
-  iters: int = 50
-  cost: str = "cosine"
-  diff: str = "unrolled"
-  solver: str = "ott"
-  tau_a: float = 1.0
-  tau_b: float = 1.0
-  eps_init: float = 1.0
-  eps_decay: float = 1.0
-  alpha_init: float = 0.5
-  mask: bool = True
+  epsilon: float
+  iters: int
+  cost: str
+  diff: str
+  solver: str
+  tau_a: float
+  tau_b: float
+  eps_init: float
+  eps_decay: float
+  alpha_init: float
+  mask: bool
   param_dtype: jnp.dtype = jnp.float32
 
   def _plans(self, x, y, a, b):
@@ -156,10 +156,10 @@ class OTReference(nn.Module):
   release) restricts a, b and K to valid points and leaves masked rows as is.
   """
   dim: int
-  epsilon: float = 0.5
-  iters: int = 50
-  mask: bool = False
-  residual_init: float = 1.0
+  epsilon: float
+  iters: int
+  mask: bool
+  residual_init: float
   param_dtype: jnp.dtype = jnp.float32
 
   @nn.compact
@@ -194,41 +194,36 @@ class OTReference(nn.Module):
 
 
 def build_paper(cfg, dim, name):
-  """ot_paper. Defaults: epsilon 0.1 (the paper's lambda, eq. 6, has no value;
-  on cosine costs in [0,2] 0.1 gives a clearly non-uniform yet smooth plan,
-  while the released 0.5 is nearly flat), iters 50 (released), cosine cost,
-  unrolled differentiation (exact gradient of the truncated loop; implicit
-  assumes convergence and is unreliable on low-rank features), balanced,
-  no epsilon schedule, alpha_init 0.5, masks on."""
-  solver = cfg_choice(cfg, "solver", SOLVERS, "ott")
-  diff = cfg_choice(cfg, "diff", DIFFS, "unrolled")
+  """ot_paper. The values (and why: epsilon 0.1, unrolled differentiation, ...) are in
+  configs/common.py:model_config."""
+  solver = cfg_choice(cfg, "solver", SOLVERS)
+  diff = cfg_choice(cfg, "diff", DIFFS)
   if solver == "jax" and diff == "implicit":
     raise ValueError(f"{FIELD}.diff='implicit' needs {FIELD}.solver='ott' "
                      f"(the plain-JAX solver is differentiated by unrolling)")
   return OTPaper(
       dim=dim,
-      epsilon=cfg_number(cfg, "epsilon", 0.1, lo=0.0, lo_open=True),
-      iters=cfg_number(cfg, "iters", 50, lo=1, integer=True),
-      cost=cfg_choice(cfg, "cost", sinkhorn.COSTS, "cosine"),
+      epsilon=cfg_number(cfg, "epsilon", lo=0.0, lo_open=True),
+      iters=cfg_number(cfg, "iters", lo=1, integer=True),
+      cost=cfg_choice(cfg, "cost", sinkhorn.COSTS),
       diff=diff,
       solver=solver,
-      tau_a=cfg_number(cfg, "tau_a", 1.0, lo=0.0, hi=1.0, lo_open=True),
-      tau_b=cfg_number(cfg, "tau_b", 1.0, lo=0.0, hi=1.0, lo_open=True),
-      eps_init=cfg_number(cfg, "eps_init", 1.0, lo=1.0),
-      eps_decay=cfg_number(cfg, "eps_decay", 1.0, lo=0.0, hi=1.0, lo_open=True),
-      alpha_init=cfg_number(cfg, "alpha_init", 0.5, lo=0.0, hi=1.0, lo_open=True,
-                            hi_open=True),
-      mask=cfg_flag(cfg, "mask", True),
+      tau_a=cfg_number(cfg, "tau_a", lo=0.0, hi=1.0, lo_open=True),
+      tau_b=cfg_number(cfg, "tau_b", lo=0.0, hi=1.0, lo_open=True),
+      eps_init=cfg_number(cfg, "eps_init", lo=1.0),
+      eps_decay=cfg_number(cfg, "eps_decay", lo=0.0, hi=1.0, lo_open=True),
+      alpha_init=cfg_number(cfg, "alpha_init", lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+      mask=cfg_flag(cfg, "mask"),
       name=name)
 
 
 def build_reference(cfg, dim, name):
-  """ot_reference. Defaults are the released constants: epsilon 0.5, iters 50,
-  residual_init 1.0, mask False (the release has no masks)."""
+  """ot_reference. With semantics="reference" the config holds the released constants
+  (epsilon 0.5, iters 50, residual_init 1.0, no masks)."""
   return OTReference(
       dim=dim,
-      epsilon=cfg_number(cfg, "epsilon", 0.5, lo=0.0, lo_open=True),
-      iters=cfg_number(cfg, "iters", 50, lo=1, integer=True),
-      mask=cfg_flag(cfg, "mask", False),
-      residual_init=cfg_number(cfg, "residual_init", 1.0),
+      epsilon=cfg_number(cfg, "epsilon", lo=0.0, lo_open=True),
+      iters=cfg_number(cfg, "iters", lo=1, integer=True),
+      mask=cfg_flag(cfg, "mask"),
+      residual_init=cfg_number(cfg, "residual_init"),
       name=name)

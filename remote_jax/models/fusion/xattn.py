@@ -6,7 +6,7 @@ current level and key = value = the concatenated lower levels, fused as
 Parameters follow nn.MultiheadAttention's init: in-projections xavier-uniform
 over the stacked (3D, D) matrix, zero biases, out-projection U(+-1/sqrt(D))
 with zero bias; no dropout (its default 0). The release passes no masks;
-`mask=True` (the default here) excludes padded keys and leaves padded rows as is.
+`mask=True` (semantics="paper") excludes padded keys and leaves padded rows as is.
 """
 import math
 
@@ -20,9 +20,9 @@ from remote_jax.models.layers import uniform_init
 
 class CrossAttentionFusion(nn.Module):
   dim: int
-  num_heads: int = 12
-  mask: bool = True
-  residual_init: float = 1.0
+  num_heads: int
+  mask: bool
+  residual_init: float
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
 
@@ -80,11 +80,11 @@ class CrossAttentionFusion(nn.Module):
 
 
 def build(cfg, dim, name):
-  """xattn. Defaults: num_heads = dim // 64 (12 at 768, as released; at least
-  1), residual_init 1.0, mask True."""
-  heads = cfg_number(cfg, "num_heads", max(dim // 64, 1), lo=1, integer=True)
+  """xattn: model.mot's num_heads (the text encoder's: 12 at 768, as released), mask and
+  residual_init."""
+  heads = cfg_number(cfg, "num_heads", lo=1, integer=True)
   if dim % heads:
     raise ValueError(f"{FIELD}.num_heads={heads}: must divide the width {dim}")
   return CrossAttentionFusion(
-      dim=dim, num_heads=heads, mask=cfg_flag(cfg, "mask", True),
-      residual_init=cfg_number(cfg, "residual_init", 1.0), name=name)
+      dim=dim, num_heads=heads, mask=cfg_flag(cfg, "mask"),
+      residual_init=cfg_number(cfg, "residual_init"), name=name)

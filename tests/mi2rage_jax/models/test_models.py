@@ -1,7 +1,6 @@
 """MI2RAGE teachers and students: no real-view leak, view masks, jit(vmap) shapes."""
 import dataclasses
 
-import flax.linen as nn
 import jax
 import ml_collections
 import numpy as np
@@ -10,20 +9,10 @@ from PIL import Image
 
 from mi2rage_jax import data as data_lib
 from mi2rage_jax import models, pipeline
-from remote_jax import sharding, trainer
+from remote_jax import trainer
 from remote_jax.data.records import Entity
-
-C = 5
-
-
-def model_cfg(vocab=100):
-  return ml_collections.ConfigDict(dict(
-      text=dict(vocab_size=vocab, hidden_size=32, num_layers=1, num_heads=2,
-                intermediate_size=64, max_position_embeddings=64, type_vocab_size=2,
-                hidden_dropout=0.1, attention_dropout=0.1),
-      vision=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
-                  image_size=16, patch_size=8),
-      dropout=0.1, cross_heads=2, cross_mlp=64))
+from tests.conftest import C, one_device, random_params
+from tests.conftest import mi2rage_model_cfg as model_cfg
 
 
 def _image_student_batch(rng, b, n, length=12, valid=None):
@@ -48,25 +37,6 @@ def _text_student_batch(rng, b, n, length=12, valid=None):
 
 
 BATCHES = {"no_real_text": _image_student_batch, "no_real_image": _text_student_batch}
-
-
-def one_device(model, batch, steps=1, optim=None, seed=0):
-  """The engine's Setup of `model` on a one-device mesh (the tests' 8 CPU devices would
-  make small batches too small to split)."""
-  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
-  first = jax.tree.map(lambda x: x[:1], batch)   # init needs shapes only
-  return trainer.build(model, first, optim or dict(lr=1e-3), steps, mesh, seed=seed)
-
-
-def random_params(model, batch, seed=0):
-  """Random parameters of the right structure without compiling `init` (fast tests)."""
-  shapes = jax.eval_shape(lambda b: model.init({"params": jax.random.key(0)}, b, True), batch)
-  rng = np.random.default_rng(seed)
-
-  def fill(path, x):
-    base = 1.0 if "scale" in jax.tree_util.keystr(path) else 0.0
-    return (base + 0.2 * rng.normal(size=x.shape)).astype(np.float32)
-  return jax.tree_util.tree_map_with_path(fill, nn.meta.unbox(shapes["params"]))
 
 
 @pytest.fixture(scope="module", params=sorted(BATCHES))
@@ -120,7 +90,8 @@ def _run(tmp_path, setting):
   cfg = ml_collections.ConfigDict(dict(
       seed=0, ckpt_every=0,
       data=dict(train_split="train", test_split="test", image_size=16),
-      generator=dict(name="demo", noise=0.0, image_size=96, max_pairs=3, stores={}),
+      generator=dict(name="demo", noise=0.0, image_size=96, max_pairs=3, stores={},
+                     knowledge=False, knowledge_error=0.0, mention_rate=1.0),
       ccg=dict(rounds=0, n_initial=2, children=1, keep_fraction=0.6),
       teacher=dict(kind="trained"), student=dict(unimodal=False),
       model=model_cfg()))

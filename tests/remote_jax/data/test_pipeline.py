@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
+from remote_jax.data import batch_spec, pipeline, preprocess, umre
 from remote_jax.data import builder as builder_lib
-from remote_jax.data import pipeline, preprocess, umre
 from remote_jax.data.records import Entity
 from remote_jax.data.tokenizer import RelationTokenizer
+from tests.conftest import FIXTURES, REPO
 
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOKENS = ["Alice", "met", "Bob", "in", "Paris"]
 
 
@@ -98,7 +98,8 @@ def umre_train():
 
 
 def make_pre(tok, reader, **kw):
-  args = dict(num_objects=3, crop_size=4, use_caption=True, use_depth=True)
+  args = dict(num_objects=3, crop_size=4, use_caption=True, use_depth=True, depth_norm="none",
+              modalities="both")
   args.update(kw)
   return preprocess.Preprocessor(tok, reader.relations, **args)
 
@@ -121,7 +122,7 @@ def test_preprocess_example_positions(tok, umre_train):
   eo = make_pre(tok, reader)(samples[2], 2)  # img_b: [OBJ1] is slot 0 (key order)
   assert (eo["tail_obj"], eo["triplet_type"]) == (0, 2)
   np.testing.assert_allclose(eo["obj_boxes"][0, :4], [0.25, 0.25, 0.75, 1.0])
-  spec = preprocess.example_spec(40, 3, 4)
+  spec = batch_spec.example_spec(40, 3, 4)
   assert {k: (v.shape, v.dtype) for k, v in eo.items()} == spec
 
 
@@ -146,11 +147,10 @@ def test_preprocess_is_deterministic(tok, umre_train):
 
 
 # ---------------------------------------------------------------- tfds cache
-def fixture_cfg(cache, root, **kw):
-  cfg = dict(name="umre", root=str(root), cache_dir=str(cache), max_length=32, num_objects=3,
-             crop_size=4)
-  cfg.update(kw)
-  return cfg
+def fixture_cfg(cache, root, name="umre", **kw):
+  sizes = dict(max_length=32, num_objects=3, crop_size=4)
+  return common.data_config(name, root=str(root), cache_dir=str(cache),
+                            **{**sizes, **kw}).to_dict()
 
 
 def test_builder_rows_meta_and_rebuild_on_change(tmp_path, tok):
@@ -207,8 +207,9 @@ def test_builder_skip_mode_counts_preprocessing_failures(tmp_path):
 @pytest.fixture(scope="module")
 def demo_cfg(tmp_path_factory):
   cache = tmp_path_factory.mktemp("demo_cache")
-  cfg = dict(name="demo", cache_dir=str(cache), max_length=32, num_objects=5, crop_size=8,
-             demo=dict(seed=3, n_train=23, n_val=11, n_test=5, image_size=32))
+  cfg = common.data_config("demo", cache_dir=str(cache), max_length=32, num_objects=5,
+                           crop_size=8).to_dict()
+  cfg["demo"] = dict(cfg["demo"], seed=3, n_train=23, n_val=11, n_test=5, image_size=32)
   pipeline.get_builder(cfg)
   return cfg
 
@@ -226,7 +227,7 @@ def test_batches_match_contract(demo_cfg):
   assert shapes["obj_boxes"] == ((4, 5, 5), "float32") and shapes["obj_mask"][1] == "bool"
   for key in ("input_ids", "token_type_ids", "attention_mask"):
     assert shapes[key] == ((4, 32), "int32")
-  for key in preprocess.SCALAR_KEYS:
+  for key in batch_spec.SCALAR_INTS:
     assert shapes[key] == ((4,), "int32")
   assert shapes["mask"] == ((4,), "bool") and "obj_pixels_u8" not in batch
   empty = ~batch["obj_mask"]
@@ -337,11 +338,11 @@ def test_buckets_reach_the_meta_as_rows(tmp_path):
   differ from lines once an example is skipped."""
   from remote_jax.data import synth  # pylint: disable=import-outside-toplevel
   root = synth.write_demo_dataset(tmp_path / "demo", seed=2, n_train=6, n_val=3, n_test=30,
-                                  image_size=32)
+                                  image_size=32, caption_absent=0.3)
   lines = umre.UmreReader(root).buckets("test")["compositional"]
   assert len(lines) == 4
-  cfg = dict(name="umre", root=str(root), cache_dir=str(tmp_path / "cache"), max_length=32,
-             num_objects=5, crop_size=8, strict="skip")
+  cfg = common.data_config("umre", root=str(root), cache_dir=str(tmp_path / "cache"),
+                           max_length=32, num_objects=5, crop_size=8, strict="skip").to_dict()
   meta = builder_lib.meta_from_builder(builder_lib.prepare(cfg), cfg)
   assert meta["buckets"]["test"] == {"compositional": lines}
   assert meta["buckets"]["train"] == {} and meta["buckets"]["val"] == {}

@@ -25,6 +25,12 @@ ROWS = [
 MISSING = [False, False, False, False, True, True]
 
 
+def make_head(**fields):
+  """A head with the released code's settings unless `fields` say otherwise."""
+  config = dict(hidden=(), dropout=0.0, use_desc=True, object_without_marker="zero_side")
+  return RelationHead(C, **{**config, **fields})
+
+
 def make_inputs(seed=0):
   rng = np.random.default_rng(seed)
   h_t = jnp.asarray(rng.normal(size=(B, L, D)), jnp.float32)
@@ -72,7 +78,7 @@ def numpy_logits(params, h_t, objs, batch, use_desc, combine, keep_region=False)
                                               ("concat", True)])
 def test_gathers_match_a_numpy_loop(combine, use_desc):
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C, use_desc=use_desc, combine=combine)
+  head = make_head(use_desc=use_desc, combine=combine)
   params = init(head, h_t, objs, batch)
   logits, aux = head.apply(params, h_t, objs, batch)
   assert logits.shape == (B, C) and logits.dtype == jnp.float32
@@ -86,7 +92,7 @@ def test_gathers_match_a_numpy_loop(combine, use_desc):
 def test_keep_region_object_without_marker(combine):
   """Paper semantics: the object head of row 4 (no <o1>) keeps its region feature."""
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C, combine=combine, object_without_marker="keep_region")
+  head = make_head(combine=combine, object_without_marker="keep_region")
   params = init(head, h_t, objs, batch)
   logits, aux = head.apply(params, h_t, objs, batch)
   np.testing.assert_allclose(
@@ -96,14 +102,14 @@ def test_keep_region_object_without_marker(combine):
   assert np.abs(np.asarray(logits)[4] - zero_side[4]).max() > 1e-3    # row 4 differs
   np.testing.assert_allclose(np.asarray(logits)[5], zero_side[5], rtol=1e-5, atol=1e-5)
   np.testing.assert_array_equal(aux["missing_marker"], MISSING)
-  bad = RelationHead(C, object_without_marker="drop")
+  bad = make_head(object_without_marker="drop")
   with pytest.raises(ValueError, match="object_without_marker='drop'.*keep_region"):
     init(bad, h_t, objs, batch)
 
 
 def test_missing_marker_side_is_zero():
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C, combine="concat")
+  head = make_head(combine="concat")
   params = init(head, h_t, objs, batch)
   p = nn.meta.unbox(params)["params"]["classifier"]
   # With a zero head side the logits only see the tail half of the classifier.
@@ -120,7 +126,7 @@ def test_missing_marker_side_is_zero():
 
 def test_mixed_batch_gradients_reach_exactly_the_gathered_rows():
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C, hidden=(16,), dropout=0.5)
+  head = make_head(hidden=(16,), dropout=0.5)
   params = init(head, h_t, objs, batch)
 
   def loss(params, h_t, objs):
@@ -160,14 +166,14 @@ def test_bad_index_raises_naming_the_field(field, value, bound):
   batch[field][3] = value
   with pytest.raises(ValueError, match=rf"'{field}'.*\[-1, {bound}\].*rows \[3\]"):
     validate_indices(batch, L, K)
-  head = RelationHead(C)
+  head = make_head()
   with pytest.raises(ValueError, match=field):
     init(head, h_t, objs, batch)
 
 
 def test_under_jit_indices_are_clamped_not_checked():
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C)
+  head = make_head()
   params = init(head, h_t, objs, batch)
   fn = jit(lambda batch: head.apply(params, h_t, objs, batch))
   logits, aux = fn(batch)
@@ -183,7 +189,7 @@ def test_under_jit_indices_are_clamped_not_checked():
 
 def test_dropout_and_hidden_layers():
   h_t, objs, batch = make_inputs()
-  head = RelationHead(C, hidden=(16, 12), dropout=0.5, activation="gelu")
+  head = make_head(hidden=(16, 12), dropout=0.5, activation="gelu")
   params = init(head, h_t, objs, batch)
   shapes = jax.tree.map(jnp.shape, nn.meta.unbox(params))["params"]
   assert shapes["hidden_0"]["kernel"] == (2 * D, 16)
@@ -198,13 +204,13 @@ def test_dropout_and_hidden_layers():
 
 def test_logical_axes_and_bad_options():
   h_t, objs, batch = make_inputs()
-  params = init(RelationHead(C, hidden=(16, 12)), h_t, objs, batch)["params"]
+  params = init(make_head(hidden=(16, 12)), h_t, objs, batch)["params"]
   leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   for leaf in leaves:
     assert isinstance(leaf, nn.Partitioned)
     assert len(leaf.names) == leaf.value.ndim == len(set(leaf.names))
     assert set(leaf.names) <= {"embed", "mlp", "classes"}
   with pytest.raises(ValueError, match="model.head.combine"):
-    init(RelationHead(C, combine="sum"), h_t, objs, batch)
+    init(make_head(combine="sum"), h_t, objs, batch)
   with pytest.raises(ValueError, match="model.head.activation"):
-    init(RelationHead(C, hidden=(4,), activation="tanh"), h_t, objs, batch)
+    init(make_head(hidden=(4,), activation="tanh"), h_t, objs, batch)

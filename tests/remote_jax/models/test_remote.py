@@ -1,7 +1,6 @@
 """The composed REMOTE model: every registry entry and ablation switch builds,
 runs forward and backward, changes the output where it should, and respects
 the object mask."""
-import functools
 
 import flax.linen as nn
 import jax
@@ -9,51 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from remote_jax import trainer
 from remote_jax.models import remote
-
-L, K, S, C = 16, 3, 16, 5
-# Tiny graphs: XLA's backend optimisations cost more compile time than they save.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
-
-def micro_config(semantics="paper", **changes):
-  cfg = common.model_config("tiny", semantics)
-  cfg.text.update(hidden_size=32, num_heads=2, intermediate_size=64)
-  cfg.vision.update(hidden_size=32, num_heads=2, intermediate_size=64, image_size=S,
-                    patch_size=8)
-  cfg.mot.update(iters=3, num_heads=2)
-  cfg.moe.update(num_heads=2)
-  cfg.head.hidden = (32,) if semantics == "paper" else ()
-  for key, value in changes.items():
-    node = cfg
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
-  return cfg
-
-
-def make_batch(seed=0, b=2):
-  rng = np.random.default_rng(seed)
-  meta = dict(max_length=L, num_objects=K, crop_size=S)
-  batch = trainer.dummy_batch(meta, b)
-  batch["input_ids"] = rng.integers(100, 2000, (b, L)).astype(np.int32)
-  batch["attention_mask"][:, L - 4:] = 0          # padded text
-  batch["obj_pixels"] = rng.normal(size=batch["obj_pixels"].shape).astype(np.float32)
-  batch["obj_depth"] = rng.normal(size=batch["obj_depth"].shape).astype(np.float32)
-  batch["obj_boxes"] = rng.uniform(size=batch["obj_boxes"].shape).astype(np.float32)
-  batch["obj_mask"][:, 2:] = False                 # slot 2 is empty
-  # example 0: entity-entity; example 1: entity-object with object slot 1
-  batch["head_marker"][:] = 1
-  batch["tail_marker"][:] = [3, 6]
-  batch["head_desc"][:] = [8, 8]
-  batch["tail_obj"][:] = [-1, 1]
-  batch["triplet_type"][:] = [0, 2]
-  batch["label"][:] = [1, 2]
-  return batch
-
+from tests.conftest import C, L, jit, make_batch, micro_config
 
 _CACHE = {}
 

@@ -18,7 +18,7 @@ import pytest
 
 from remote_jax import checkpoint, sharding, trainer
 from remote_jax.models import remote
-from tests.test_model import C, make_batch, micro_config
+from tests.conftest import C, make_batch, micro_config
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS = 2

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from remote_jax.models import remote
-from tests.test_model import C, jit, make_batch, micro_config
+from tests.conftest import C, jit, make_batch, micro_config
 
 _MODELS = {}
 

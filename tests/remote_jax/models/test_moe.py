@@ -41,8 +41,19 @@ def make_inputs(seed=0):
   return text, text_mask, vision, vision_masks
 
 
+# Module settings under test: eqs. 9-12 as written for "paper" (no residual, one routing
+# per example, no router norm, no dropout), the released code's for "reference".
+SETTINGS = {
+    "paper": dict(experts=ALL, shared_projections=True, mask_keys=True, dropout_text=0.0,
+                  dropout_vision=0.0, residual=False, route_by="example", router_norm=False,
+                  balance_weight=0.0),
+    "reference": dict(experts=ALL, mask_keys=False, dropout_text=0.1, dropout_vision=0.0),
+    "off": {},
+}
+
+
 def build(variant, **cfg):
-  cfg = dict(variant=variant, num_heads=2, **cfg)
+  cfg = dict(variant=variant, num_heads=2, dtype="float32", **{**SETTINGS[variant], **cfg})
   return moe_lib.make_moe(cfg, D, "moe")
 
 

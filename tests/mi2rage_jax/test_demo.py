@@ -160,7 +160,8 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models  # pylint: disable=import-outside-toplevel
   from remote_jax import trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg, one_device  # pylint: disable=import-outside-toplevel
+  from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
+  from tests.conftest import one_device
   enc = data_lib.Encoder("", 24)
   cfg = model_cfg(vocab=enc.vocab_size)
   cfg.vision.image_size = 32
@@ -189,7 +190,8 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models, selection  # pylint: disable=import-outside-toplevel
   from remote_jax import trainer  # pylint: disable=import-outside-toplevel
-  from tests.test_mi2rage_models import model_cfg, one_device  # pylint: disable=import-outside-toplevel
+  from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
+  from tests.conftest import one_device
   enc = data_lib.Encoder("", 32)
   gen = demo.DemoGenerators(noise=0.4, knowledge_error=0.2, mention_rate=0.7)
   rows, views = _seen_rows(64, 2), []

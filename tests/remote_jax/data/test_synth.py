@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from remote_jax.data import DATASETS, synth, umre
 
-SMALL = dict(n_train=150, n_val=60, n_test=150, image_size=48)
+SMALL = dict(common.DEMO_WORLD, n_train=150, n_val=60, n_test=150, image_size=48)
 POSITION_WORDS = ("left", "right", "above", "below", "top", "bottom", "front", "behind", "near",
                   "far", "under", "over")
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-  return synth.write_demo_dataset(tmp_path_factory.mktemp("demo") / "a", seed=5, **SMALL)
+  return synth.write_demo_dataset(tmp_path_factory.mktemp("demo") / "a", **{**SMALL, "seed": 5})
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def world(demo):
 
 
 def test_same_seed_same_dataset(demo, tmp_path):
-  again = synth.write_demo_dataset(tmp_path / "b", seed=5, **SMALL)
-  other = synth.write_demo_dataset(tmp_path / "c", seed=6, **SMALL)
+  again = synth.write_demo_dataset(tmp_path / "b", **{**SMALL, "seed": 5})
+  other = synth.write_demo_dataset(tmp_path / "c", **{**SMALL, "seed": 6})
   for name in ("train_set.json", "val_set.json", "test_set.json", "pos_umke.json",
                "cap_qwenvl_simply.json", "rel2id_umke_partner.json", "buckets.json",
                "world.json"):
@@ -63,13 +64,13 @@ def test_reader_round_trip_and_sizes(reader, splits):
   assert all(2 <= len(s.objects) <= 5 for s in splits["train"])
 
 
-def test_default_sizes_are_per_type_and_match_the_config():
+def test_default_sizes_are_per_type():
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
-  config = demo_config.get_config()
-  assert dict(config.data.demo) == synth.DEFAULTS
+  world = dict(demo_config.get_config().data.demo)
+  assert world == common.DEMO_WORLD and set(world) == set(synth.WORLD_KEYS)
   for key, least in (("n_train", 1000), ("n_val", 500), ("n_test", 500)):
-    assert synth.DEFAULTS[key] // 3 >= least
-  plan = synth._plan(np.random.default_rng(0), synth.DEFAULTS["n_test"], "test")
+    assert world[key] // 3 >= least
+  plan = synth._plan(np.random.default_rng(0), world["n_test"], "test")
   comp = sum(p[3] for p in plan)
   assert comp >= 150 and all(p[0] == "eo" for p in plan if p[3])
 
@@ -194,7 +195,7 @@ def test_captions_do_not_give_the_answer(demo, world):
       assert not any(w in words for w in POSITION_WORDS)
       assert not (colour in words and shape in words)  # partial at most
       assert cap in (synth.ABSENT_CAPTION, f"a {colour} shape", f"a {shape}", f"a {size} shape")
-  assert absent / total == pytest.approx(synth.DEFAULTS["caption_absent"], abs=0.05)
+  assert absent / total == pytest.approx(SMALL["caption_absent"], abs=0.05)
 
 
 def test_compositional_bucket(demo, reader, splits, world):
@@ -239,12 +240,15 @@ def test_images_render_the_world(demo, world):
 
 def test_demo_registry_writes_once(tmp_path):
   small = dict(n_train=30, n_val=9, n_test=9, image_size=48)
-  cfg = dict(name="demo", root=str(tmp_path / "demo"), demo=dict(seed=1, **small))
+  cfg = common.data_config("demo", root=str(tmp_path / "demo")).to_dict()
+  cfg["demo"] = dict(common.DEMO_WORLD, seed=1, **small)
   reader = DATASETS["demo"](cfg)
   assert (reader.root / "DONE").exists()
   stamp = (reader.root / "train_set.json").stat().st_mtime_ns
   assert DATASETS["demo"](cfg).root == reader.root
   assert (reader.root / "train_set.json").stat().st_mtime_ns == stamp
   assert json.loads((reader.root / "DONE").read_text())["seed"] == 1
-  other = DATASETS["demo"](dict(cfg, demo=dict(seed=2, **small)))
+  other = DATASETS["demo"](dict(cfg, demo=dict(cfg["demo"], seed=2)))
   assert other.root != reader.root
+  with pytest.raises(ValueError, match=r"data\.demo: missing \['caption_absent'\]"):
+    DATASETS["demo"](dict(cfg, demo=dict(seed=2, **small)))

@@ -13,7 +13,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO
-from tests.test_checkpoint import scramble
+
+from .test_checkpoint import scramble
 
 SMALL_DEMO = dict(seed=3, n_train=48, n_val=16, n_test=16)
 CONFIG = "--config=configs/demo.py:runlocal"

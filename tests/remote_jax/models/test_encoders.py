@@ -19,7 +19,8 @@ from remote_jax.models.encoders import (
   CLIPVisionTower,
 )
 from remote_jax.models.encoders.bert import object_fusion
-from tests.test_convert import random_like, tiny_hf_bert, tiny_hf_clip_vision
+
+from .test_convert import random_like, tiny_hf_bert, tiny_hf_clip_vision
 
 TOL = 1e-4
 AXIS_NAMES = {"vocab", "embed", "mlp", "heads", "kv", "joined_kv", "position", "patch", None}

@@ -5,7 +5,6 @@ in each process: 2 CPU devices each, 4 global, fsdp across the process boundary.
 """
 import json
 import os
-import pathlib
 import subprocess
 import sys
 
@@ -16,8 +15,7 @@ import portpicker
 import pytest
 
 from remote_jax import distributed
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
 
 
 def _param_sq_sum(params):
@@ -27,7 +25,8 @@ def _param_sq_sum(params):
 def _worker():
   """One process of the distributed run: its own rows of each global batch."""
   from remote_jax import sharding
-  from tests import test_sharding as T
+
+  from . import test_sharding as T
 
   distributed.maybe_initialize({"distributed": {"initialization_timeout": 60}})
   n, i = jax.process_count(), jax.process_index()
@@ -83,11 +82,11 @@ def _run_all(procs, timeout=150):
 
 
 def test_two_processes_match_one():
-  from tests import test_sharding as T
+  from . import test_sharding as T
 
   env = _env(REMOTE_JAX_COORDINATOR=f"localhost:{portpicker.pick_unused_port()}",
              REMOTE_JAX_NUM_PROCESSES="2")
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.test_distributed"], cwd=REPO,
+  procs = [subprocess.Popen([sys.executable, "-m", __name__], cwd=REPO,
                             env=dict(env, REMOTE_JAX_PROCESS_ID=str(i)), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
   ref_state, ref_losses = T.reference_run()  # while the workers start up

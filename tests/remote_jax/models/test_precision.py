@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from remote_jax.models import remote
-from tests.test_model import C, make_batch, micro_config
+from tests.conftest import C, make_batch, micro_config
 
 jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
 

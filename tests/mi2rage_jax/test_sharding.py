@@ -3,7 +3,7 @@ dropout on, checkpointed) data-parallel or FSDP over 2 of the 8 CPU devices, or 
 processes joined by jax.distributed, equals the one-device fit, and so do its predictions;
 FSDP rules split the students' encoders and cross-attention.
 
-The two-process test runs this file as a module (`python -m tests.test_mi2rage_sharding DIR`)
+The two-process test runs this file as a module (`python -m tests.mi2rage_jax.test_sharding DIR`)
 in each process: one CPU device each, every process making only its rows of each batch.
 """
 import functools
@@ -18,16 +18,18 @@ import numpy as np
 import portpicker
 import pytest
 
+from configs import common
 from mi2rage_jax import models
 from remote_jax import distributed, sharding, trainer
-from tests.test_mi2rage_models import BATCHES, C, model_cfg
+from tests.conftest import REPO, C
+from tests.conftest import mi2rage_model_cfg as model_cfg
+from tests.mi2rage_jax.models.test_models import BATCHES
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
 TOL = dict(rtol=1e-5, atol=1e-5)
 STEPS, ROWS, BATCH, VIEWS = 3, 8, 4, 2
 # Large lr: the steps move every weight; eps=1e-3 keeps Adam's near-zero-gradient
 # elements from turning reduction-order noise into full-size steps (test_trainer_sharding).
-OPTIM = dict(lr=1e-2, eps=1e-3, warmup_ratio=0.0)
+OPTIM = common.optim_config(lr=1e-2, eps=1e-3, warmup_ratio=0.0)
 LAYOUTS = {"one": ("dp", [("data", 1)], 1), "dp": ("dp", [("data", 2)], 2),
            "fsdp": ("fsdp", [("fsdp", 2)], 2)}
 
@@ -123,7 +125,7 @@ def test_two_processes_match_one(tmp_path):
              REMOTE_JAX_NUM_PROCESSES="2")
   for k in ("REMOTE_JAX_DISTRIBUTED", "SLURM_NTASKS"):
     env.pop(k, None)
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.test_mi2rage_sharding",
+  procs = [subprocess.Popen([sys.executable, "-m", "tests.mi2rage_jax.test_sharding",
                              str(tmp_path / "two")], cwd=REPO,
                             env=dict(env, REMOTE_JAX_PROCESS_ID=str(i)), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]

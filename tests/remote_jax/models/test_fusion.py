@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from configs import common
 from remote_jax.models.fusion import FUSIONS, make_fusion
 
 B, N, M, D = 2, 12, 96, 768
@@ -40,10 +41,16 @@ def _masks(n_valid=N_VALID, m_valid=M_VALID):
   return qm, sm
 
 
+def mot_config(variant, **overrides):
+  """config.model.mot (BERT-base size) of the semantics `variant` belongs to."""
+  semantics = "reference" if variant == "ot_reference" else "paper"
+  return dict(common.model_config("base", semantics).mot, variant=variant, **overrides)
+
+
 @functools.cache
 def _block(variant, dim=D, **cfg):
   """(module, params, jitted forward, jitted grad) for one config."""
-  blk = make_fusion(dict(variant=variant, **cfg), dim, "blk")
+  blk = make_fusion(mot_config(variant, **cfg), dim, "blk")
   args = (jnp.zeros((B, N, dim)), jnp.ones((B, N), bool), jnp.zeros((B, M, dim)),
           jnp.ones((B, M), bool))
   params = nn.meta.unbox(jax.jit(blk.init)(jax.random.key(0), *args))
@@ -377,8 +384,8 @@ def test_masked_source_points_change_nothing(variant, cfg):
 
 
 def test_xattn_heads_and_entropy():
-  blk = make_fusion({"variant": "xattn"}, D)
-  assert blk.num_heads == 12   # dim // 64, as nn.MultiheadAttention(768, 12)
+  blk = make_fusion(mot_config("xattn"), D)
+  assert blk.num_heads == 12   # the text encoder's, as nn.MultiheadAttention(768, 12)
   _, params, fwd, _ = _block("xattn")
   q, s = _features(10)
   qm, sm = _masks()
@@ -405,9 +412,24 @@ def test_xattn_heads_and_entropy():
     ({"variant": "xattn", "num_heads": 5}, "model.mot.num_heads", "divide"),
 ])
 def test_bad_config_names_field_and_allowed(cfg, field, allowed):
+  cfg = dict(cfg)
   with pytest.raises(ValueError) as err:
-    make_fusion(cfg, D)
+    make_fusion(mot_config(cfg.pop("variant"), **cfg), D)
   assert field in str(err.value) and allowed in str(err.value)
+
+
+@pytest.mark.parametrize("variant,key", [("ot_paper", "epsilon"), ("ot_reference", "mask"),
+                                         ("xattn", "num_heads")])
+def test_blocks_take_every_value_from_the_config(variant, key):
+  """No block falls back on a default of its own: the config is the one source."""
+  cfg = mot_config(variant, epsilon=0.25, iters=7, mask=True, residual_init=0.5, num_heads=6)
+  blk = make_fusion(cfg, D, "blk")
+  for field in ("epsilon", "iters", "mask", "residual_init", "num_heads", "alpha_init"):
+    if hasattr(blk, field):
+      assert getattr(blk, field) == cfg[field], field
+  del cfg[key]
+  with pytest.raises(ValueError, match=rf"model\.mot\.{key} is not set"):
+    make_fusion(cfg, D)
 
 
 def test_bad_call_is_rejected():

@@ -6,7 +6,13 @@ import numpy as np
 import optax
 import pytest
 
+from configs import common
 from remote_jax import optim
+
+
+def full(cfg):
+  """config.optim with `cfg`'s keys changed."""
+  return common.optim_config(**cfg)
 
 
 class Tiny(nn.Module):
@@ -45,7 +51,7 @@ def test_linear_schedule_matches_hf_at_known_steps():
 
 
 def test_make_optimizer_returns_its_schedule():
-  _, sched = optim.make_optimizer({"lr": 3e-5, "warmup_ratio": 0.5}, tiny_params(), 20)
+  _, sched = optim.make_optimizer(full({"lr": 3e-5, "warmup_ratio": 0.5}), tiny_params(), 20)
   assert float(sched(5)) == pytest.approx(1.5e-5) and float(sched(10)) == pytest.approx(3e-5)
 
 
@@ -54,7 +60,7 @@ def first_update(decay_mask):
   grads = jax.tree_util.tree_map(lambda x: jnp.full_like(x, 0.5), params)
   cfg = {"lr": 0.1, "schedule": "constant", "warmup_steps": 0, "weight_decay": 0.01,
          "decay_mask": decay_mask}
-  tx, _ = optim.make_optimizer(cfg, params, 10)
+  tx, _ = optim.make_optimizer(full(cfg), params, 10)
   new, _ = run(tx, params, grads, 1)
   return jax.tree_util.tree_map(lambda a, b: float((a - b).reshape(-1)[0]), new, params)
 
@@ -80,7 +86,7 @@ def test_frozen_params_unchanged_others_change():
   params = tiny_params()
   cfg = {"lr": 1e-2, "warmup_steps": 0, "schedule": "constant",
          "frozen_patterns": ("head/mm_linear", "head/classifier")}
-  tx, _ = optim.make_optimizer(cfg, params, 10)
+  tx, _ = optim.make_optimizer(full(cfg), params, 10)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   new, _state = run(tx, params, grads, 3)
   for name in ("mm_linear", "classifier"):
@@ -88,7 +94,7 @@ def test_frozen_params_unchanged_others_change():
   for leaf_new, leaf_old in zip(jax.tree_util.tree_leaves(new["text"]),
                                 jax.tree_util.tree_leaves(params["text"])):
     assert not np.allclose(leaf_new, leaf_old)
-  summary = optim.group_summary(cfg, params)
+  summary = optim.group_summary(full(cfg), params)
   assert summary["frozen"] == {"tensors": 4, "params": 4 * 4 + 4 + 4 * 2 + 2}
   assert summary["default"]["tensors"] == 4
 
@@ -98,7 +104,7 @@ def test_group_lr_mult_and_validation():
   cfg = {"lr": 0.1, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
          "groups": {"bert": {"pattern": "^text/", "lr_mult": 2.0},
                     "head": {"pattern": "^head/", "lr_mult": 0.5}}}
-  tx, _ = optim.make_optimizer(cfg, params, 10)
+  tx, _ = optim.make_optimizer(full(cfg), params, 10)
   grads = jax.tree_util.tree_map(jnp.ones_like, params)
   new, _ = run(tx, params, grads, 1)
   delta = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new, params)
@@ -108,20 +114,20 @@ def test_group_lr_mult_and_validation():
 
   bad = {**cfg, "groups": {"bert": {"pattern": "^text/", "lr_mul": 2.0}}}
   with pytest.raises(ValueError, match=r"'bert'.*lr_mul"):
-    optim.make_optimizer(bad, params, 10)
+    optim.make_optimizer(full(bad), params, 10)
   bad = {**cfg, "groups": {"clip": {"pattern": "^vision/"}}}
   with pytest.raises(ValueError, match="match no parameter.*clip"):
-    optim.make_optimizer(bad, params, 10)
+    optim.make_optimizer(full(bad), params, 10)
   with pytest.raises(ValueError, match="match no parameter.*head/mm_linaer"):
-    optim.make_optimizer({"frozen_patterns": ("head/mm_linaer",)}, params, 10)
+    optim.make_optimizer(full({"frozen_patterns": ("head/mm_linaer",)}), params, 10)
   with pytest.raises(ValueError, match="unknown key.*warmup"):
-    optim.make_optimizer({"warmup": 0.1}, params, 10)
+    optim.make_optimizer(full({"warmup": 0.1}), params, 10)
   overlap = {"groups": {"a": {"pattern": "^text/"}, "b": {"pattern": "Dense"}}}
   with pytest.raises(ValueError, match="matches optim groups"):
-    optim.make_optimizer(overlap, params, 10)
+    optim.make_optimizer(full(overlap), params, 10)
   # An ordered sequence makes "first match wins" explicit.
   ordered = {"groups": [("a", {"pattern": "^text/"}), ("b", {"pattern": "kernel$"})]}
-  labels = optim.param_labels(ordered, params)
+  labels = optim.param_labels(full(ordered), params)
   assert labels["text"]["Dense_0"]["kernel"] == "a"
   assert labels["head"]["mm_linear"]["kernel"] == "b"
 
@@ -130,7 +136,7 @@ def test_clipping_ignores_frozen_grads():
   params = {"w": jnp.zeros((2,)), "frozen": jnp.zeros((2,))}
   grads = {"w": jnp.array([3.0, 4.0]), "frozen": jnp.array([100.0, 0.0])}
   cfg = {"frozen_patterns": ("frozen",), "clip_norm": 1.0, "warmup_steps": 0}
-  tx, _ = optim.make_optimizer(cfg, params, 10)
+  tx, _ = optim.make_optimizer(full(cfg), params, 10)
   _, state = tx.update(grads, tx.init(params), params)
   # Norm of the trained grads is 5 -> clipped to [0.6, 0.8]; mu = (1 - b1) * g.
   mu = optax.tree_utils.tree_get(state, "mu")
@@ -142,14 +148,14 @@ def test_grad_accumulation_equals_one_step_on_the_mean():
   g1 = {"w": jnp.array([1.0, -2.0, 3.0]), "k": jnp.full((2, 2), 0.5)}
   g2 = {"w": jnp.array([3.0, 2.0, -1.0]), "k": jnp.full((2, 2), 1.5)}
   base = {"lr": 0.1, "warmup_steps": 0, "schedule": "constant"}
-  tx, _ = optim.make_optimizer({**base, "grad_accum": 2}, params, 10)
+  tx, _ = optim.make_optimizer(full({**base, "grad_accum": 2}), params, 10)
   state = tx.init(params)
   u, state = tx.update(g1, state, params)
   assert all(float(jnp.abs(x).max()) == 0.0 for x in jax.tree_util.tree_leaves(u))
   p_acc = optax.apply_updates(params, u)
   u, state = tx.update(g2, state, p_acc)
   p_acc = optax.apply_updates(p_acc, u)
-  tx1, _ = optim.make_optimizer(base, params, 10)
+  tx1, _ = optim.make_optimizer(full(base), params, 10)
   mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g1, g2)
   p_one, _ = run(tx1, params, mean, 1)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_acc, p_one)

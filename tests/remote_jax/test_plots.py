@@ -1,4 +1,5 @@
-"""Plots (PNG files of the expected size) and metric writers (JSONL, TensorBoard)."""
+"""Plots (their size, and that they show their data: the same data draws the same pixels,
+other data other pixels, in the panel it belongs to) and metric writers (JSONL, TensorBoard)."""
 import json
 import logging
 import pathlib
@@ -6,6 +7,7 @@ import struct
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from remote_jax import plots, writers
 
@@ -16,6 +18,15 @@ def png_size(path):
     head = f.read(24)
   assert head[:8] == b"\x89PNG\r\n\x1a\n"
   return struct.unpack(">II", head[16:24])
+
+
+def pixels(path):
+  return np.asarray(Image.open(path).convert("RGB")).astype(np.int16)
+
+
+def count_near(image, rgb, tol=30):
+  """Pixels within `tol` of colour `rgb` in every channel."""
+  return int((np.abs(image - np.asarray(rgb)) <= tol).all(-1).sum())
 
 
 def iter_event_scalars(logdir):
@@ -95,6 +106,15 @@ def test_training_curves(tmp_path):
   assert png_size(path) == (400, 150)
   path = plots.training_curves(recs, tmp_path / "by_epoch.png", x="epoch")
   assert png_size(path) == (1000, 400)
+  # The same records draw the same pixels; dev F1 falling instead of rising (same values,
+  # so the same axes) changes the right-hand metric panel and leaves the loss panel alone.
+  again = pixels(plots.training_curves(recs, tmp_path / "again.png", x="epoch"))
+  np.testing.assert_array_equal(again, pixels(path))
+  falling = [dict(r, f1=104.0 - r["f1"]) if r["split"] == "dev" else r for r in recs]
+  other = pixels(plots.training_curves(falling, tmp_path / "falling.png", x="epoch"))
+  w = other.shape[1]
+  np.testing.assert_array_equal(other[:, :int(0.45 * w)], again[:, :int(0.45 * w)])
+  assert (other[:, int(0.55 * w):] != again[:, int(0.55 * w):]).any(-1).sum() > 100
 
 
 def test_confusion_matrix(tmp_path):
@@ -102,6 +122,19 @@ def test_confusion_matrix(tmp_path):
   path = plots.confusion_matrix(conf, ["none", "a", "b"], tmp_path / "c.png",
                                 figsize=(5, 5), dpi=60)
   assert png_size(path) == (300, 300)
+  # Rows are normalised: a row with all its examples in one cell draws that cell in the
+  # colour map's darkest blue, whatever the count; spread rows draw none.
+  dark = (8, 48, 107)   # Blues(1.0)
+  def dark_area(confusion, name):
+    return count_near(pixels(plots.confusion_matrix(confusion, ["none", "a", "b"],
+                                                    tmp_path / name, figsize=(5, 5), dpi=60)),
+                      dark, tol=12)
+  colourbar = dark_area(np.ones((3, 3), int), "spread.png")   # only the colour bar's top
+  one, two = dark_area(np.diag([5, 0, 0]), "one.png"), dark_area(np.diag([50, 1, 0]), "two.png")
+  assert one > colourbar + 1000
+  assert two - colourbar == pytest.approx(2 * (one - colourbar), rel=0.1)   # a cell each
+  # (up to the printed counts: white digits on the dark cells)
+  assert dark_area(np.diag([1, 7, 0]), "counts.png") == pytest.approx(two, abs=100)
   with pytest.raises(ValueError, match="relation names"):
     plots.confusion_matrix(conf, ["none", "a"], tmp_path / "bad.png")
 
@@ -114,6 +147,16 @@ def test_router_weights(tmp_path):
                               [f"V2T_{i}" for i in range(5)], tmp_path / "router.png",
                               mask=np.arange(12) < 10, figsize=(6, 4), dpi=50)
   assert png_size(path) == (300, 200)
+  # Other routing, other picture; the same routing, the same picture.
+  np.testing.assert_array_equal(pixels(path), pixels(plots.router_weights(
+      router, labels, ["none", "r1", "r2", "r3"], [f"V2T_{i}" for i in range(5)],
+      tmp_path / "again.png", mask=np.arange(12) < 10, figsize=(6, 4), dpi=50)))
+  onto_first = np.zeros_like(router)
+  onto_first[..., 0] = 1.0
+  other = plots.router_weights(onto_first, labels, ["none", "r1", "r2", "r3"],
+                               [f"V2T_{i}" for i in range(5)], tmp_path / "first.png",
+                               mask=np.arange(12) < 10, figsize=(6, 4), dpi=50)
+  assert (pixels(other) != pixels(path)).any(-1).sum() > 100
   with pytest.raises(ValueError, match="expert names"):
     plots.router_weights(router, labels, ["none", "r1", "r2"], ["a"], tmp_path / "x.png")
   mean, counts = plots.mean_by_row(router, labels, 4, mask=np.arange(12) < 10)
@@ -133,5 +176,11 @@ def test_ot_diagnostics(tmp_path):
   path = plots.ot_diagnostics(diags, tmp_path / "ot.png", figsize=(9, 3), dpi=40)
   assert png_size(path) == (360, 120)
   assert png_size(plots.ot_diagnostics(flat, tmp_path / "flat.png")) == (1200, 350)
+  # Uniform plans are marked in red (crosses and the title); without them only the
+  # threshold line is red.
+  red = lambda d, name: count_near(pixels(plots.ot_diagnostics(d, tmp_path / name)),
+                                   (255, 0, 0), tol=60)
+  none_uniform = {k: dict(d, uniform_deviation=0.3) for k, d in diags.items()}
+  assert red(diags, "marked.png") > 3 * red(none_uniform, "unmarked.png")
   with pytest.raises(ValueError, match="modality"):
     plots.ot_diagnostics({"text": {}}, tmp_path / "bad.png")

@@ -7,10 +7,10 @@ import shutil
 import numpy as np
 import pytest
 
+from configs import common
 from remote_jax.data import DATASETS, mnre, more, preprocess, records, umre
 from remote_jax.data.records import DataError
-
-FIXTURES = pathlib.Path(__file__).parent / "fixtures"
+from tests.conftest import FIXTURES
 
 
 def copy_fixture(name, tmp_path):
@@ -59,7 +59,9 @@ def test_umre_reads_fixture():
 def test_readers_registry_and_paths_override(tmp_path):
   root = copy_fixture("umre", tmp_path)
   (root / "pos_umke.json").rename(root / "boxes.json")
-  reader = DATASETS["umre"](dict(root=str(root), paths=dict(boxes="boxes.json")))
+  cfg = common.data_config("umre", root=str(root)).to_dict()
+  cfg["paths"]["boxes"] = "boxes.json"
+  reader = DATASETS["umre"](cfg)
   assert len(reader.read("val")[0]) == 3
   with pytest.raises(ValueError, match="unknown keys"):
     umre.UmreReader(root, dict(boxs="x"))
