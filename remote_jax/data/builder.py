@@ -26,9 +26,11 @@ from remote_jax.writers import jsonable
 
 log = logging.getLogger(__name__)
 # Every cache is a custom builder config by design (named by its hash); tfds warns about
-# it each time a builder object is made, twice per data build.
+# it each time a builder object is made, twice per data build, and about the cache's
+# not-yet-written folder on a first build.
+_TFDS_NOISE = ("Using custom data configuration", "Variant folder ")
 logging.getLogger("absl").addFilter(
-    lambda record: not str(record.msg).startswith("Using custom data configuration"))
+    lambda record: not str(record.getMessage()).startswith(_TFDS_NOISE))
 # Bump when preprocess.py changes what it writes: old caches are then ignored.
 PREPROCESS_VERSION = 1
 # The settings that change the stored examples (the cache key). `root`, `paths` and `demo`
