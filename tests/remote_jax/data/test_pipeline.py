@@ -1,4 +1,5 @@
 """Preprocessing golden values, the tfds cache, and the grain pipeline (padding, state, shards)."""
+import dataclasses
 import json
 import os
 import pathlib
@@ -307,9 +308,20 @@ def test_more_and_mnre_build(tmp_path):
   np.testing.assert_allclose(ex["obj_boxes"][0], [0, 0, 1, 1, 1])
 
 
+def _reworded(sample):
+  """The same entities in a longer sentence: three extra words before the head."""
+  r = sample.record
+  shift = lambda e: e if e.is_object else dataclasses.replace(
+      e, pos=(e.pos[0] + 3, e.pos[1] + 3))
+  record = dataclasses.replace(r, tokens=("so", "it", "seems") + tuple(r.tokens),
+                               head=shift(r.head), tail=shift(r.tail))
+  return dataclasses.replace(sample, record=record)
+
+
 def test_modalities_ablation_hides_one_side(tok, umre_train):
-  """text: object slots stay but carry no pixels, depth, box or caption; vision: every
-  sentence word becomes [MASK] (markers stay) and entity descriptions go."""
+  """text: object slots stay but carry no pixels, depth, box or caption; vision: the
+  sentence is the markers around one [MASK] per entity (nothing of its shape is left) and
+  entity descriptions go."""
   reader, samples = umre_train
   both = make_pre(tok, reader)(samples[1], 1)         # object-object, with captions
   text = make_pre(tok, reader, modalities="text")(samples[1], 1)
@@ -328,6 +340,10 @@ def test_modalities_ablation_hides_one_side(tok, umre_train):
   kept = set(vision["input_ids"][vision["attention_mask"] == 1].tolist())
   assert kept <= special and mask_id in kept
   assert vision["head_marker"] > 0 and vision["head_desc"] == vision["tail_desc"] == -1
+  words = vision["input_ids"][vision["attention_mask"] == 1].tolist()
+  assert words.count(mask_id) == 2, words   # one per entity: no word count survives
+  other = make_pre(tok, reader, modalities="vision")(_reworded(samples[0]), 0)
+  np.testing.assert_array_equal(other["input_ids"], vision["input_ids"])
   oo_vision = make_pre(tok, reader, modalities="vision")(samples[1], 1)
   assert oo_vision["head_marker"] > 0 and oo_vision["obj_boxes"].any()
   with pytest.raises(ValueError, match="data.modalities"):
