@@ -99,7 +99,8 @@ def fsdp_kernels(state, sh):
   return out
 
 
-@pytest.mark.parametrize("name", ["dp", "fsdp"])
+# fsdp is slow-marked: test_sharding.py checks the fsdp step on the micro model in the fast suite.
+@pytest.mark.parametrize("name", ["dp", pytest.param("fsdp", marks=pytest.mark.slow)])
 def test_sharded_remote_step_matches_one_device(name):
   assert jax.device_count() == 8
   _, ref_state, ref_losses = trained("one")

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from remote_jax.models import remote
 from tests.conftest import C, make_batch, micro_config
@@ -72,6 +73,7 @@ def test_bf16_path_keeps_ot_in_float32_and_stays_finite():
   np.testing.assert_allclose(logits, logits32, atol=0.1, rtol=0.1)
 
 
+@pytest.mark.slow   # about a minute on 2 cores; the fast suite stays under CI's budget
 def test_remat_gives_the_same_loss_and_gradients():
   batch = make_batch(b=2)
   batch["label"] = np.array([0, 2], np.int32)
