@@ -54,8 +54,8 @@ from mi2rage_jax import generators as gen_lib
 from mi2rage_jax import models, selection
 from mi2rage_jax import views as views_lib
 from mi2rage_jax.models.similarity import SimilarityModel
+from remote_jax import distributed, sharding, trainer
 from remote_jax import metrics as metrics_lib
-from remote_jax import sharding, trainer
 from remote_jax.writers import to_json
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,9 @@ _PER_KEYS = set(SETTINGS) | set(SETTINGS.values())
 
 
 def _write_json(path, obj):
+  """Atomic JSON write, by the main process only (the others read it after a barrier)."""
+  if not distributed.is_main():
+    return
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_suffix(path.suffix + ".tmp")
@@ -147,6 +150,12 @@ class Run:
     log.info("[%s] stage %s: running", self.setting, name)
     info = fn() or {}
     _write_json(self._done_path(name), {"seconds": time.time() - t0, **info})
+    # Several processes: the main one wrote the stage's files; the others drop what they
+    # hold in memory and read those files, as a rerun would.
+    distributed.barrier(f"mi2rage/{self.setting}/{name}")
+    if not distributed.is_main():
+      for cache in (self._stores, self._view_cache, self._cand_cache):
+        cache.clear()
     return "ran"
 
   def stage_names(self):
@@ -328,9 +337,10 @@ class Run:
           parents = [v for v in prev[inst.id] if v.id in keep]
           new = [c for p in parents
                  for c in self.generator.chain(inst, p, self.children(r), r, rng)]
-        store.add_round(inst.id, r, new)
+        store.add_round(inst.id, r, new, write_files=distributed.is_main())
         n_views += len(new)
-      store.save()
+      if distributed.is_main():
+        store.save()
     return {"views": n_views}
 
   def _teacher(self, r):

@@ -16,7 +16,7 @@ import pathlib
 
 from absl import flags
 
-from remote_jax import cli
+from remote_jax import cli, distributed
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -53,7 +53,8 @@ def run(config, workdir, eval_views=()):
       summary[setting] = {"stages": stages,
                           "test": json.loads(res.read_text()) if res.exists() else None,
                           "eval": {int(n): r.write_test(int(n)) for n in eval_views}}
-  (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+  if distributed.is_main():
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
   return summary
 
 

@@ -94,3 +94,11 @@ def maybe_initialize(config=None):
 def is_main():
   """The process that writes logs, configs and metrics (orbax coordinates checkpoints)."""
   return jax.process_index() == 0
+
+
+def barrier(name):
+  """Every process waits here until all arrive (a no-op in one process): files that the
+  main process wrote before it are then visible to the others."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import FAST_COMPILE, REPO
 
 DOCS = ("README.md", "mi2rage_jax/README.md", "docs/benchmarks.md")
 CLIS = ("remote_jax.train", "remote_jax.evaluate", "remote_jax.predict", "mi2rage_jax.train")
@@ -74,7 +74,7 @@ def test_documented_command_parses(module, args, tmp_path):
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):
       assert f'"{flag}"' in source, f"{module} has no {flag}"
     return
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
   out = subprocess.run([sys.executable, "-m", module, *args, "--dry_run"], cwd=tmp_path,
                        env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-2000:]

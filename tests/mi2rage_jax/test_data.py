@@ -76,8 +76,8 @@ def test_mnre_reader(mnre_dir):
     data_lib.real_image(ds.splits["train"][0])
 
 
-def test_text_only_data_with_pregenerated_views(tmp_path):
-  """WebNLG-style data through the text student, views served from stores."""
+def _text_only_config(tmp_path):
+  """WebNLG-style data with pre-generated image views served from stores."""
   root = _webnlg(tmp_path, n_train=4, n_test=2)
   ds = data_lib.load(_cfg(root))
   stores = {}
@@ -97,12 +97,23 @@ def test_text_only_data_with_pregenerated_views(tmp_path):
   config.data.image_size = 16
   # The tests' 8 CPU devices: the smallest batch (4) splits over data, tensor holds the rest.
   config.mesh = [("data", 4), ("tensor", 2)]
+  return config
+
+
+@pytest.mark.slow   # a whole sharded MI2RAGE run (~1 min); test_train.py runs one in the fast suite
+def test_text_only_data_with_pregenerated_views(tmp_path):
+  """WebNLG-style data through the text student, views served from stores."""
+  config = _text_only_config(tmp_path)
   summary = train.run(config, tmp_path / "run")["no_real_image"]
   assert summary["test"]["append_real"] is False           # no real image to append
   assert set(summary["stages"].values()) == {"ran"}
   sel = json.loads((tmp_path / "run" / "no_real_image" / "selections" /
                     "test_round0.json").read_text())
   assert sel["criterion"] == "maxprob" and len(sel["instances"]["test/0"]["kept"]) == 3
+
+
+def test_text_only_data_refuses_the_no_real_text_setting(tmp_path):
+  config = _text_only_config(tmp_path)
+  config.settings = ("no_real_text",)
   with pytest.raises(ValueError, match="needs real images"):
-    config.settings = ("no_real_text",)
-    train.run(config, tmp_path / "run2")
+    train.run(config, tmp_path / "run")

@@ -21,7 +21,7 @@ import pytest
 from configs import common
 from mi2rage_jax import models
 from remote_jax import distributed, sharding, trainer
-from tests.conftest import REPO, C
+from tests.conftest import FAST_COMPILE, REPO, C
 from tests.conftest import mi2rage_model_cfg as model_cfg
 from tests.mi2rage_jax.models.test_models import BATCHES
 
@@ -120,7 +120,7 @@ def _worker(ckpt_dir):
 
 @pytest.mark.slow   # two processes start, compile and fit: ~1 min on 2 cores
 def test_two_processes_match_one(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS="",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE,
              REMOTE_JAX_COORDINATOR=f"localhost:{portpicker.pick_unused_port()}",
              REMOTE_JAX_NUM_PROCESSES="2")
   for k in ("REMOTE_JAX_DISTRIBUTED", "SLURM_NTASKS"):

@@ -10,13 +10,13 @@ import pytest
 
 from mi2rage_jax import models
 from remote_jax import trainer
-from tests.conftest import REPO, C, one_device
+from tests.conftest import FAST_COMPILE, REPO, C, one_device
 from tests.conftest import mi2rage_model_cfg as model_cfg
 
 
 def _cli(workdir, arg, *extra):
   env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)   # one device is enough here
+  env["XLA_FLAGS"] = FAST_COMPILE   # one device is enough here
   proc = subprocess.run(
       [sys.executable, "-m", "mi2rage_jax.train", "--config", f"configs/mi2rage_demo.py:{arg}",
        "--workdir", str(workdir), *extra], cwd=REPO, env=env, capture_output=True, text=True,
@@ -57,16 +57,56 @@ def _check_outputs(run_dir, rounds):
   assert [d["round"] for d in div["rounds"]] == list(range(rounds + 1))
 
 
-def test_fast_cli_all_stages_then_resume(tmp_path):
+@pytest.mark.slow   # every stage in one process, then in two: ~3 min on 2 cores
+def test_two_processes_run_every_stage_like_one(tmp_path):
+  """launch/local.sh: two processes joined by jax.distributed run all stages of the CLI;
+  only the main process writes (views, selections, results), and the outcome is the
+  one-process run's."""
+  arg = "fast,size=micro,setting=no_real_image"   # synthetic images: PNG files written
+  one = _cli(tmp_path / "one", arg)[0]["no_real_image"]
+  env = dict(os.environ, PYTHONPATH=str(REPO), PYTHON=sys.executable, NUM_PROCESSES="2",
+             DEVICES_PER_PROCESS="1", MODULE="mi2rage_jax.train", XLA_FLAGS=FAST_COMPILE,
+             HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+  for k in ("REMOTE_JAX_PROCESS_ID", "REMOTE_JAX_DISTRIBUTED", "SLURM_NTASKS"):
+    env.pop(k, None)
+  proc = subprocess.run(["bash", "launch/local.sh", "--config",
+                         f"configs/mi2rage_demo.py:{arg}", "--workdir", str(tmp_path / "two")],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  two = json.loads((tmp_path / "two" / "summary.json").read_text())["no_real_image"]
+  assert set(two["stages"].values()) == {"ran"}
+  for key in ("n", "acc", "f1", "correct_pos", "pred_pos", "gold_pos"):
+    assert two["test"][key] == pytest.approx(one["test"][key], abs=1e-4), key
+  run_one, run_two = tmp_path / "one" / "no_real_image", tmp_path / "two" / "no_real_image"
+  _check_outputs(run_two, 1)
+  for sel in sorted((run_one / "selections").glob("*.json")):
+    a, b = (json.loads(p.read_text())["instances"] for p in (sel, run_two / "selections" /
+                                                             sel.name))
+    assert {i: e["kept"] for i, e in a.items()} == {i: e["kept"] for i, e in b.items()}, sel
+  assert not list(run_two.rglob("*.tmp"))
+
+
+def _fast_cli_run(tmp_path):
   arg = "fast,size=micro,setting=no_real_text"
   summary, log = _cli(tmp_path, arg, "--config.xla_cpu=fast")
-  assert "XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type= (config.xla_cpu=fast -> fast)" in log
+  preset = "--xla_cpu_experimental_ynn_fusion_type= (config.xla_cpu=fast -> fast)"
+  assert f"XLA_FLAGS={FAST_COMPILE} {preset}" in log
   first = summary["no_real_text"]
   assert set(first["stages"].values()) == {"ran"}
   assert list(first["stages"]) == ["generate_0", "teacher_0", "select_0", "generate_1",
                                    "teacher_1", "select_1", "student", "test", "diversity"]
+  _check_outputs(tmp_path / "no_real_text", 1)
+  return arg, first
+
+
+def test_fast_cli_runs_all_stages(tmp_path):
+  _fast_cli_run(tmp_path)
+
+
+@pytest.mark.slow   # a second CLI run (~40 s); test_both_settings_end_to_end reruns too
+def test_fast_cli_rerun_skips_finished_stages(tmp_path):
+  arg, first = _fast_cli_run(tmp_path)
   run_dir = tmp_path / "no_real_text"
-  _check_outputs(run_dir, 1)
   selections = (run_dir / "selections" / "train_round1.json").read_text()
   # A rerun skips every finished stage; a removed stage output is recomputed.
   (run_dir / "stages" / "test_ntr3_nte3.done").unlink()

@@ -13,11 +13,11 @@ import pytest
 from configs import common
 from remote_jax import cli
 from remote_jax.data import READERS
-from tests.conftest import REPO
+from tests.conftest import FAST_COMPILE, REPO
 
 
 def run(module, *args, cwd):
-  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="")
+  env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
   return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env,
                         capture_output=True, text=True, timeout=300)
 

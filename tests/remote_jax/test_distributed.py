@@ -15,7 +15,7 @@ import portpicker
 import pytest
 
 from remote_jax import distributed
-from tests.conftest import REPO
+from tests.conftest import FAST_COMPILE, REPO
 
 
 def _param_sq_sum(params):
@@ -63,7 +63,7 @@ def _worker():
 
 def _env(**extra):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=2")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
   env.update(extra)
   for k in ("REMOTE_JAX_PROCESS_ID", "REMOTE_JAX_DISTRIBUTED", "SLURM_NTASKS"):
     env.pop(k, None)
@@ -200,7 +200,7 @@ def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
           "--config.optim.lr=0", "--config.max_steps=1", "--config.model.mot.iters=5",
           "--config.data.demo.n_train=16", "--config.data.demo.n_val=8",
           "--config.data.demo.n_test=9"]
-  env = _env(XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = _env(XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE}")
   one = subprocess.run([sys.executable, "-m", "remote_jax.train", *args,
                         f"--workdir={tmp_path / 'one'}"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=300)
@@ -208,7 +208,7 @@ def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
   two = subprocess.run(["bash", "launch/local.sh", *args, f"--workdir={tmp_path / 'two'}"],
                        cwd=REPO, capture_output=True, text=True, timeout=300,
                        env=_env(PYTHON=sys.executable, NUM_PROCESSES="2",
-                                DEVICES_PER_PROCESS="1", XLA_FLAGS=""))
+                                DEVICES_PER_PROCESS="1", XLA_FLAGS=FAST_COMPILE))
   assert two.returncode == 0, two.stderr[-3000:]
   assert two.stdout.count("model selected on dev") == 1   # only process 0 prints
 
@@ -231,7 +231,7 @@ def test_demo_cli_on_two_processes_evaluates_like_one(tmp_path):
     run = subprocess.run([*cmd, *args, f"--workdir={tmp_path / 'one'}", "--split=test", *extra],
                          cwd=REPO, capture_output=True, text=True, timeout=300,
                          env=_env(PYTHON=sys.executable, NUM_PROCESSES=str(n), MODULE=module,
-                                  DEVICES_PER_PROCESS="1", XLA_FLAGS=""))
+                                  DEVICES_PER_PROCESS="1", XLA_FLAGS=FAST_COMPILE))
     assert run.returncode == 0, run.stderr[-3000:]
     return run.stdout
 

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import FAST_COMPILE, REPO
 
 from .test_checkpoint import scramble
 
@@ -25,7 +25,7 @@ CONFIG = "--config=configs/demo.py:runlocal"
 def env(tmp_path_factory):
   cache = tmp_path_factory.mktemp("xla_cache")
   data = tmp_path_factory.mktemp("data_cache")
-  environ = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS="",
+  environ = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE,
                  JAX_COMPILATION_CACHE_DIR=str(cache),
                  JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
   return environ, data
@@ -77,17 +77,25 @@ def test_train_step_compiles_once_before_the_state_exists(full_run):
   assert out.stderr.index("compiled the train step in") < out.stderr.index("parameter groups")
 
 
-def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path):
-  """Killed after step 3 while writing step 6 (an unreadable newest checkpoint): the
-  rerun skips step 6, says why, resumes from step 3 and ends where the full run did."""
+# "stopped": the killed run is a real run stopped by config.stop_after_step (one more CLI
+# run, slow-marked); "copied": it is the full run's step-3 checkpoint, which is what
+# such a run leaves (the state and the data iterator).
+@pytest.mark.parametrize("killed", ["copied", pytest.param("stopped", marks=pytest.mark.slow)])
+def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path, killed):
+  """A run killed after step 3 while writing step 6 (an unreadable newest checkpoint):
+  the rerun skips step 6, says why, resumes from step 3 and ends where the full run did."""
   full = json.loads((full_run[0] / "summary.json").read_text())
-  cut = [CONFIG, f"--workdir={tmp_path}", *overrides(env[1])]
-  first = run_cli(env, "remote_jax.train", *cut, "--config.stop_after_step=3")
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert not (tmp_path / "summary.json").exists()
+  if killed == "stopped":
+    first = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={tmp_path}",
+                    *overrides(env[1]), "--config.stop_after_step=3")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert not (tmp_path / "summary.json").exists()
+  else:
+    shutil.copytree(full_run[0] / "ckpt" / "3", tmp_path / "ckpt" / "3")
   shutil.copytree(full_run[0] / "ckpt" / "6", tmp_path / "ckpt" / "6")
   scramble(tmp_path / "ckpt" / "6")
-  second = run_cli(env, "remote_jax.train", *cut)
+  second = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={tmp_path}",
+                   *overrides(env[1]))
   assert second.returncode == 0, second.stderr[-3000:]
   assert "skipping checkpoint step 6: cannot restore checkpoint step 6" in second.stderr
   assert "resumed from" in second.stderr and "step 3" in second.stderr
@@ -97,7 +105,7 @@ def test_killed_run_resumes_to_identical_metrics(env, full_run, tmp_path):
     assert resumed["last"][key] == pytest.approx(value, abs=1e-6), key
 
 
-def test_evaluate_and_predict_from_checkpoint(env, full_run):
+def test_evaluate_from_checkpoint(env, full_run):
   workdir, _ = full_run
   summary = json.loads((workdir / "summary.json").read_text())
   ev = run_cli(env, "remote_jax.evaluate", CONFIG, f"--workdir={workdir}", "--split=test",
@@ -109,6 +117,11 @@ def test_evaluate_and_predict_from_checkpoint(env, full_run):
   for key in shared:
     assert scores[key] == pytest.approx(summary["last"][key], abs=1e-6), key
 
+
+@pytest.mark.slow   # one more CLI run (~30 s); evaluate.py restores the same way
+def test_predict_from_checkpoint(env, full_run):
+  workdir, _ = full_run
+  summary = json.loads((workdir / "summary.json").read_text())
   pred = run_cli(env, "remote_jax.predict", CONFIG, f"--workdir={workdir}", "--split=test",
                  *overrides(env[1]))
   assert pred.returncode == 0, pred.stderr[-3000:]

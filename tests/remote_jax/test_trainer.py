@@ -99,8 +99,30 @@ def fsdp_kernels(state, sh):
   return out
 
 
-# fsdp is slow-marked: test_sharding.py checks the fsdp step on the micro model in the fast suite.
-@pytest.mark.parametrize("name", ["dp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_fsdp_rules_split_the_remote_state_without_compiling():
+  """Where fsdp puts REMOTE's params and Adam moments (shapes only; the compiled steps
+  below are slow-marked, test_sharding.py runs sharded steps on a small model)."""
+  mesh = sharding.make_mesh(LAYOUTS["fsdp"][1], devices=jax.devices())
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  sh = sharding.state_shardings(abstract, mesh, "fsdp")
+  state = nn.meta.unbox(abstract)
+  kernels = fsdp_kernels(state, sh)
+  assert len(kernels) > 10 and any("text" in p and "attention" in p for p, _, _ in kernels)
+  mu_sh = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(
+      sh.opt_state[0].mu, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
+  p_sh = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(
+      sh.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
+  assert mu_sh.keys() == p_sh.keys() and all(mu_sh[k] == p_sh[k] for k in p_sh)
+  for path, param, _ in kernels:
+    spec = p_sh[path].spec
+    dim = [i for i, a in enumerate(spec) if a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a)]
+    assert dim and param.shape[dim[0]] % 4 == 0, (path, spec, param.shape)
+  assert sh.opt_state[0].count.is_fully_replicated
+
+
+# Each layout compiles the micro REMOTE train step (40-100 s on 2 cores): slow-marked.
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["dp", "fsdp"])
 def test_sharded_remote_step_matches_one_device(name):
   assert jax.device_count() == 8
   _, ref_state, ref_losses = trained("one")
@@ -132,6 +154,7 @@ def test_sharded_remote_step_matches_one_device(name):
   assert state.opt_state[0].count.sharding.is_fully_replicated
 
 
+@pytest.mark.slow   # test_checkpoint.py restores a small state onto another mesh in the fast suite
 def test_fsdp_checkpoint_resumes_on_one_device(tmp_path):
   fsdp, state8, _ = trained("fsdp")
   one = trained("one")[0]

@@ -2,13 +2,12 @@
 MOT per object (eq. 5), a box position the LayerNorm cannot drown, and an MMoE router
 that routes per triplet."""
 
-import flax.linen as nn
 import jax
 import numpy as np
 import pytest
 
 from remote_jax.models import remote
-from tests.conftest import C, jit, make_batch, micro_config
+from tests.conftest import C, jit, make_batch, micro_config, random_params
 
 _MODELS = {}
 
@@ -18,7 +17,7 @@ def forward(cfg, batch, scale_patches=1.0):
   key = cfg.to_json()
   if key not in _MODELS:
     model = remote.build(cfg, C, 2100)
-    params = nn.meta.unbox(jit(model.init)({"params": jax.random.key(0)}, batch)["params"])
+    params = random_params(model, batch)   # init would compile ~9 s
     apply = jit(lambda p, b: model.apply({"params": p}, b, mutable=["intermediates"]))
     _MODELS[key] = (params, apply)
   params, apply = _MODELS[key]

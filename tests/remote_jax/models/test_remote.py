@@ -2,14 +2,13 @@
 runs forward and backward, changes the output where it should, and respects
 the object mask."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from remote_jax.models import remote
-from tests.conftest import C, L, jit, make_batch, micro_config
+from tests.conftest import C, L, jit, make_batch, micro_config, random_params
 
 _CACHE = {}
 
@@ -19,7 +18,7 @@ def run(cfg, batch, seed=0):
   key = (cfg.to_json(), )
   if key not in _CACHE:
     model = remote.build(cfg, C, 2100)
-    params = nn.meta.unbox(jit(model.init)({"params": jax.random.key(seed)}, batch)["params"])
+    params = random_params(model, batch, seed, std=0.02)   # init would compile ~9 s
 
     @jit
     def fwd_bwd(p, b):
@@ -55,9 +54,11 @@ VARIANTS = {   # name: (base, switch)
 }
 
 
-# Their blocks' numerics are tested in test_fusion / test_moe; the full-model
-# wiring of these two config variants runs with `make test-slow` (16 s each).
-SLOW_VARIANTS = ("mot_ot_unbalanced_sqeuclid_one_level", "moe_experts_T2V_V2T")
+# Their blocks' numerics are tested in test_fusion / test_moe, and the full paper and
+# reference models below run ot_paper + moe paper and ot_reference + moe reference; the
+# full-model wiring of these variants alone runs with `make test-slow` (15-35 s each).
+SLOW_VARIANTS = ("mot_ot_unbalanced_sqeuclid_one_level", "moe_experts_T2V_V2T", "mot_ot_paper",
+                 "moe_paper", "mot_ot_reference", "moe_reference", "mot_xattn")
 
 
 @pytest.mark.parametrize("name", [
@@ -105,7 +106,10 @@ def test_router_weights_sum_to_one():
   np.testing.assert_allclose(router.sum(-1), 1.0, atol=1e-5)
 
 
-@pytest.mark.parametrize("semantics", ["paper", "reference_masked"])
+# reference_masked compiles one more model (~25 s): slow-marked; test_fusion and test_moe
+# check the masked reference blocks.
+@pytest.mark.parametrize("semantics", ["paper", pytest.param("reference_masked",
+                                                             marks=pytest.mark.slow)])
 def test_padded_object_slot_is_irrelevant(semantics):
   if semantics == "paper":
     cfg = micro_config("paper")
