@@ -108,11 +108,11 @@ def test_fsdp_rules_split_the_remote_state_without_compiling():
   state = nn.meta.unbox(abstract)
   kernels = fsdp_kernels(state, sh)
   assert len(kernels) > 10 and any("text" in p and "attention" in p for p, _, _ in kernels)
-  mu_sh = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(
-      sh.opt_state[0].mu, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
-  p_sh = dict((jax.tree_util.keystr(p), s) for p, s in jax.tree_util.tree_leaves_with_path(
-      sh.params, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding)))
-  assert mu_sh.keys() == p_sh.keys() and all(mu_sh[k] == p_sh[k] for k in p_sh)
+  def by_path(tree):
+    return {jax.tree_util.keystr(p): s for p, s in jax.tree_util.tree_leaves_with_path(
+        tree, is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding))}
+  p_sh = by_path(sh.params)
+  assert by_path(sh.opt_state[0].mu) == p_sh
   for path, param, _ in kernels:
     spec = p_sh[path].spec
     dim = [i for i, a in enumerate(spec) if a == "fsdp" or (isinstance(a, tuple) and "fsdp" in a)]

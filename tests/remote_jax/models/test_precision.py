@@ -10,10 +10,7 @@ import numpy as np
 import pytest
 
 from remote_jax.models import remote
-from tests.conftest import C, make_batch, micro_config, random_params
-
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
-
+from tests.conftest import C, jit, make_batch, micro_config, random_params
 
 _COMPILED = {}   # (config, capture): (model, jitted value-and-grad), shared by tests
 
