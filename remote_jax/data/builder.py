@@ -32,7 +32,7 @@ _TFDS_NOISE = ("Using custom data configuration", "Variant folder ")
 logging.getLogger("absl").addFilter(
     lambda record: not str(record.getMessage()).startswith(_TFDS_NOISE))
 # Bump when preprocess.py changes what it writes: old caches are then ignored.
-PREPROCESS_VERSION = 2   # 2: modalities="vision" keeps only the markers
+PREPROCESS_VERSION = 3   # 2: modalities="vision" keeps only the markers; 3: head first
 # The settings that change the stored examples (the cache key). `root`, `paths` and `demo`
 # are optional fields (demo: the demo world's parameters, only for name="demo").
 _HASHED = ("name", "max_length", "num_objects", "crop_size", "use_caption", "use_depth",

@@ -344,6 +344,13 @@ def test_modalities_ablation_hides_one_side(tok, umre_train):
   assert words.count(mask_id) == 2, words   # one per entity: no word count survives
   other = make_pre(tok, reader, modalities="vision")(_reworded(samples[0]), 0)
   np.testing.assert_array_equal(other["input_ids"], vision["input_ids"])
+  r = samples[0].record     # the tail before the head in the sentence: the same input
+  swapped = dataclasses.replace(samples[0], record=dataclasses.replace(
+      r, head=dataclasses.replace(r.head, pos=r.tail.pos),
+      tail=dataclasses.replace(r.tail, pos=r.head.pos)))
+  assert make_pre(tok, reader)(swapped, 0)["input_ids"].tolist() != ee_both["input_ids"].tolist()
+  np.testing.assert_array_equal(
+      make_pre(tok, reader, modalities="vision")(swapped, 0)["input_ids"], vision["input_ids"])
   oo_vision = make_pre(tok, reader, modalities="vision")(samples[1], 1)
   assert oo_vision["head_marker"] > 0 and oo_vision["obj_boxes"].any()
   with pytest.raises(ValueError, match="data.modalities"):
