@@ -183,6 +183,10 @@ def data_config(name, **overrides):
       # words beyond the entity markers, no entity descriptions): the modality ablation.
       modalities="both",
       depth_norm="none",       # none (released) | minmax | more (255 - 100 d)
+      # Training text augmentation (MI²RAGE's, for MNRE): this fraction of the non-entity
+      # sentence pieces is masked (text_augment_mask of them) or replaced; 0 is off.
+      text_augment=0.0,
+      text_augment_mask=0.8,
       strict="strict",         # strict: stop at the first bad line; skip: count and list
       cache_dir="data_cache",  # preprocessed datasets (relative: to the working directory)
       tokenizer_dir="",        # "": the vocabulary of the offline MiniLM package
@@ -208,6 +212,9 @@ def optim_config(**overrides):
       clip_norm=0.0,                # <= 0: no clipping
       grad_accum=1,
       groups={}, frozen_patterns=(),
+      # Layer-wise lr decay over the text tower (1.0: off); the embeddings count as the
+      # layer below layers_0.
+      layer_decay=1.0, layer_decay_pattern=r"^text/(?:layers_(\d+)|embeddings)/",
   )
   optim.update(overrides)
   return optim

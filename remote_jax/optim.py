@@ -23,6 +23,12 @@ configs/common.py:optim_config):
                  disjoint (overlap is an error); give a sequence of
                  (name, spec) pairs when "first match wins" is wanted.
                  Unmatched parameters fall in the group "default" (lr_mult 1).
+  layer_decay    layer-wise learning-rate decay (1.0: off). A parameter whose path
+                 matches `layer_decay_pattern` with a layer index i (its first
+                 group) gets its group's lr times layer_decay^(L-1-i), L the number
+                 of layers found; one that matches with no index (the embeddings)
+                 gets layer_decay^L. The top layer keeps the group's lr.
+  layer_decay_pattern  regex with one optional group, the layer index
   frozen_patterns regexes of parameters never updated (optax.set_to_zero;
                  they get no Adam state). The released protocol, where the
                  classifier and mm_linear stay at init (reference_remote.md
@@ -43,7 +49,8 @@ import jax.numpy as jnp
 import optax
 
 KEYS = ("name", "lr", "schedule", "warmup_ratio", "warmup_steps", "b1", "b2", "eps",
-        "weight_decay", "decay_mask", "clip_norm", "grad_accum", "groups", "frozen_patterns")
+        "weight_decay", "decay_mask", "clip_norm", "grad_accum", "groups", "frozen_patterns",
+        "layer_decay", "layer_decay_pattern")
 GROUP_KEYS = ("pattern", "lr_mult", "weight_decay")
 FROZEN, DEFAULT = "frozen", "default"
 _NORM_RE = re.compile(r"norm|(^|/)ln[^/]*/|(^|/)(bias|scale)$", re.IGNORECASE)
@@ -137,6 +144,42 @@ def param_labels(config, params) -> Any:
   return labels
 
 
+def layer_depths(cfg, params) -> Any:
+  """Each leaf's depth below the top layer for layer_decay (0 outside the pattern)."""
+  cfg = _resolve(cfg)
+  rx = re.compile(cfg["layer_decay_pattern"])
+  found = {}
+
+  def index(path, _):
+    m = rx.search(path_str(path))
+    if m is None:
+      return None
+    i = m.group(1) if m.groups() else None
+    return -1 if i is None else int(i)
+
+  indices = jax.tree_util.tree_map_with_path(index, params)
+  for i in jax.tree_util.tree_leaves(indices):
+    found[i] = True
+  layers = [i for i in found if i >= 0]
+  if not layers:
+    raise ValueError(f"optim.layer_decay_pattern={cfg['layer_decay_pattern']!r} matches no "
+                     "numbered layer (its group 1 is the layer index)")
+  top = max(layers)
+  # None leaves vanish from tree_leaves: map them to depth 0 through the params tree.
+  return jax.tree_util.tree_map(lambda i, _: 0 if i is None else top - i, indices, params,
+                                is_leaf=lambda x: x is None)
+
+
+def labels_with_depth(cfg, params) -> Any:
+  """param_labels, with "@depth" appended where layer_decay applies."""
+  labels = param_labels(cfg, params)
+  if float(_resolve(cfg)["layer_decay"]) == 1.0:
+    return labels
+  return jax.tree_util.tree_map(
+      lambda label, depth: label if label == FROZEN or depth == 0 else f"{label}@{depth}",
+      labels, layer_depths(cfg, params))
+
+
 def decay_mask(params, mode: str = "all") -> Any:
   """Leaves that get weight decay: every one ("all", the released code) or all
   but biases, norms and < 2-dim tensors ("no_bias_norm")."""
@@ -186,7 +229,10 @@ def make_optimizer(config, params, total_steps: int):
   lr_mult_g * schedule. See the module docstring for the config.
   """
   cfg = _resolve(config)
-  labels = param_labels(cfg, params)
+  rate = float(cfg["layer_decay"])
+  if not 0.0 < rate <= 1.0:
+    raise ValueError(f"optim.layer_decay={rate}: in (0, 1]; 1.0 turns it off")
+  labels = labels_with_depth(cfg, params)
   used = set(jax.tree_util.tree_leaves(labels))
   schedule = make_schedule(cfg["lr"], total_steps, cfg["warmup_ratio"],
                            cfg["warmup_steps"], cfg["schedule"])
@@ -205,9 +251,15 @@ def make_optimizer(config, params, total_steps: int):
   for name, g in _groups(cfg["groups"])[0]:
     transforms[name] = adamw(float(g.get("lr_mult", 1.0)),
                              float(g.get("weight_decay", cfg["weight_decay"])))
+  for label in sorted(used):
+    if "@" in label:   # layer_decay: the group's lr scaled by rate^depth
+      group, depth = label.split("@")
+      spec = dict(_groups(cfg["groups"])[0]).get(group, {})
+      transforms[label] = adamw(float(spec.get("lr_mult", 1.0)) * rate ** int(depth),
+                                float(spec.get("weight_decay", cfg["weight_decay"])))
   transforms = {k: v for k, v in transforms.items() if k in used}
   # Recomputed at init so the labels follow whatever tree tx.init receives.
-  tx = optax.partition(transforms, lambda p: param_labels(cfg, p))
+  tx = optax.partition(transforms, lambda p: labels_with_depth(cfg, p))
 
   if cfg["clip_norm"] and cfg["clip_norm"] > 0:
     steps = [optax.clip_by_global_norm(cfg["clip_norm"]), tx]
@@ -225,7 +277,7 @@ def make_optimizer(config, params, total_steps: int):
 
 def group_summary(config, params) -> dict[str, dict[str, int]]:
   """{group: {"tensors": n, "params": count}}, for logging at start-up."""
-  labels = param_labels(config, params)
+  labels = labels_with_depth(config, params)
   out: dict[str, dict[str, int]] = {}
   for lab, x in zip(jax.tree_util.tree_leaves(labels), jax.tree_util.tree_leaves(params)):
     d = out.setdefault(lab, {"tensors": 0, "params": 0})

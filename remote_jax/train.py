@@ -18,7 +18,7 @@ cli.define_train_flags("Run directory (checkpoints, logs, plots).")
 
 def _aggregate(summaries):
   from remote_jax import metrics
-  return metrics.seed_summary([s["best_dev"] for s in summaries])
+  return metrics.seed_summary([{**s["best_dev"], "wall_s": s.get("wall_s")} for s in summaries])
 
 
 def _train(config, workdir):

@@ -448,6 +448,7 @@ def steps_per_epoch(config, meta):
 
 def train_and_evaluate(config, workdir):
   """Trains with dev-based model selection; returns the final summary dict."""
+  t_start = time.perf_counter()
   workdir = pathlib.Path(workdir)
   main = distributed.is_main()
   meta = pipeline.dataset_meta(config.data)
@@ -464,7 +465,7 @@ def train_and_evaluate(config, workdir):
   train_ds = pipeline.build_dataset(
       config.data, "train", batch_size=rows, shard_index=shard, shard_count=shards,
       shuffle=True, seed=config.seed, num_epochs=None, drop_remainder=True,
-      worker_count=config.data.worker_count)
+      worker_count=config.data.worker_count, augment=True)
   train_iter = iter(train_ds)
   history = []
   state = s.state
@@ -525,6 +526,8 @@ def train_and_evaluate(config, workdir):
     return {"stopped_at": step, "history": history}
   ckpt.wait()
   summary = summarise(config, history)
+  # This process's time from start to the last evaluation (a resumed run: since the restart).
+  summary["wall_s"] = round(time.perf_counter() - t_start, 1)
   writer.write(step, summary, split="summary")
   writer.close()
   if main:
@@ -613,8 +616,8 @@ def format_summary(summary, config):
 
 def format_seed_summary(agg):
   lines = ["== mean +- std over seeds (test at best dev) =="]
-  for key in ("dev/f1", "test/f1", "test/acc", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1",
-              "test/compositional/f1"):
+  for key in ("dev/f1", "dev/acc", "test/f1", "test/acc", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1",
+              "test/compositional/f1", "wall_s"):
     if key in agg:
       lines.append(f"{key:<21} {agg[key]['mean']:7.2f} +- {agg[key]['std']:.2f} "
                    f"(n={agg[key]['n']})")

@@ -1,7 +1,7 @@
 """grain input pipeline over the cached tfds ArrayRecord split (batch contract: design.md s.1).
 
 source -> [shuffle(seed), reshuffled each epoch] -> per-host slice -> repeat -> [eval: pad to
-whole batches with mask=False rows] -> normalise pixels -> batch. Shuffling happens before the
+whole batches with mask=False rows] -> normalise pixels -> [train: text augmentation] -> batch. Shuffling happens before the
 host slice, so in every epoch the hosts read disjoint parts of one global permutation.
 """
 import json
@@ -9,6 +9,7 @@ import json
 import grain
 import numpy as np
 
+from remote_jax.data import augment as augment_lib
 from remote_jax.data import batch_spec
 from remote_jax.data import builder as builder_lib
 from remote_jax.writers import jsonable
@@ -71,14 +72,24 @@ def _host(shard_index, shard_count):
   return shard_index, shard_count
 
 
+def text_augment(config_data):
+  """The training map of `data.text_augment` (augment.py), or None where it is 0."""
+  rate = float(builder_lib.setting(config_data, "text_augment"))
+  augment_lib.check_settings(rate, float(builder_lib.setting(config_data, "text_augment_mask")))
+  if rate == 0:
+    return None
+  return augment_lib.TextAugment.from_config(
+      config_data, builder_lib.make_tokenizer(config_data), dataset_meta(config_data)["marker_ids"])
+
+
 def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, num_epochs=1,
-                      shard_index=None, shard_count=None, drop_remainder=None):
+                      shard_index=None, shard_count=None, drop_remainder=None, augment=False):
   """grain MapDataset of batches for this host.
 
   drop_remainder (default: `shuffle`): True drops the partial last batch and trims the split to
   a multiple of shard_count so hosts step together; False pads the last batch of each epoch with
   mask=False rows, to the same batch count on every host, so every example counts exactly once.
-  num_epochs=None repeats forever.
+  num_epochs=None repeats forever. augment=True applies `data.text_augment` (training only).
   """
   shard_index, shard_count = _host(shard_index, shard_count)
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
@@ -98,18 +109,23 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
     ds = grain.MapDataset.range(padded).map(PadTo(ds, grain.MapDataset.source(source)))
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  return ds.map(ToBatchContract()).batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.map(ToBatchContract())
+  transform = text_augment(config_data) if augment else None
+  if transform is not None:
+    ds = ds.random_map(transform, seed=seed)
+  return ds.batch(batch_size, drop_remainder=drop_remainder)
 
 
 def build_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, num_epochs=1,
                   shard_index=None, shard_count=None, drop_remainder=None, worker_count=0,
-                  read_threads=2):
+                  read_threads=2, augment=False):
   """The host's batch stream as a grain IterDataset; `iter(ds)` has get_state()/set_state()
   for checkpointing. worker_count > 0 decodes in that many processes (needs a __main__ guard
   and parsed absl flags)."""
   ds = build_map_dataset(config_data, split, batch_size=batch_size, shuffle=shuffle, seed=seed,
                          num_epochs=num_epochs, shard_index=shard_index,
-                         shard_count=shard_count, drop_remainder=drop_remainder)
+                         shard_count=shard_count, drop_remainder=drop_remainder,
+                         augment=augment)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
                                             prefetch_buffer_size=2 * batch_size))
   if worker_count:

@@ -75,6 +75,7 @@ class RelationTokenizer:
     self.cls_id = self._tok.cls_token_id
     self.sep_id = self._tok.sep_token_id
     self.pad_id = self._tok.pad_token_id
+    self.mask_id = self._tok.mask_token_id
 
   def tokenize(self, text):
     return self._tok.convert_ids_to_tokens(self.word_ids(text))

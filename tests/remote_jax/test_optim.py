@@ -159,3 +159,31 @@ def test_grad_accumulation_equals_one_step_on_the_mean():
   mean = jax.tree_util.tree_map(lambda a, b: (a + b) / 2, g1, g2)
   p_one, _ = run(tx1, params, mean, 1)
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), p_acc, p_one)
+
+
+def test_layer_decay_scales_each_text_layer_and_the_embeddings():
+  w = lambda: {"kernel": jnp.ones((2, 2))}
+  params = {"text": {"embeddings": {"word": w()}, "layers_0": w(), "layers_1": w(),
+                     "layers_2": w()},
+            "head": w(), "mot_text_1": w()}
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  cfg = {"lr": 0.1, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.0,
+         "layer_decay": 0.5, "groups": {"new": {"pattern": "^(head|mot_)", "lr_mult": 10.0}}}
+  tx, _ = optim.make_optimizer(full(cfg), params, 10)
+  new, _ = run(tx, params, grads, 1)
+  step = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))), new, params)
+  t = step["text"]
+  # First Adam step moves every weight by its lr: top layer 0.1, then x0.5 per layer down.
+  for got, want in [(t["layers_2"]["kernel"], 0.1), (t["layers_1"]["kernel"], 0.05),
+                    (t["layers_0"]["kernel"], 0.025), (t["embeddings"]["word"]["kernel"], 0.0125),
+                    (step["head"]["kernel"], 1.0), (step["mot_text_1"]["kernel"], 1.0)]:
+    assert got == pytest.approx(want, rel=1e-5)
+  summary = optim.group_summary(full(cfg), params)
+  assert set(summary) == {"default", "default@1", "default@2", "default@3", "new"}
+  with pytest.raises(ValueError, match="layer_decay=1.5"):
+    optim.make_optimizer(full({**cfg, "layer_decay": 1.5}), params, 10)
+  with pytest.raises(ValueError, match="matches no numbered layer"):
+    optim.make_optimizer(full({**cfg, "layer_decay_pattern": "^vision/"}), params, 10)
+  off, _ = optim.make_optimizer(full({**cfg, "layer_decay": 1.0}), params, 10)
+  flat, _ = run(off, params, grads, 1)
+  assert float(jnp.max(jnp.abs(flat["text"]["layers_0"]["kernel"] - 1.0))) == pytest.approx(0.1, rel=1e-5)

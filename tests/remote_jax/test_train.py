@@ -114,6 +114,7 @@ def test_evaluate_from_checkpoint(env, full_run):
   scores = json.loads(ev.stdout)
   shared = [k for k in scores if k in summary["last"]]
   assert {"test/f1", "test/acc", "test/precision"} <= set(shared)
+  assert 0 < summary["wall_s"] < 600   # the run's own time, for the results tables
   for key in shared:
     assert scores[key] == pytest.approx(summary["last"][key], abs=1e-6), key
 
