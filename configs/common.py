@@ -110,6 +110,10 @@ def model_config(size="tiny", semantics="paper"):
       # post_norm: the box embedding is added after CLIP's pre-LayerNorm, where growing
       # patch embeddings cannot scale it away; pre_norm: eq. 4 literally (before it).
       box_position="post_norm" if paper else "pre_norm",
+      # post_norm: each object's mean and max depth, embedded and added where the box is
+      # (after the pre-LayerNorm, which divides a uniform depth patch's value away); off:
+      # depth reaches the model through its patch tokens only (eq. 4, the released code).
+      depth_summary="off",
       # False reproduces the released code's missing masks (padding attended).
       respect_masks=paper,
       mot=dict(

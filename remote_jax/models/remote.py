@@ -104,6 +104,7 @@ _fuse_remat = nn.checkpoint(_fuse, static_argnums=(5,))
 _fuse_per_object_remat = nn.checkpoint(_fuse_per_object, static_argnums=(5, 6))
 VISION_SCOPES = ("object", "image")
 BOX_POSITIONS = ("post_norm", "pre_norm")
+DEPTH_SUMMARIES = ("off", "post_norm")
 
 
 class RemoteModel(nn.Module):
@@ -151,6 +152,13 @@ class RemoteModel(nn.Module):
         dropout=cfg.head.dropout, use_desc=cfg.head.use_desc,
         object_without_marker=cfg.head.object_without_marker,
         dtype=self.dtype, name="head")
+    if cfg.depth_summary not in DEPTH_SUMMARIES:
+      raise ValueError(f"model.depth_summary={cfg.depth_summary!r}: allowed "
+                       f"{list(DEPTH_SUMMARIES)}")
+    if cfg.depth_summary == "post_norm" and cfg.vision.use_depth and not cfg.co_encoder:
+      # [mean, max] of an object's depth crop -> model width.
+      self.depth_embed = TorchDense(d, kernel_axes=("position", "embed"),
+                                    dtype=self.dtype, name="depth_embed")
     if cfg.use_pos:
       # Box features [l, t, r, b, area] -> model width. New layers use
       # PyTorch's default init, as the released code (reference_remote.md 3.1).
@@ -186,6 +194,13 @@ class RemoteModel(nn.Module):
       # After CLIP's pre-LayerNorm: as the patch embeddings grow in training the
       # LayerNorm would otherwise scale the box down to a few % of each token.
       tokens = tokens + box
+    if depth is not None and self.cfg.depth_summary == "post_norm" and not self.cfg.co_encoder:
+      # The pre-LayerNorm divides a depth patch's value away: a uniform patch embeds as
+      # d * u (no bias), and LN(d * u + position) -> LN(u) as training grows u. The
+      # object's mean and max depth, added here, keep "how near" in every token.
+      crop = batch["obj_depth"].astype(self.dtype).reshape(b, k, -1)
+      summary = jnp.stack([crop.mean(-1), crop.max(-1)], axis=-1)     # (B, K, 2)
+      tokens = tokens + self.depth_embed(summary)[:, :, None]
     mask = jnp.repeat(batch["obj_mask"], t, axis=1)
     return tokens.reshape(b, k * t, -1), mask, t
 

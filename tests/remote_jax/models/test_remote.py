@@ -160,6 +160,25 @@ def test_text_baseline_sees_no_image_and_the_full_model_does():
   assert np.abs(a[0] - b[0]).max() > 1e-5   # logits ~0.03 at init std 0.02
 
 
+@pytest.mark.parametrize("summary", ["off", "post_norm"])
+def test_depth_value_survives_the_pre_layernorm_only_with_its_summary(summary):
+  """A uniform depth crop embeds as d * u; CLIP's pre-LayerNorm divides d away (here with
+  the position table zeroed, exactly), so depth d and 2d look alike unless the object's
+  depth summary is added after the LayerNorm (model.depth_summary)."""
+  cfg = micro_config("paper", depth_summary=summary, **PLAIN)
+  model = remote.build(cfg, C, 2100)
+  batch = make_batch()
+  params = random_params(model, batch, 0, std=0.2)
+  params["vision"]["embeddings"]["position_embedding"]["embedding"][:] = 0.0
+  fwd = jit(lambda p, b: model.apply({"params": p}, b)[0])
+  near, far = ({**batch, "obj_depth": np.full_like(batch["obj_depth"], d)} for d in (0.8, 1.6))
+  moved = np.abs(np.asarray(fwd(params, near)) - np.asarray(fwd(params, far)))[1].max()
+  if summary == "off":
+    assert moved < 1e-4, moved
+  else:
+    assert moved > 1e-2, moved
+
+
 def test_bad_config_names_the_field():
   batch = make_batch()
   for key, value, field in (("mot.variant", "sinkhornish", "model.mot.variant"),
