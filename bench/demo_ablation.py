@@ -37,7 +37,7 @@ VARIANTS = (
     ("route=example", "", ("--config.model.moe.route_by=example",
                            "--config.model.moe.router_norm=False")),
     ("balance=0", "", ("--config.model.moe.balance_weight=0.0",)),
-    ("depth=post_norm", "", ("--config.model.depth_summary=post_norm",)),
+    ("depth_summary=off", "", ("--config.model.depth_summary=off",)),
 )
 DEFAULT_VARIANTS = tuple(n for n, _, _ in VARIANTS[:7])
 KEYS = ("test/f1", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1", "test/compositional/f1",

@@ -113,7 +113,7 @@ def model_config(size="tiny", semantics="paper"):
       # post_norm: each object's mean and max depth, embedded and added where the box is
       # (after the pre-LayerNorm, which divides a uniform depth patch's value away); off:
       # depth reaches the model through its patch tokens only (eq. 4, the released code).
-      depth_summary="off",
+      depth_summary="post_norm" if paper else "off",
       # False reproduces the released code's missing masks (padding attended).
       respect_masks=paper,
       mot=dict(
