@@ -16,6 +16,7 @@ import sys
 
 import pytest
 
+from remote_jax import cli
 from tests.conftest import FAST_COMPILE, REPO
 
 DOCS = ("README.md", "mi2rage_jax/README.md", "docs/benchmarks.md")
@@ -72,6 +73,14 @@ def test_documented_command_parses(module, args, tmp_path):
     assert spec is not None, module
     source = pathlib.Path(spec.origin).read_text(encoding="utf-8")
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):
+      if flag.startswith("--config.") and "parse_known_args" in source:
+        # Passed on to every run's remote_jax.train: the field must exist there.
+        field = flag[len("--config."):].split(".")
+        node = cli.load_config("demo.py")
+        for part in field:
+          assert part in node, f"{module}: {flag} names no config field"
+          node = node[part]
+        continue
       assert f'"{flag}"' in source, f"{module} has no {flag}"
     return
   env = dict(os.environ, PYTHONPATH=str(REPO), XLA_FLAGS=FAST_COMPILE)
