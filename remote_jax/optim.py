@@ -148,7 +148,6 @@ def layer_depths(cfg, params) -> Any:
   """Each leaf's depth below the top layer for layer_decay (0 outside the pattern)."""
   cfg = _resolve(cfg)
   rx = re.compile(cfg["layer_decay_pattern"])
-  found = {}
 
   def index(path, _):
     m = rx.search(path_str(path))
@@ -158,9 +157,7 @@ def layer_depths(cfg, params) -> Any:
     return -1 if i is None else int(i)
 
   indices = jax.tree_util.tree_map_with_path(index, params)
-  for i in jax.tree_util.tree_leaves(indices):
-    found[i] = True
-  layers = [i for i in found if i >= 0]
+  layers = [i for i in jax.tree_util.tree_leaves(indices) if i >= 0]
   if not layers:
     raise ValueError(f"optim.layer_decay_pattern={cfg['layer_decay_pattern']!r} matches no "
                      "numbered layer (its group 1 is the layer index)")
