@@ -198,7 +198,7 @@ class RemoteModel(nn.Module):
       # The pre-LayerNorm divides a depth patch's value away: a uniform patch embeds as
       # d * u (no bias), and LN(d * u + position) -> LN(u) as training grows u. The
       # object's mean and max depth, added here, keep "how near" in every token.
-      crop = batch["obj_depth"].astype(self.dtype).reshape(b, k, -1)
+      crop = depth.reshape(b, k, -1)
       summary = jnp.stack([crop.mean(-1), crop.max(-1)], axis=-1)     # (B, K, 2)
       tokens = tokens + self.depth_embed(summary)[:, :, None]
     mask = jnp.repeat(batch["obj_mask"], t, axis=1)
