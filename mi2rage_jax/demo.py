@@ -547,6 +547,94 @@ def _kn_example(rng, kind, relation, image_size):
   return tokens, (person, span(person)), (org, span(org)), draw_kscene(scene, image_size)
 
 
+# The knowledge world's object-object and entity-object examples: the shape world as it was
+# when the knowledge world was built (remote_jax/data/synth.py before its v3, whose
+# in_front_of is seen in depth only and whose e-o examples are referring expressions). Here
+# in_front_of is an occlusion the RGB image shows and an e-o sentence names its shape.
+_SHAPE_TEMPLATES = {
+    "holds": ("{p} is holding the {d} .", "{p} carries the {d} ."),
+    "owned_by": ("the {d} belongs to {p} .", "the {d} is owned by {p} ."),
+}
+
+
+def _shape_name(shape):
+  return f"{shape.size} {shape.colour} {shape.shape}"
+
+
+def _shape_pair(rng, relation):
+  """Two shapes (a, b) such that `relation`(a, b) holds and no other spatial relation does."""
+  while True:
+    sa, sb = (rng.choice(list(SIZES)) for _ in range(2))
+    da = float(rng.uniform(1.0, 2.0))
+    if relation == "in_front_of":   # overlapping: a is nearer and drawn over b
+      cx, cy = rng.uniform(0.25, 0.75, size=2)
+      dx, dy = rng.uniform(0.05, 0.12, size=2) * rng.choice([-1, 1], size=2)
+      b = (cx, cy, da)
+      a = (cx + dx, cy + dy, da + float(rng.uniform(1.0, 1.5)))
+    else:
+      gap = float(rng.uniform(0.42, 0.55))
+      u, v = float(rng.uniform(0.15, 0.85 - gap)), float(rng.uniform(0.2, 0.8))
+      jitter, db = float(rng.uniform(-0.05, 0.05)), da + float(rng.uniform(-0.3, 0.3))
+      if relation == "left_of":
+        a, b = (u, v, da), (u + gap, v + jitter, db)
+      else:  # above: a is higher (smaller y)
+        a, b = (v, u, da), (v + jitter, u + gap, db)
+    sha, shb = synth._Shape(str(sa), *map(float, a)), synth._Shape(str(sb), *map(float, b))
+    if synth._inside(sha.box) and synth._inside(shb.box) and (
+        relation == "in_front_of" or not synth._overlaps(sha.box, shb.box)):
+      return sha, shb
+
+
+def _shape_scene(rng, n, fixed=()):
+  """`fixed` shapes plus random non-overlapping ones up to n, unique (colour, shape) each."""
+  shapes = list(fixed)
+  for _ in range(200):
+    if len(shapes) >= n:
+      break
+    size = str(rng.choice(list(SIZES)))
+    h = SIZES[size] / 2
+    cx, cy = rng.uniform(0.02 + h, 0.98 - h, size=2)
+    cand = synth._Shape(size, float(cx), float(cy), float(rng.uniform(1.0, 2.0)))
+    if not any(synth._overlaps(cand.box, s.box) for s in shapes):
+      shapes.append(cand)
+  combos = [(c, s) for c in COLOURS for s in SHAPES]
+  for shape, k in zip(shapes, rng.permutation(len(combos))[:len(shapes)]):
+    shape.colour, shape.shape = combos[k]
+  order = rng.permutation(len(shapes))  # slot order is random: the pair is not always 0, 1
+  return [shapes[i] for i in order]
+
+
+def _shape_example(rng, kind, relation, variant):
+  """-> (tokens, (head, tail), relation, shapes) of an "oo" or "eo" recipe; an object entity
+  is {"shape": index, "pos": box}, a named one {"name", "pos"}."""
+  names = synth._names(rng)
+  n = int(rng.integers(2, 6))
+  span = lambda tokens, name: synth._span(tokens, name.split())
+  obj = lambda shapes, s: dict(shape=shapes.index(s), pos=[round(v, 4) for v in s.box])
+  if kind == "oo":
+    positive = relation if relation != "none" else rng.choice(["left_of", "above",
+                                                               "in_front_of"])
+    a, b = _shape_pair(rng, positive)
+    shapes = _shape_scene(rng, max(n, 2), fixed=(a, b))
+    tokens = rng.choice(synth.TEMPLATES["scene"]).format(**names).split()
+    ends = (obj(shapes, a), obj(shapes, b)) if relation != "none" else (obj(shapes, b),
+                                                                         obj(shapes, a))
+    return tokens, ends, relation, shapes
+  shapes = _shape_scene(rng, n)
+  while len(shapes) < 2:
+    shapes = _shape_scene(rng, n)
+  described = shapes[int(rng.integers(len(shapes)))]
+  target = described
+  if relation == "none":
+    target = [s for s in shapes if s is not described][int(rng.integers(len(shapes) - 1))]
+  form = relation if relation != "none" else ("holds", "owned_by")[variant]
+  tokens = rng.choice(_SHAPE_TEMPLATES[form]).format(
+      p=names["p"], d=f"{described.colour} {described.shape}").split()
+  person = dict(name=names["p"], pos=span(tokens, names["p"]))
+  ends = (person, obj(shapes, target)) if form == "holds" else (obj(shapes, target), person)
+  return tokens, ends, relation, shapes
+
+
 # The knowledge world's parameters: those of config.data.demo it uses.
 WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size")
 
@@ -570,18 +658,12 @@ def write_world(out_dir, *, seed, n_train, n_val, n_test, image_size):
         tail = dict(name=t, pos=tp, is_object=False)
         rel, ttype, family = recipe[2], 0, f"kn_{recipe[1]}"
       else:
-        line, shapes, _ = synth._example(rng, recipe)
+        tokens, ents, rel, shapes = _shape_example(rng, *recipe)
         image = np.asarray(synth._render(shapes, image_size)[0])
-        ents = []
-        for e in (line["h"], line["t"]):
-          m = re.fullmatch(r"\[OBJ(\d+)\]", e["name"])
-          if m:   # an object is named by its caption without the article
-            name = shapes[int(m.group(1))].caption.split(" ", 1)[1]
-            ents.append(dict(name=name, pos=e["pos"], is_object=True))
-          else:
-            ents.append(dict(name=e["name"], pos=e["pos"], is_object=False))
-        head, tail = ents
-        tokens, rel = line["token"], line["relation"]
+        head, tail = (dict(name=e["name"], pos=e["pos"], is_object=False) if "shape" not in e
+                      # an object is named by its caption without the article
+                      else dict(name=_shape_name(shapes[e["shape"]]), pos=e["pos"],
+                                is_object=True) for e in ents)
         ttype, family = ("oo", "eo").index(recipe[0]) + 1, recipe[0]
       Image.fromarray(image).save(out / img)
       lines.append(json.dumps(dict(tokens=tokens, head=head, tail=tail, relation=rel,

@@ -216,3 +216,45 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   assert 0.4 <= ok.mean() <= 0.7                  # noise 0.4 plus wrong knowledge
   print(f"faithful: all {ok.mean():.3f} teacher {teacher:.3f} random {random:.3f}")
   assert teacher >= random + 0.08, (teacher, random, ok.mean())
+
+
+def test_knowledge_world_is_written_and_read(tmp_path):
+  """The default config's data: every recipe family in its share; a shape the sentence or
+  the label names is drawn where its box says, in its colour; in_front_of is an occlusion
+  the RGB image shows (the nearer shape drawn over the farther)."""
+  import collections  # pylint: disable=import-outside-toplevel
+  import json  # pylint: disable=import-outside-toplevel
+
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  n = 2 * len(demo.KN_RECIPES)
+  cfg = ml_collections.ConfigDict(dict(
+      root="", cache_dir=str(tmp_path), train_split="train", test_split="test",
+      demo=dict(seed=0, n_train=n, n_val=2, n_test=len(demo.KN_RECIPES), image_size=96)))
+  ds = demo.read_world(cfg)
+  assert [len(ds.splits[s]) for s in ("train", "test")] == [n, len(demo.KN_RECIPES)]
+  directory = demo.ensure_world(tmp_path / "demo", {k: dict(cfg.demo)[k]
+                                                    for k in demo.WORLD_KEYS})
+  rows = [json.loads(x) for x in (directory / "train.jsonl").read_text().splitlines()]
+  want = collections.Counter(("kn_" + r[1] if r[0] == "kn" else r[0],
+                              r[2] if r[0] == "kn" else r[1]) for r in demo.KN_RECIPES)
+  assert collections.Counter((r["family"], r["relation"]) for r in rows) == \
+      {k: 2 * v for k, v in want.items()}
+  for r, inst in zip(rows, ds.splits["train"]):
+    assert ds.relations[inst.label] == r["relation"]
+    if r["family"] not in ("oo", "eo"):
+      continue
+    image = np.asarray(Image.open(directory / r["image"]).convert("RGB"), np.int32)
+    objects = [e for e in (r["head"], r["tail"]) if e["is_object"]]
+    for e in objects:   # the centre pixel of its box has its colour, unless occluded
+      size, colour, shape = e["name"].split()
+      cx, cy = ((e["pos"][0] + e["pos"][2]) / 2, (e["pos"][1] + e["pos"][3]) / 2)
+      pixel = image[int(cy * 96), int(cx * 96)]
+      near = r["relation"] == "in_front_of" and e is r["tail"]
+      assert near or np.abs(pixel - demo.COLOURS[colour]).max() <= 2, (r, pixel)
+      if r["family"] == "eo" and r["relation"] != "none":
+        assert f"{colour} {shape}" in " ".join(r["tokens"])
+    if r["relation"] == "in_front_of":
+      a, b = (e["pos"] for e in objects)
+      inter = (max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3]))
+      assert inter[0] < inter[2] and inter[1] < inter[3], r     # the boxes overlap
