@@ -303,18 +303,44 @@ class Run:
                        ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
                        name=f"{self.setting}/{name}")
 
-  def _fit_teacher(self, r, pairs):
-    """(Setup, trained params) of the round-r teacher."""
-    if ("teacher", r) in self._models:
-      return self._models[("teacher", r)]
+  def folds(self):
+    """teacher.folds: 1 = the paper (one teacher scores the views it trained on); k > 1 =
+    cross-fitted (k teachers, each trained without one fold of the training instances,
+    which it alone scores; test views get the mean of the k teachers' logits)."""
+    k = int(self.cfg.teacher.get("folds", 1))
+    if k < 1 or (k > 1 and self.cfg.teacher.kind != "trained"):
+      raise ValueError(f"teacher.folds={k}: must be 1, or > 1 with teacher.kind 'trained' "
+                       f"(not {self.cfg.teacher.kind!r})")
+    return k
+
+  def fold_of(self, iid):
+    """The fold of a training instance: fixed by the seed and the instance id."""
+    return int(gen_lib.seeded(self.cfg.seed, "teacher-fold", iid).integers(self.folds()))
+
+  def _teachers(self, r):
+    """[(Setup, params)] of the round-r teacher(s): one per fold."""
+    pairs = self._pairs(self.candidates(self.train_split, r), self.train_split)
+    k = self.folds()
+    if k == 1:
+      return [self._fit_teacher(r, pairs)]
+    return [self._fit_teacher(r, [p for p in pairs if self.fold_of(p[0].id) != f], fold=f)
+            for f in range(k)]
+
+  def _fit_teacher(self, r, pairs, fold=None):
+    """(Setup, trained params) of the round-r teacher (of one fold: trained without it)."""
+    key = ("teacher", r, fold)
+    if key in self._models:
+      return self._models[key]
     tcfg = self.cfg.teacher
     make = self.similarity_batch if tcfg.kind == "similarity" else self.teacher_batch
+    tag = f"teacher_round{r}" + ("" if fold is None else f"_fold{fold}")
     s = self._setup(self.teacher_model(), make(pairs[:1]), tcfg.optim, int(tcfg.steps),
                     int(self.cfg.seed) + 101 * r)
     params = self._fit(s, len(pairs), int(tcfg.batch_size),
                        lambda idx: make([pairs[k] for k in idx]), int(tcfg.steps),
-                       int(self.cfg.seed) + r, f"teacher_round{r}", f"teacher_{r}")
-    self._models[("teacher", r)] = (s, params)
+                       int(self.cfg.seed) + r + 1000 * (fold or 0), tag,
+                       tag.replace("_round", "_"))
+    self._models[key] = (s, params)
     return s, params
 
   # ---------------------------------------------------------------- stages
@@ -344,9 +370,9 @@ class Run:
     return {"views": n_views}
 
   def _teacher(self, r):
-    pairs = self._pairs(self.candidates(self.train_split, r), self.train_split)
-    self._fit_teacher(r, pairs)
-    return {"examples": len(pairs)}
+    self._teachers(r)
+    return {"examples": len(self._pairs(self.candidates(self.train_split, r),
+                                        self.train_split)), "folds": self.folds()}
 
   def _scores(self, r, split, cands):
     """{instance id: np.array of scores, lower = keep first}."""
@@ -356,17 +382,34 @@ class Run:
       return {iid: gen_lib.seeded(self.cfg.seed, "random-teacher", split, iid, r).random(len(vs))
               for iid, vs in cands.items()}
     pairs = self._pairs(cands, split)
-    s, params = self._fit_teacher(r, self._pairs(self.candidates(self.train_split, r),
-                                                 self.train_split))
+    teachers = self._teachers(r)
     bs = int(tcfg.eval_batch_size)
     if kind == "similarity":
+      s, params = teachers[0]
       scores = s.jit_eval(lambda p, b: s.model.apply({"params": p}, b, method="pair_scores"))
       flat = -trainer.predict(s, params, len(pairs), bs,   # most similar first
                               lambda idx: self.similarity_batch([pairs[k] for k in idx]),
                               scores)
     else:
-      logits = trainer.predict(s, params, len(pairs), bs,
-                               lambda idx: self.teacher_batch([pairs[k] for k in idx]))
+      def logits_of(s_params, rows):
+        s, params = s_params
+        return trainer.predict(s, params, len(rows), bs,
+                               lambda idx: self.teacher_batch([pairs[rows[k]] for k in idx]))
+
+      if len(teachers) == 1:
+        logits = logits_of(teachers[0], np.arange(len(pairs)))
+      elif split == self.train_split:   # each view scored by the teacher that never saw it
+        fold = np.asarray([self.fold_of(inst.id) for inst, _ in pairs])
+        logits = None
+        for f, t in enumerate(teachers):
+          rows = np.flatnonzero(fold == f)
+          if not len(rows):
+            continue
+          out = logits_of(t, rows)
+          logits = np.zeros((len(pairs),) + out.shape[1:], out.dtype) if logits is None else logits
+          logits[rows] = out
+      else:
+        logits = np.mean([logits_of(t, np.arange(len(pairs))) for t in teachers], 0)
       criterion = "loss" if split == self.train_split else tcfg.test_criterion
       flat = selection.SCORES[criterion](logits, np.asarray([i.label for i, _ in pairs]))
     out, k = {}, 0

@@ -188,3 +188,48 @@ def test_fit_resumes_after_an_interruption(tmp_path):
   again = fit("a", None, 0)   # finished: restored
   for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(straight)):
     np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_cross_fitted_teacher_never_scores_what_it_trained_on(tmp_path, folds):
+  """teacher.folds=2: a training view is scored by the teacher that did not train on its
+  fold, so changing one instance's label leaves the scores of the other instances of its
+  fold unchanged; with one teacher (the paper) they move."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
+  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,folds={folds},"
+                                   "world=shapes,rounds=0")
+  with config.unlocked():
+    config.data.cache_dir = str(tmp_path / "data_cache")
+    config.teacher.steps = 8
+  dataset = data_lib.load(config.data)
+  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
+  with config.unlocked():
+    config.model.text.vocab_size = encoder.vocab_size
+
+  def scores(ds, name):
+    run = pipeline.Run(config, tmp_path / name, "no_real_image", ds, encoder)
+    for stage in ("generate_0", "teacher_0", "select_0"):
+      run._stage(stage, lambda s=stage: getattr(run, f"_{s.split('_')[0]}")(0))  # pylint: disable=protected-access
+    sel = json.loads((tmp_path / name / "selections" / "train_round0.json").read_text())
+    return run, {iid: e["scores"] for iid, e in sel["instances"].items()}
+
+  run, base = scores(dataset, "base")
+  train = dataset.splits["train"]
+  x = train[0]
+  changed = dataclasses.replace(x, label=(x.label + 1) % len(dataset.relations))
+  other = dataclasses.replace(dataset, splits=dict(dataset.splits, train=[changed] + train[1:]))
+  _, moved = scores(other, "moved")
+  assert base[x.id] != moved[x.id]                      # its own loss reads its label
+  mates = [i.id for i in train[1:] if run.fold_of(i.id) == run.fold_of(x.id)]
+  assert mates
+  same = [np.allclose(base[i], moved[i], atol=1e-6) for i in mates]
+  if folds == 2:
+    assert all(same), same
+    assert {run.fold_of(i.id) for i in train} == {0, 1}
+    assert all((tmp_path / "base" / "ckpt" / f"teacher_round0_fold{f}").is_dir() for f in (0, 1))
+  else:
+    assert not all(same)
