@@ -29,7 +29,10 @@ from remote_jax import metrics
 # unimodal.
 VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
             "similarity": "teacher=similarity", "random": "teacher=random",
-            "none": "teacher=none", "unimodal": "unimodal=True"}
+            "none": "teacher=none", "unimodal": "unimodal=True",
+            # Not in the paper: the analysis's upper bound, a selection that knows which
+            # views the demo generators made faithfully.
+            "oracle": "teacher=oracle"}
 
 
 def faithful_by_family(run_dir, n=3):

@@ -61,7 +61,10 @@ from remote_jax.writers import to_json
 log = logging.getLogger(__name__)
 
 SETTINGS = {"no_real_text": "text", "no_real_image": "image"}   # setting -> synthetic modality
-TEACHER_KINDS = ("trained", "similarity", "random", "none")
+# oracle (demo generators only): keeps the views the generator made faithfully (its
+# `meta.faithful`, random among equals): what a perfect selection would give, an upper bound
+# for the analysis, never a method.
+TEACHER_KINDS = ("trained", "similarity", "random", "none", "oracle")
 _PER_KEYS = set(SETTINGS) | set(SETTINGS.values())
 
 
@@ -378,9 +381,16 @@ class Run:
     """{instance id: np.array of scores, lower = keep first}."""
     tcfg = self.cfg.teacher
     kind = tcfg.kind
-    if kind in ("random", "none"):
-      return {iid: gen_lib.seeded(self.cfg.seed, "random-teacher", split, iid, r).random(len(vs))
-              for iid, vs in cands.items()}
+    if kind in ("random", "none", "oracle"):
+      out = {iid: gen_lib.seeded(self.cfg.seed, "random-teacher", split, iid, r).random(len(vs))
+             for iid, vs in cands.items()}
+      if kind == "oracle":
+        for iid, vs in cands.items():
+          if any("faithful" not in (v.meta or {}) for v in vs):
+            raise ValueError(f"teacher.kind 'oracle' needs the demo generators' meta.faithful; "
+                             f"instance {iid!r} of split {split!r} has a view without it")
+          out[iid] = out[iid] + np.asarray([0.0 if v.meta["faithful"] else 1.0 for v in vs])
+      return out
     pairs = self._pairs(cands, split)
     teachers = self._teachers(r)
     bs = int(tcfg.eval_batch_size)
