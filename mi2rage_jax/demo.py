@@ -572,13 +572,7 @@ def _shape_pair(rng, relation):
       b = (cx, cy, da)
       a = (cx + dx, cy + dy, da + float(rng.uniform(1.0, 1.5)))
     else:
-      gap = float(rng.uniform(0.42, 0.55))
-      u, v = float(rng.uniform(0.15, 0.85 - gap)), float(rng.uniform(0.2, 0.8))
-      jitter, db = float(rng.uniform(-0.05, 0.05)), da + float(rng.uniform(-0.3, 0.3))
-      if relation == "left_of":
-        a, b = (u, v, da), (u + gap, v + jitter, db)
-      else:  # above: a is higher (smaller y)
-        a, b = (v, u, da), (v + jitter, u + gap, db)
+      a, b = synth.apart(rng, relation, da)
     sha, shb = synth._Shape(str(sa), *map(float, a)), synth._Shape(str(sb), *map(float, b))
     if synth._inside(sha.box) and synth._inside(shb.box) and (
         relation == "in_front_of" or not synth._overlaps(sha.box, shb.box)):

@@ -410,14 +410,11 @@ class Run:
         logits = logits_of(teachers[0], np.arange(len(pairs)))
       elif split == self.train_split:   # each view scored by the teacher that never saw it
         fold = np.asarray([self.fold_of(inst.id) for inst, _ in pairs])
-        logits = None
+        logits = np.zeros((len(pairs), self.num_classes), np.float32)
         for f, t in enumerate(teachers):
           rows = np.flatnonzero(fold == f)
-          if not len(rows):
-            continue
-          out = logits_of(t, rows)
-          logits = np.zeros((len(pairs),) + out.shape[1:], out.dtype) if logits is None else logits
-          logits[rows] = out
+          if len(rows):
+            logits[rows] = logits_of(t, rows)
       else:
         logits = np.mean([logits_of(t, np.arange(len(pairs))) for t in teachers], 0)
       criterion = "loss" if split == self.train_split else tcfg.test_criterion

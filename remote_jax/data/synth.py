@@ -190,16 +190,21 @@ def _pair(rng, relation):
       a = (cx + dx, cy + dy, da + float(rng.uniform(1.0, 1.5)))
       b = (cx, cy, da)
     else:
-      gap = float(rng.uniform(0.42, 0.55))
-      u, v = float(rng.uniform(0.15, 0.85 - gap)), float(rng.uniform(0.2, 0.8))
-      jitter, db = float(rng.uniform(-0.05, 0.05)), da + float(rng.uniform(-0.3, 0.3))
-      if relation == "left_of":
-        a, b = (u, v, da), (u + gap, v + jitter, db)
-      else:  # above: a is higher (smaller y)
-        a, b = (v, u, da), (v + jitter, u + gap, db)
+      a, b = apart(rng, relation, da)
     sha, shb = _Shape(sa, *a), _Shape(sb, *b)
     if _free(sha, []) and _free(shb, [sha]):
       return sha, shb
+
+
+def apart(rng, relation, da):
+  """(cx, cy, nearness) of a and b for left_of / above: a gap wider than OO_GAP along the
+  relation's axis, a little jitter across it, similar nearness (a's is da)."""
+  gap = float(rng.uniform(0.42, 0.55))
+  u, v = float(rng.uniform(0.15, 0.85 - gap)), float(rng.uniform(0.2, 0.8))
+  jitter, db = float(rng.uniform(-0.05, 0.05)), da + float(rng.uniform(-0.3, 0.3))
+  if relation == "left_of":
+    return (u, v, da), (u + gap, v + jitter, db)
+  return (v, u, da), (v + jitter, u + gap, db)   # above: a is higher (smaller y)
 
 
 def _fill(rng, shapes, n, region=(0.0, 1.0), tries=60):
