@@ -32,29 +32,41 @@ VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
             "none": "teacher=none", "unimodal": "unimodal=True",
             # Not in the paper: the analysis's upper bound, a selection that knows which
             # views the demo generators made faithfully.
-            "oracle": "teacher=oracle"}
+            "oracle": "teacher=oracle",
+            # Not in the paper: test views ranked by agreement with the consensus of the
+            # instance's candidates instead of by confidence (selection.py).
+            "agree": "teacher=trained,test_by=agree"}
 
 
 def faithful_by_family(run_dir, n=3):
   """{family: {split_all, split_kept}}: the generators' faithful fraction of all final-round
   candidates and of the first n of the final ranking (what the student sees), per example
-  family of the knowledge world (kn_seen, kn_stated, oo, eo); {} for other worlds."""
+  family of the knowledge world (kn_seen, kn_stated, oo, eo); {} for other worlds. For
+  kn_seen and kn_stated also {split_all_consistent, split_kept_consistent}: the fraction
+  that shows the cue of the true label (demo.label_consistent), what the paper's teacher
+  selects for."""
   from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import views as views_lib  # pylint: disable=import-outside-toplevel
   data = json.loads((run_dir.parent / "config.json").read_text())["data"]
   sels = sorted((run_dir / "selections").glob("train_round*.json"))
   if data["name"] != "demo_knowledge" or not sels:
     return {}
-  fam = demo.families(pathlib.Path("data_cache") / "demo", data["demo"])
+  rows = demo.examples(pathlib.Path("data_cache") / "demo", data["demo"])
   last = sels[-1].stem.split("round")[1]
   out = {}
   for split in ("train", "test"):
-    store = json.loads((run_dir / "views" / split / "manifest.json").read_text())["instances"]
+    store = views_lib.load_store(run_dir / "views" / split, check_files=False)
     sel = json.loads((run_dir / "selections" / f"{split}_round{last}.json").read_text())
     for iid, entry in sel["instances"].items():
-      ok = {v["id"]: v["meta"]["faithful"] for r in store[iid] for v in r["views"]}
-      f = out.setdefault(fam[iid], {})
-      f.setdefault(f"{split}_all", []).extend(ok[v] for v in entry["candidates"])
-      f.setdefault(f"{split}_kept", []).extend(ok[v] for v in entry["ranking"][:n])
+      row = rows[iid]
+      cue = row["family"] in ("kn_seen", "kn_stated")
+      views = {v.id: v for r in range(store.num_rounds(iid)) for v in store.views(iid, r, cue)}
+      f = out.setdefault(row["family"], {})
+      for part, ids in (("all", entry["candidates"]), ("kept", entry["ranking"][:n])):
+        f.setdefault(f"{split}_{part}", []).extend(views[v].meta["faithful"] for v in ids)
+        if cue:
+          f.setdefault(f"{split}_{part}_consistent", []).extend(
+              demo.label_consistent(row, views[v].data) for v in ids)
   return {k: {p: sum(v) / len(v) for p, v in d.items()} for k, d in sorted(out.items())}
 
 

@@ -17,6 +17,9 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   size      micro | tiny | small | minilm | base (encoder sizes)
   folds     teacher.folds: 1 = the paper (the teacher scores the views it trained on),
             k > 1 = cross-fitted (each view scored by a teacher that did not train on it)
+  test_by   teacher.test_criterion, how test views are ranked without a label: maxprob
+            (the most confident first) | agree (closest to the consensus of the
+            instance's candidates first) | entropy (selection.py)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
   quick     300 train instances, 1000 teacher / 300 student steps (the README's tables,
             with size=micro, on a shared 2-core CPU)
@@ -32,7 +35,8 @@ MICRO = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 def base_config(arg, **defaults):
   """The MI2RAGE config shared by the demo and MNRE configs."""
   spec = dict(setting="both", teacher="trained", rounds=1, unimodal=False, n_train=3,
-              n_test=3, noise=0.3, seed=0, size="tiny", fast=False, folds=1)
+              n_test=3, noise=0.3, seed=0, size="tiny", fast=False, folds=1,
+              test_by="maxprob")
   spec.update(defaults)
   arg = common.parse_arg(arg, **spec)
   sizes = dict(common.TEXT_SIZES, micro=MICRO)
@@ -60,7 +64,7 @@ def base_config(arg, **defaults):
       # folds 1: the paper's teacher scores the views it trained on; k > 1: cross-fitted
       # (pipeline.Run.folds).
       teacher=dict(kind=arg.teacher, steps=400, batch_size=32, eval_batch_size=64,
-                   test_criterion="maxprob", folds=int(arg.folds), optim=dict(optim)),
+                   test_criterion=arg.test_by, folds=int(arg.folds), optim=dict(optim)),
       student=dict(n_train_views=arg.n_train, n_test_views=arg.n_test, append_real=True,
                    unimodal=arg.unimodal, steps=600, batch_size=16, eval_batch_size=32,
                    optim=dict(optim)),

@@ -695,11 +695,52 @@ def read_world(cfg):
   return data_lib.Dataset(splits, relations, index["none"])
 
 
-def families(root, params):
-  """{instance id: family} (kn_seen, kn_stated, oo, eo) of the world `params` under `root`."""
+def examples(root, params):
+  """{instance id: its jsonl row} of the world `params` under `root`."""
   directory = ensure_world(root, {k: dict(params)[k] for k in WORLD_KEYS})
   out = {}
   for split in ("train", "val", "test"):
     for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
-      out[f"{split}/{row}"] = json.loads(line)["family"]
+      out[f"{split}/{row}"] = json.loads(line)
   return out
+
+
+def families(root, params):
+  """{instance id: family} (kn_seen, kn_stated, oo, eo) of the world `params` under `root`."""
+  return {i: row["family"] for i, row in examples(root, params).items()}
+
+
+def _cue(view):
+  """(uniform shown, badge emblem or None) of an image (array) or a caption; None when it
+  shows no person."""
+  if isinstance(view, str):
+    if "person" not in view:
+      return None
+    uniform = bool(_UNIFORM.search(view.lower()) or _UNIFORM_OF.search(view))
+    badge = next((FACTS.emblem.get(org) for kind, org in _BADGE_OF.findall(view)
+                  if kind == "badge"), None)
+    badge = badge or next(((c, sh) for c, sh, kind in _EMBLEM_OF.findall(view.lower())
+                           if kind == "badge"), None)
+    return uniform, badge
+  k = decode_kscene(view)
+  if k is None:
+    return None
+  return k.uniform is not None, (k.badge.colour, k.badge.shape) if k.badge else None
+
+
+def label_consistent(row, view):
+  """Does a view (image array or caption) of the example `row` show the cue of its true
+  label? kn_seen: a uniform iff works_for; kn_stated: the badge of the organisation (the
+  tail) iff works_for. None for the other families. The paper's teacher selects for this
+  (information about the label), which a generator's wrong knowledge can keep: an
+  unfaithful view can be consistent, a faithful one always is (tests/mi2rage_jax)."""
+  if row["family"] not in ("kn_seen", "kn_stated"):
+    return None
+  cue = _cue(view)
+  if cue is None:
+    return False
+  uniform, badge = cue
+  works = row["relation"] == "works_for"
+  if row["family"] == "kn_seen":
+    return uniform == works
+  return badge is not None and (badge == FACTS.emblem[row["tail"]["name"]]) == works

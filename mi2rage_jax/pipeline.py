@@ -22,7 +22,8 @@ stage is skipped on rerun, an interrupted `fit` resumes from its checkpoint):
               first) from which students take their first N views.
               Scores: train = teacher loss with the true label; test = the
               label-free `teacher.test_criterion` (default maxprob:
-              -log max_y p(y|v), i.e. the most confident views first).
+              -log max_y p(y|v), i.e. the most confident views first; agree:
+              the loss against the consensus of the instance's candidates).
   student     trains the student on the first `student.n_train_views` views of
               each train instance: ckpt/student_n{N}/.
   test        student on test instances: first `student.n_test_views` views
@@ -87,6 +88,9 @@ class Run:
       raise ValueError(f"setting {setting!r}; allowed: {sorted(SETTINGS)}")
     if cfg.teacher.kind not in TEACHER_KINDS:
       raise ValueError(f"teacher.kind {cfg.teacher.kind!r}; allowed: {TEACHER_KINDS}")
+    if cfg.teacher.get("test_criterion", "maxprob") not in selection.LABEL_FREE:
+      raise ValueError(f"teacher.test_criterion {cfg.teacher.test_criterion!r}; allowed: "
+                       f"{selection.LABEL_FREE} (label-free: the test labels are never read)")
     self.cfg, self.setting = cfg, setting
     self.target = SETTINGS[setting]
     self.workdir = pathlib.Path(workdir)
@@ -418,7 +422,8 @@ class Run:
       else:
         logits = np.mean([logits_of(t, np.arange(len(pairs))) for t in teachers], 0)
       criterion = "loss" if split == self.train_split else tcfg.test_criterion
-      flat = selection.SCORES[criterion](logits, np.asarray([i.label for i, _ in pairs]))
+      groups = np.repeat(np.arange(len(cands)), [len(vs) for vs in cands.values()])
+      flat = selection.score(criterion, logits, np.asarray([i.label for i, _ in pairs]), groups)
     out, k = {}, 0
     for iid, vs in cands.items():
       out[iid] = flat[k:k + len(vs)]
@@ -542,6 +547,7 @@ class Run:
     keep = {k: v for k, v in m.items() if k not in ("confusion", "per_relation")}
     return {"setting": self.setting, "n_train_views": self.n_views(self.train_split),
             "n_test_views": n, "append_real": real, "teacher": self.cfg.teacher.kind,
+            "test_criterion": self.cfg.teacher.test_criterion,
             "rounds": self.K, "unimodal": self.unimodal, **json.loads(
                 json.dumps(keep, default=to_json))}
 

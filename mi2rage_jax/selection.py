@@ -9,6 +9,12 @@ Scores per criterion (`SCORES`, lower is better):
   maxprob  -log max_y p(y|v): the loss against the teacher's own prediction;
            label-free, used at test time (highest max-probability first)
   entropy  predictive entropy of the teacher; label-free alternative
+  agree    the loss against the instance's consensus: the argmax of the teacher's
+           probabilities averaged over all of the instance's candidates; label-free.
+           A confident view that contradicts the other views of its instance (a
+           generator's wrong knowledge) ranks last, where maxprob ranks it first.
+`score(criterion, logits, labels, groups)` computes any of them (`groups`: the
+instance index of each row, needed by agree).
 """
 from __future__ import annotations
 
@@ -68,4 +74,30 @@ def entropy_score(logits, labels=None):
   return -(np.exp(logp) * logp).sum(-1)
 
 
-SCORES = {"loss": loss_score, "maxprob": maxprob_score, "entropy": entropy_score}
+def consensus_labels(logits, groups):
+  """Per row, the argmax of the mean probabilities over the rows of its group."""
+  probs = np.exp(_log_softmax(logits))
+  groups = np.asarray(groups)
+  _, inverse = np.unique(groups, return_inverse=True)
+  sums = np.zeros((inverse.max() + 1, probs.shape[-1]))
+  np.add.at(sums, inverse, probs)
+  return sums.argmax(-1)[inverse]
+
+
+def agree_score(logits, labels=None, groups=None):
+  del labels
+  if groups is None:
+    raise ValueError("criterion 'agree' needs the instance index of each row (groups)")
+  return loss_score(logits, consensus_labels(logits, groups))
+
+
+SCORES = {"loss": loss_score, "maxprob": maxprob_score, "entropy": entropy_score,
+          "agree": agree_score}
+LABEL_FREE = ("maxprob", "entropy", "agree")
+
+
+def score(criterion, logits, labels=None, groups=None):
+  """Scores (lower = keep first) of `criterion` (one of SCORES)."""
+  if criterion == "agree":
+    return agree_score(logits, groups=groups)
+  return SCORES[criterion](logits, labels)

@@ -250,18 +250,27 @@ def seed_summary(results: Sequence[Mapping[str, Any]], ddof: int = 1) -> dict:
   """{key: {"mean", "std", "n"}} over the numeric scalars of several runs.
 
   Keys missing from a run are averaged over the runs that have them (n says
-  how many). `std` uses `ddof` (1: sample std, the usual "mean ± std over
-  seeds"); with a single run it is 0.
+  how many). Nested mappings are flattened with "/" ({"per_type": {"e-e":
+  {"f1": ..}}} -> "per_type/e-e/f1"). `std` uses `ddof` (1: sample std, the
+  usual "mean ± std over seeds"); with a single run it is 0.
   """
+  def flat(res, prefix=""):
+    for k, v in res.items():
+      if isinstance(v, Mapping):
+        yield from flat(v, f"{prefix}{k}/")
+      else:
+        yield f"{prefix}{k}", v
+
   values: dict[str, list[float]] = {}
   for res in results:
-    for k, v in res.items():
+    for k, v in flat(res):
       if isinstance(v, (bool, str)) or np.ndim(v) != 0:
         continue
       try:
-        values.setdefault(k, []).append(float(v))
+        x = float(v)
       except (TypeError, ValueError):
         continue
+      values.setdefault(k, []).append(x)
   out = {}
   for k, vs in values.items():
     a = np.asarray(vs)

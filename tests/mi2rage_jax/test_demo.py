@@ -121,6 +121,41 @@ def test_caption_then_render_keeps_the_knowledge():
     assert demo.decode_kscene(gen.render(cap, seeded(0, "u2", k))[0]).uniform.colour == colour
 
 
+def test_label_consistency_of_real_and_generated_views():
+  """demo.label_consistent (the bench's measure of what the paper's teacher selects for):
+  every real photo and every faithful image or caption shows its label's cue; wrong
+  knowledge makes some unfaithful views inconsistent and leaves others consistent (a wrong
+  employer's badge still says `none`); a picture without a person shows no cue."""
+  rng = np.random.default_rng(1)
+  gen = demo.DemoGenerators(noise=0.3, knowledge_error=0.3, mention_rate=0.5)
+  seen = {}   # (family, faithful) -> [consistent]
+  for k in range(160):
+    kind, rel = ("seen", "stated")[k % 2], ("none", "works_for")[(k // 2) % 2]
+    tokens, _, (o, _), image = demo._kn_example(rng, kind, rel, 96)
+    row = {"family": f"kn_{kind}", "relation": rel, "tail": {"name": o}}
+    assert demo.label_consistent(row, image)
+    view, ok = gen.render(" ".join(tokens), seeded(2, "r", k))
+    cap, ok_cap = gen.caption(image, seeded(2, "c", k))
+    seen.setdefault((kind, ok), []).append(demo.label_consistent(row, view))
+    seen.setdefault((kind, ok_cap), []).append(demo.label_consistent(row, cap))
+  for kind in ("seen", "stated"):
+    assert all(seen[kind, True]) and len(seen[kind, True]) > 30
+    assert 0 < sum(seen[kind, False]) < len(seen[kind, False])
+  o, other = F.orgs[0], F.orgs[1]
+  cases = [("kn_seen", "works_for", "a person in a red uniform under the sign of " + o, True),
+           ("kn_seen", "works_for", "a person wearing a red circle badge", False),
+           ("kn_seen", "none", "a person wearing the badge of " + other, True),
+           ("kn_seen", "none", "a picture of a small red circle", False),
+           ("kn_stated", "works_for", "a person wearing the badge of " + o, True),
+           ("kn_stated", "works_for", "a person wearing the badge of " + other, False),
+           ("kn_stated", "none", "a person wearing the badge of " + other, True),
+           ("kn_stated", "none", "a person wearing a {} {} badge".format(*F.emblem[o]), False)]
+  for family, rel, caption, expect in cases:
+    row = {"family": family, "relation": rel, "tail": {"name": o}}
+    assert demo.label_consistent(row, caption) is expect, (family, rel, caption)
+  assert demo.label_consistent({"family": "oo", "relation": "left_of"}, "anything") is None
+
+
 def test_shape_world_texts_are_rendered_as_before():
   gen = demo.DemoGenerators(noise=0.0, knowledge_error=0.5)
   image, ok = gen.render("a small red circle to the left of a large blue square", seeded(0, "s"))

@@ -54,6 +54,27 @@ def test_label_free_criteria():
   np.testing.assert_allclose(selection.SCORES["maxprob"](logits, np.array([2, 2, 2])), maxprob)
 
 
+def test_agree_ranks_views_by_the_consensus_of_their_instance():
+  # Instance 0: three views say class 1 (one mildly), one says class 0 with the highest
+  # confidence of all (a confident wrong view). Instance 1: two views say class 2.
+  logits = np.array([[0.0, 3.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.5, 0.0], [6.0, 0.0, 0.0],
+                     [0.0, 0.0, 2.0], [1.0, 0.0, 3.0]])
+  groups = np.array([0, 0, 0, 0, 1, 1])
+  assert selection.consensus_labels(logits, groups).tolist() == [1, 1, 1, 1, 2, 2]
+  agree = selection.score("agree", logits, groups=groups)
+  np.testing.assert_allclose(agree, selection.loss_score(logits, [1, 1, 1, 1, 2, 2]))
+  assert np.argsort(agree[:4]).tolist() == [0, 1, 2, 3]   # the contradicting view last
+  assert np.argsort(selection.score("maxprob", logits)[:4])[0] == 3   # maxprob: it first
+  # Groups are labels, not positions: permuting the rows permutes the scores.
+  perm = np.array([5, 2, 0, 4, 3, 1])
+  np.testing.assert_allclose(selection.score("agree", logits[perm], groups=groups[perm]),
+                             agree[perm])
+  # The true labels are never read.
+  np.testing.assert_allclose(selection.score("agree", logits, np.zeros(6, int), groups), agree)
+  with pytest.raises(ValueError, match="groups"):
+    selection.score("agree", logits)
+
+
 def test_mixture_covariance_closed_form():
   w = np.array([0.2, 0.3, 0.5])
   mu = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 20.0]])

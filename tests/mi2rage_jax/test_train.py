@@ -132,15 +132,24 @@ def test_both_settings_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arg", ["teacher=random", "teacher=none", "teacher=similarity",
-                                 "rounds=0", "unimodal"])
+                                 "rounds=0", "unimodal", "test_by=agree"])
 def test_ablations_run(tmp_path, arg):
   summary, _ = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
   test = summary["no_real_image"]["test"]
   key, _, value = arg.partition("=")
   expect = {"teacher": ("teacher", value), "rounds": ("rounds", 0),
-            "unimodal": ("unimodal", True)}[key]
+            "unimodal": ("unimodal", True), "test_by": ("test_criterion", value)}[key]
   assert test[expect[0]] == expect[1]
   _check_metrics(test)
+
+
+def test_a_test_criterion_that_reads_labels_is_refused(tmp_path):
+  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
+  for bad in ("loss", "agreee"):
+    config = mi2rage_demo.get_config(f"fast,size=micro,test_by={bad}")
+    with pytest.raises(ValueError, match="teacher.test_criterion .*allowed"):
+      pipeline.Run(config, tmp_path, "no_real_image", None, None)
 
 
 def test_fit_resumes_after_an_interruption(tmp_path):

@@ -127,6 +127,12 @@ def test_seed_summary():
                             {"f1": 64.0}])
   assert s["f1"] == {"mean": 62.0, "std": pytest.approx(2.0), "n": 3}  # sqrt((4+0+4)/2)
   assert s["acc"]["n"] == 2 and s["acc"]["mean"] == 90.5 and "name" not in s
+  # Nested results (MI2RAGE's per_type) are flattened; a value that is no number leaves
+  # no key behind (it used to leave an empty list, and a NaN mean with a warning).
+  s = metrics.seed_summary([{"per_type": {"e-e": {"f1": 50.0}}, "x": None},
+                            {"per_type": {"e-e": {"f1": 54.0}, "o-o": {"f1": 1.0}}}])
+  assert s["per_type/e-e/f1"]["mean"] == 52.0 and s["per_type/o-o/f1"]["n"] == 1
+  assert set(s) == {"per_type/e-e/f1", "per_type/o-o/f1"}
 
 
 def test_check_finite():
