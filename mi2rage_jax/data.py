@@ -62,6 +62,9 @@ class Dataset:
   relations: list
   negative_id: int
   has_images: bool = True
+  # {split: {bucket name: instance indices}}: extra score buckets of the test metrics
+  # (the knowledge world's example families), as remote_jax's `compositional`.
+  buckets: dict = dataclasses.field(default_factory=dict)
 
 
 def _obj_name(caption, fallback):

@@ -680,7 +680,7 @@ def read_world(cfg):
   directory = ensure_world(root, params)
   relations = list(synth.RELATIONS)
   index = {r: i for i, r in enumerate(relations)}
-  splits = {}
+  splits, buckets = {}, {}
   for split in (cfg.train_split, cfg.test_split):
     insts = []
     for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
@@ -691,8 +691,10 @@ def read_world(cfg):
                                      ents[1], str(directory / d["image"]),
                                      index[d["relation"]], d["triplet_type"],
                                      d["image"].rsplit("/", 1)[-1]))
+      buckets.setdefault(split, {}).setdefault(d["family"], []).append(row)
     splits[split] = insts
-  return data_lib.Dataset(splits, relations, index["none"])
+  # Scores per family: kn_seen is where only the image decides (KN_RECIPES).
+  return data_lib.Dataset(splits, relations, index["none"], buckets=buckets)
 
 
 def examples(root, params):

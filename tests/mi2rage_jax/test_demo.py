@@ -275,6 +275,10 @@ def test_knowledge_world_is_written_and_read(tmp_path):
                               r[2] if r[0] == "kn" else r[1]) for r in demo.KN_RECIPES)
   assert collections.Counter((r["family"], r["relation"]) for r in rows) == \
       {k: 2 * v for k, v in want.items()}
+  # The test metrics' buckets are the families, row by row (pipeline.Run.evaluate).
+  assert ds.buckets["train"] == {f: [i for i, r in enumerate(rows) if r["family"] == f]
+                                 for f in ("kn_seen", "kn_stated", "oo", "eo")}
+  assert sum(map(len, ds.buckets["test"].values())) == len(ds.splits["test"])
   for r, inst in zip(rows, ds.splits["train"]):
     assert ds.relations[inst.label] == r["relation"]
     if r["family"] not in ("oo", "eo"):
