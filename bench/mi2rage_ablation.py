@@ -35,7 +35,9 @@ VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
             "oracle": "teacher=oracle",
             # Not in the paper: test views ranked by agreement with the consensus of the
             # instance's candidates instead of by confidence (selection.py).
-            "agree": "teacher=trained,test_by=agree"}
+            "agree": "teacher=trained,test_by=agree",
+            # ... or by agreement with the teacher's reading of the real test view.
+            "real": "teacher=trained,test_by=real"}
 
 
 def faithful_by_family(run_dir, n=3):

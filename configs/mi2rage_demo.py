@@ -19,7 +19,8 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
             k > 1 = cross-fitted (each view scored by a teacher that did not train on it)
   test_by   teacher.test_criterion, how test views are ranked without a label: maxprob
             (the most confident first) | agree (closest to the consensus of the
-            instance's candidates first) | entropy (selection.py)
+            instance's candidates first) | real (closest to the teacher's reading of the
+            test instance's real view first) | entropy (selection.py, pipeline.py)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
   quick     300 train instances, 1000 teacher / 300 student steps (the README's tables,
             with size=micro, on a shared 2-core CPU)

@@ -23,7 +23,9 @@ stage is skipped on rerun, an interrupted `fit` resumes from its checkpoint):
               Scores: train = teacher loss with the true label; test = the
               label-free `teacher.test_criterion` (default maxprob:
               -log max_y p(y|v), i.e. the most confident views first; agree:
-              the loss against the consensus of the instance's candidates).
+              the loss against the consensus of the instance's candidates; real:
+              the loss against the teacher's prediction on the instance's real
+              view of the synthetic modality, which a test instance has).
   student     trains the student on the first `student.n_train_views` views of
               each train instance: ckpt/student_n{N}/.
   test        student on test instances: first `student.n_test_views` views
@@ -88,9 +90,10 @@ class Run:
       raise ValueError(f"setting {setting!r}; allowed: {sorted(SETTINGS)}")
     if cfg.teacher.kind not in TEACHER_KINDS:
       raise ValueError(f"teacher.kind {cfg.teacher.kind!r}; allowed: {TEACHER_KINDS}")
-    if cfg.teacher.get("test_criterion", "maxprob") not in selection.LABEL_FREE:
+    if cfg.teacher.get("test_criterion", "maxprob") not in (*selection.LABEL_FREE, "real"):
       raise ValueError(f"teacher.test_criterion {cfg.teacher.test_criterion!r}; allowed: "
-                       f"{selection.LABEL_FREE} (label-free: the test labels are never read)")
+                       f"{(*selection.LABEL_FREE, 'real')} (label-free: the test labels are "
+                       "never read)")
     self.cfg, self.setting = cfg, setting
     self.target = SETTINGS[setting]
     self.workdir = pathlib.Path(workdir)
@@ -258,6 +261,13 @@ class Run:
   def _real_pixels(self, inst):
     return self._pixels(("rpix", inst.id), data_lib.real_image(inst))
 
+  def _real_as_view(self, inst):
+    """The real view of the synthetic modality (test instances have both), as a View the
+    teacher can score: test_criterion 'real'."""
+    data = data_lib.real_text(inst) if self.target == "text" else data_lib.real_image(inst)
+    return views_lib.View(id="<real>", round=-1, modality=self.target, generator="real",
+                          data=data)
+
   # ---------------------------------------------------------------- teacher batches
   def teacher_batch(self, pairs):
     """Teacher input for [(instance, view)]: the synthetic view and entity names ONLY."""
@@ -422,8 +432,18 @@ class Run:
       else:
         logits = np.mean([logits_of(t, np.arange(len(pairs))) for t in teachers], 0)
       criterion = "loss" if split == self.train_split else tcfg.test_criterion
-      groups = np.repeat(np.arange(len(cands)), [len(vs) for vs in cands.values()])
-      flat = selection.score(criterion, logits, np.asarray([i.label for i, _ in pairs]), groups)
+      counts = [len(vs) for vs in cands.values()]
+      if criterion == "real":   # the loss against the teacher's reading of the real view
+        insts = {i.id: i for i in self.ds.splits[split]}
+        real = [(insts[iid], self._real_as_view(insts[iid])) for iid in cands]
+        real_logits = np.mean([trainer.predict(s, params, len(real), bs,
+                                               lambda idx: self.teacher_batch([real[k] for k in idx]))
+                               for s, params in teachers], 0)
+        flat = selection.loss_score(logits, np.repeat(real_logits.argmax(-1), counts))
+      else:
+        groups = np.repeat(np.arange(len(cands)), counts)
+        flat = selection.score(criterion, logits, np.asarray([i.label for i, _ in pairs]),
+                               groups)
     out, k = {}, 0
     for iid, vs in cands.items():
       out[iid] = flat[k:k + len(vs)]

@@ -270,3 +270,46 @@ def test_oracle_selection_keeps_the_faithful_views_first(tmp_path):
       assert not (any(left) and not all(kept)), (iid, kept, left)
       mixed += len(set(ok.values())) == 2
   assert mixed   # noise 0.5: some instances have both kinds, so the test can fail
+
+
+@pytest.mark.parametrize("test_by", ["agree", "real"])
+def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by):
+  """teacher.test_criterion agree / real rank a test instance's views without its label:
+  other test labels give the same scores. real scores each view against the teacher's
+  prediction on the instance's real view: with a candidate standing in for the real view,
+  that candidate's score is its maxprob score."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
+  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,test_by={test_by},"
+                                   "rounds=0")
+  with config.unlocked():
+    config.data.cache_dir = str(tmp_path / "data_cache")
+    config.teacher.steps = 8
+  dataset = data_lib.load(config.data)
+  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
+  with config.unlocked():
+    config.model.text.vocab_size = encoder.vocab_size
+  run = pipeline.Run(config, tmp_path / "run", "no_real_image", dataset, encoder)
+  for stage in ("generate_0", "teacher_0"):
+    run._stage(stage, lambda s=stage: getattr(run, f"_{s.split('_')[0]}")(0))  # pylint: disable=protected-access
+  cands = run.candidates("test", 0)
+  base = run._scores(0, "test", cands)   # pylint: disable=protected-access
+  n = len(dataset.relations)
+  flipped = [dataclasses.replace(i, label=(i.label + 1) % n) for i in dataset.splits["test"]]
+  run.ds = dataclasses.replace(dataset, splits=dict(dataset.splits, test=flipped))
+  again = run._scores(0, "test", cands)  # pylint: disable=protected-access
+  for iid, s in base.items():
+    np.testing.assert_allclose(again[iid], s, atol=1e-6)
+  if test_by == "real":
+    first = {iid: vs[0] for iid, vs in cands.items()}
+    run._real_as_view = lambda inst: first[inst.id]   # pylint: disable=protected-access
+    stand_in = run._scores(0, "test", cands)           # pylint: disable=protected-access
+    with config.unlocked():
+      config.teacher.test_criterion = "maxprob"
+    maxprob = run._scores(0, "test", cands)            # pylint: disable=protected-access
+    for iid in cands:
+      np.testing.assert_allclose(stand_in[iid][0], maxprob[iid][0], atol=1e-6)
+      assert (stand_in[iid] >= maxprob[iid] - 1e-6).all()   # maxprob: the lowest loss
