@@ -199,18 +199,12 @@ def test_fit_resumes_after_an_interruption(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-@pytest.mark.parametrize("folds", [1, 2])
-def test_cross_fitted_teacher_never_scores_what_it_trained_on(tmp_path, folds):
-  """teacher.folds=2: a training view is scored by the teacher that did not train on its
-  fold, so changing one instance's label leaves the scores of the other instances of its
-  fold unchanged; with one teacher (the paper) they move."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-
+def _eight_step_teacher_setup(tmp_path, arg):
+  """(config, dataset, encoder) of a fast no_real_image run without CCG (`arg`: more config
+  args) whose teacher trains 8 steps."""
   from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
-  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,folds={folds},"
-                                   "world=shapes,rounds=0")
+  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,rounds=0,{arg}")
   with config.unlocked():
     config.data.cache_dir = str(tmp_path / "data_cache")
     config.teacher.steps = 8
@@ -218,6 +212,19 @@ def test_cross_fitted_teacher_never_scores_what_it_trained_on(tmp_path, folds):
   encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
   with config.unlocked():
     config.model.text.vocab_size = encoder.vocab_size
+  return config, dataset, encoder
+
+
+@pytest.mark.parametrize("folds", [1, 2])
+def test_cross_fitted_teacher_never_scores_what_it_trained_on(tmp_path, folds):
+  """teacher.folds=2: a training view is scored by the teacher that did not train on its
+  fold, so changing one instance's label leaves the scores of the other instances of its
+  fold unchanged; with one teacher (the paper) they move."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+
+  from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
+  config, dataset, encoder = _eight_step_teacher_setup(
+      tmp_path, f"folds={folds},world=shapes")
 
   def scores(ds, name):
     run = pipeline.Run(config, tmp_path / name, "no_real_image", ds, encoder)
@@ -280,18 +287,8 @@ def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by):
   that candidate's score is its maxprob score."""
   import dataclasses  # pylint: disable=import-outside-toplevel
 
-  from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
-  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,test_by={test_by},"
-                                   "rounds=0")
-  with config.unlocked():
-    config.data.cache_dir = str(tmp_path / "data_cache")
-    config.teacher.steps = 8
-  dataset = data_lib.load(config.data)
-  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
-  with config.unlocked():
-    config.model.text.vocab_size = encoder.vocab_size
+  config, dataset, encoder = _eight_step_teacher_setup(tmp_path, f"test_by={test_by}")
   run = pipeline.Run(config, tmp_path / "run", "no_real_image", dataset, encoder)
   for stage in ("generate_0", "teacher_0"):
     run._stage(stage, lambda s=stage: getattr(run, f"_{s.split('_')[0]}")(0))  # pylint: disable=protected-access
