@@ -11,7 +11,9 @@ own workdir (a rerun skips finished stages). Then prints and writes
 the student's test F1 and accuracy over the seeds, the per-seed F1, and the
 demo generators' ground truth: the fraction of faithful views among all
 generated train views and among those the student was trained on (mean over
-seeds). Then the diversity of the views per chained-generation round of the
+seeds); on the knowledge world also, per example family, the student's test accuracy
+(`acc_by_family`, mean and std) and the faithful and label-consistent fractions of the
+views (`faithful_by_family`). Then the diversity of the views per chained-generation round of the
 trained teacher's first seed, and `ablation.png` (bars with std error bars).
 The paper's ordering (teacher > random and none > unimodal) is what this
 measures, not what it assumes.
@@ -134,6 +136,10 @@ def main():
                acc_mean=round(agg["acc"]["mean"], 2), acc_std=round(agg["acc"]["std"], 2),
                seeds=agg["f1"]["n"], f1_per_seed=f1s, seconds=seconds.get(name),
                extra=a.extra)
+    fams = sorted({k.split("/")[1] for k in agg if k.startswith("buckets/")})
+    if fams:   # accuracy per knowledge-world family (kn_seen: only the image decides)
+      row["acc_by_family"] = {f: [round(agg[f"buckets/{f}/acc"]["mean"], 2),
+                                  round(agg[f"buckets/{f}/acc"]["std"], 2)] for f in fams}
     if fa:
       row.update(faithful_generated=round(sum(f[0] for f in fa) / len(fa), 3),
                  faithful_trained_on=round(sum(f[1] for f in fa) / len(fa), 3))
