@@ -436,8 +436,9 @@ class Run:
       if criterion == "real":   # the loss against the teacher's reading of the real view
         insts = {i.id: i for i in self.ds.splits[split]}
         real = [(insts[iid], self._real_as_view(insts[iid])) for iid in cands]
-        real_logits = np.mean([trainer.predict(s, params, len(real), bs,
-                                               lambda idx: self.teacher_batch([real[k] for k in idx]))
+        def real_batch(idx):
+          return self.teacher_batch([real[k] for k in idx])
+        real_logits = np.mean([trainer.predict(s, params, len(real), bs, real_batch)
                                for s, params in teachers], 0)
         flat = selection.loss_score(logits, np.repeat(real_logits.argmax(-1), counts))
       else:
