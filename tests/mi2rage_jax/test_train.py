@@ -27,12 +27,15 @@ def _cli(workdir, arg, *extra):
 
 def _check_metrics(res):
   """The scores are the counts' (micro F1 over positive classes, `none` excluded), and the
-  per-triplet-type buckets split the examples."""
+  per-triplet-type and per-family buckets split the examples."""
   p = 100 * res["correct_pos"] / max(res["pred_pos"], 1)
   r = 100 * res["correct_pos"] / max(res["gold_pos"], 1)
   assert res["precision"] == pytest.approx(p) and res["recall"] == pytest.approx(r)
   assert res["f1"] == pytest.approx(2 * p * r / (p + r) if p + r else 0.0)
   assert sum(t["n"] for t in res["per_type"].values()) == res["n"]
+  # The knowledge world's families split the test set too.
+  if "buckets" in res:
+    assert sum(b["n"] for b in res["buckets"].values()) == res["n"]
   assert res["gold_pos"] <= res["n"] and res["correct_pos"] <= min(res["pred_pos"],
                                                                    res["gold_pos"])
 
