@@ -562,12 +562,10 @@ class Run:
                                                             slots, real))
     preds = logits.argmax(-1)
     labels = np.asarray([i.label for i in insts])
-    acc = metrics_lib.MetricsAccumulator(len(self.ds.relations), self.ds.negative_id,
-                                         self.ds.relations,
-                                         buckets=self.ds.buckets.get(self.test_split))
-    acc.add(labels, preds, triplet_type=np.asarray([i.triplet_type for i in insts]),
-            index=np.arange(len(insts)))
-    m = acc.compute()
+    m = metrics_lib.relation_metrics(preds, labels, self.ds.negative_id,
+                                     triplet_type=np.asarray([i.triplet_type for i in insts]),
+                                     relation_names=self.ds.relations,
+                                     buckets=self.ds.buckets.get(self.test_split))
     keep = {k: v for k, v in m.items() if k not in ("confusion", "per_relation")}
     return {"setting": self.setting, "n_train_views": self.n_views(self.train_split),
             "n_test_views": n, "append_real": real, "teacher": self.cfg.teacher.kind,

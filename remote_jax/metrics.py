@@ -160,11 +160,12 @@ class MetricsAccumulator:
 
 def relation_metrics(preds, labels, negative_id: int, mask=None, triplet_type=None,
                      relation_names: Sequence[str] | None = None,
-                     num_classes: int | None = None) -> dict:
+                     num_classes: int | None = None,
+                     buckets: Mapping[str, Sequence[int]] | None = None) -> dict:
   """Metrics of one set of predictions; see `MetricsAccumulator.compute` for keys.
 
   The class count comes from `relation_names`, else `num_classes`, else the
-  largest id seen (+1).
+  largest id seen (+1). `buckets` name rows by their position in `labels`.
   """
   if num_classes is None:
     if relation_names is not None:
@@ -172,8 +173,9 @@ def relation_metrics(preds, labels, negative_id: int, mask=None, triplet_type=No
     else:
       num_classes = int(max(np.max(preds, initial=0), np.max(labels, initial=0),
                             negative_id)) + 1
-  acc = MetricsAccumulator(num_classes, negative_id, relation_names)
-  acc.add(labels, preds, mask=mask, triplet_type=triplet_type)
+  acc = MetricsAccumulator(num_classes, negative_id, relation_names, buckets=buckets)
+  acc.add(labels, preds, mask=mask, triplet_type=triplet_type,
+          index=np.arange(np.size(labels)) if buckets else None)
   return acc.compute()
 
 

@@ -163,6 +163,10 @@ def test_bucket_scores_equal_the_subset_scored_by_hand():
   assert got["n"] == 8
   for k in ("acc", "precision", "recall", "f1", "n", "correct_pos", "pred_pos", "gold_pos"):
     assert got[k] == by_hand[k]
+  # The one-shot form gives the same buckets (rows named by position).
+  one_shot = metrics.relation_metrics(preds, labels, 0, triplet_type=types, num_classes=c,
+                                      buckets={"compositional": bucket})
+  assert one_shot["buckets"]["compositional"] == got
   flat = metrics.scalar_metrics(out, prefix="test")
   assert flat["test/compositional/f1"] == got["f1"] and flat["test/e-o/f1"]
   with pytest.raises(ValueError, match="index"):
