@@ -163,9 +163,10 @@ def main():
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(5, 3.2))
+  fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(rows)), 3.4))
   ax.bar([r["variant"] for r in rows], [r["f1_mean"] for r in rows],
          yerr=[r["f1_std"] for r in rows], capsize=4, color="#4c72b0")
+  ax.tick_params(axis="x", labelrotation=20, labelsize=8)
   ax.set_ylabel(f"student test F1 (mean ± std, {rows[0]['seeds']} seeds)")
   ax.set_title(f"MI²RAGE demo, {a.setting}")
   fig.tight_layout()
