@@ -21,6 +21,8 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
             (the most confident first) | agree (closest to the consensus of the
             instance's candidates first) | real (closest to the teacher's reading of the
             test instance's real view first) | entropy (selection.py, pipeline.py)
+  view_drop model.view_dropout: in training the text student (no_real_image), the rate
+            at which each synthetic image slot is masked (0 = the paper; models/student.py)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
   quick     300 train instances, 1000 teacher / 300 student steps (the README's tables,
             with size=micro, on a shared 2-core CPU)
@@ -37,7 +39,7 @@ def base_config(arg, **defaults):
   """The MI2RAGE config shared by the demo and MNRE configs."""
   spec = dict(setting="both", teacher="trained", rounds=1, unimodal=False, n_train=3,
               n_test=3, noise=0.3, seed=0, size="tiny", fast=False, folds=1,
-              test_by="maxprob")
+              test_by="maxprob", view_drop=0.0)
   spec.update(defaults)
   arg = common.parse_arg(arg, **spec)
   sizes = dict(common.TEXT_SIZES, micro=MICRO)
@@ -70,13 +72,18 @@ def base_config(arg, **defaults):
                    unimodal=arg.unimodal, steps=600, batch_size=16, eval_batch_size=32,
                    optim=dict(optim)),
       model=dict(text=text, vision=vision, dropout=0.1, cross_heads=text["num_heads"],
-                 cross_mlp=text["intermediate_size"]),
+                 cross_mlp=text["intermediate_size"], view_dropout=float(arg.view_drop)),
       diversity=dict(pca_dim=16, components=3, features="raw"),
   )), arg
 
 
 def get_config(arg=None):
-  config, arg = base_config(arg, world="knowledge", know_err=0.2, mention=0.7, quick=False)
+  # view_drop 0.5: on the knowledge world the text student trained on three images per
+  # instance learnt the image cue of one family (a badge: none) and applied it where the
+  # text decides; masking views in training lifted MI2RAGE from 67.36 +- 3.90 to 70.44 +-
+  # 1.72 F1 (the one value tried; mi2rage_jax/README.md).
+  config, arg = base_config(arg, world="knowledge", know_err=0.2, mention=0.7, quick=False,
+                            view_drop=0.5)
   if arg.world not in ("knowledge", "shapes"):
     raise ValueError(f"world={arg.world!r}; allowed: knowledge, shapes")
   knowledge = arg.world == "knowledge"

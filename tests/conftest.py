@@ -111,7 +111,7 @@ def mi2rage_model_cfg(vocab=100):
                 hidden_dropout=0.1, attention_dropout=0.1),
       vision=dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64,
                   image_size=16, patch_size=8),
-      dropout=0.1, cross_heads=2, cross_mlp=64))
+      dropout=0.1, cross_heads=2, cross_mlp=64, view_dropout=0.0))
 
 
 def random_params(model, batch, seed=0, std=0.2):

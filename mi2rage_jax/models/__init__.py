@@ -28,4 +28,7 @@ def build_teacher(modality: str, model_cfg, num_classes: int):
 
 def build_student(setting: str, model_cfg, num_classes: int):
   cls = STUDENTS[setting]
-  return cls(**_kw(cls, model_cfg, num_classes))
+  kw = _kw(cls, model_cfg, num_classes)
+  if cls is TextStudent:
+    kw["view_dropout"] = float(model_cfg.view_dropout)
+  return cls(**kw)

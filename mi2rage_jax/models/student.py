@@ -14,6 +14,13 @@ attention, so a student given n < N views computes exactly what it computes
 with the missing views present but masked. At test time the real view of
 the synthetic modality is one more (unmasked) slot.
 
+TextStudent's `view_dropout` p (ours, not the paper's; 0 = off): in training each
+view slot is masked with probability p, so the student also learns from fewer
+views and from its real text alone (every slot masked). Without it a student
+trained on three views per instance can let an image cue learnt on one family
+override what the text alone decides on another (mi2rage_jax/README.md). The
+ImageStudent has none: its views carry the entity names, the query itself.
+
 Batch keys:
   ImageStudent: pixels (B,H,W,3); view_input_ids, view_token_type_ids,
     view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N)
@@ -23,11 +30,20 @@ Batch keys:
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from mi2rage_jax.models import common
 
 Dtype = Any
+
+
+def drop_views(view_mask, rate: float, deterministic: bool, module):
+  """view_mask with each slot masked with probability `rate` (training only)."""
+  if deterministic or rate == 0.0:
+    return view_mask
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, view_mask.shape)
+  return view_mask & keep
 
 
 class ImageStudent(nn.Module):
@@ -67,6 +83,7 @@ class TextStudent(nn.Module):
   num_heads: int = 4
   mlp_dim: int = 128
   dropout: float = 0.1
+  view_dropout: float = 0.0
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -82,7 +99,8 @@ class TextStudent(nn.Module):
       m_img = common.project(cls, d, "vision_proj", self.dtype)         # (B, N, D)
     else:  # a text-only batch (unimodal / text-only data): one masked dummy slot
       m_img = jnp.zeros((b, 1, d), h.dtype)
-    mask = batch["view_mask"] if n else jnp.zeros((b, 1), bool)
+    mask = (drop_views(batch["view_mask"], self.view_dropout, deterministic, self)
+            if n else jnp.zeros((b, 1), bool))
     out = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
                             name="cross")(q, m_img, mask, deterministic)
     x = out.reshape(b, 2 * d)

@@ -74,6 +74,31 @@ def test_jit_vmap_shapes(student):
     np.testing.assert_allclose(out[k], apply(params, b), atol=1e-5)
 
 
+def test_view_dropout_masks_view_slots_in_training_only():
+  setting = "no_real_image"   # the text student; the image student's views are its query
+  cfg = model_cfg()
+  cfg.text.update(hidden_dropout=0.0, attention_dropout=0.0)
+  cfg.dropout = 0.0   # so that view dropout is the only randomness in training mode
+  batch = BATCHES[setting](np.random.default_rng(4), 3, 4)
+  no_views = dict(batch, view_mask=np.zeros_like(batch["view_mask"]))
+  params = random_params(models.build_student(setting, cfg, C), batch)
+
+  def out(rate, b, deterministic, seed=0):
+    cfg.view_dropout = rate
+    model = models.build_student(setting, cfg, C)
+    return np.asarray(model.apply({"params": params}, b, deterministic,
+                                  rngs={"dropout": jax.random.key(seed)}))
+
+  # Evaluation never drops; rate 1 in training sees the real modality alone; rate 0 is off.
+  np.testing.assert_allclose(out(1.0, batch, True), out(0.0, batch, True), atol=1e-6)
+  np.testing.assert_allclose(out(1.0, batch, False), out(0.0, no_views, True), atol=1e-5)
+  np.testing.assert_allclose(out(0.0, batch, False), out(0.0, batch, True), atol=1e-6)
+  # Rate 0.5: each draw keeps some views and drops others, so it differs from both ends.
+  half = out(0.5, batch, False, seed=3)
+  assert np.abs(half - out(0.0, batch, True)).max() > 1e-4
+  assert np.abs(half - out(0.0, no_views, True)).max() > 1e-4
+
+
 def test_text_student_without_views_is_text_only():
   model = models.build_student("no_real_image", model_cfg(), C)
   batch = _text_student_batch(np.random.default_rng(0), 3, 0)
