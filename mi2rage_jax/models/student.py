@@ -38,14 +38,6 @@ from mi2rage_jax.models import common
 Dtype = Any
 
 
-def drop_views(view_mask, rate: float, deterministic: bool, module):
-  """view_mask with each slot masked with probability `rate` (training only)."""
-  if deterministic or rate == 0.0:
-    return view_mask
-  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, view_mask.shape)
-  return view_mask & keep
-
-
 class ImageStudent(nn.Module):
   text: Any
   vision: Any
@@ -99,8 +91,10 @@ class TextStudent(nn.Module):
       m_img = common.project(cls, d, "vision_proj", self.dtype)         # (B, N, D)
     else:  # a text-only batch (unimodal / text-only data): one masked dummy slot
       m_img = jnp.zeros((b, 1, d), h.dtype)
-    mask = (drop_views(batch["view_mask"], self.view_dropout, deterministic, self)
-            if n else jnp.zeros((b, 1), bool))
+    mask = batch["view_mask"] if n else jnp.zeros((b, 1), bool)
+    if n and self.view_dropout and not deterministic:   # training only
+      mask = mask & jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.view_dropout,
+                                         mask.shape)
     out = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
                             name="cross")(q, m_img, mask, deterministic)
     x = out.reshape(b, 2 * d)
