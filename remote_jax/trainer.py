@@ -210,6 +210,31 @@ def _replace(params, key, new, where):
 _ENGINES = {}
 
 
+class CompiledPerShape:
+  """A jitted train step compiled ahead once per batch shape: the first (`batch`, abstract)
+  before the state exists, so the compiler's freed heap goes back to the OS and its
+  transient memory does not stack on the state; the shorter batches of
+  `data.pad_to_multiple_of` when first met."""
+
+  def __init__(self, jitted, abstract_state, batch):
+    self._jitted, self._state, self._compiled = jitted, abstract_state, {}
+    self.compiled(batch)
+
+  def compiled(self, batch):
+    key = tuple((k, tuple(v.shape)) for k, v in sorted(batch.items()))
+    if key not in self._compiled:
+      t0 = time.perf_counter()
+      self._compiled[key] = self._jitted.lower(self._state, batch, jax.random.key(0)).compile()
+      tokens = batch.get("input_ids")
+      log.info("compiled the train step in %.1f s%s", time.perf_counter() - t0,
+               "" if tokens is None else f" (input_ids {tuple(tokens.shape)})")
+      xla_cpu.release_freed_heap()
+    return self._compiled[key]
+
+  def __call__(self, state, batch, rng):
+    return self.compiled(batch)(state, batch, rng)
+
+
 def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", seed=0,
           loss_fn=classifier_loss, eval_fn=make_logits_step, compile_batch=None):
   """Setup of `model` on `mesh`: sharded state initialised from `seed` on `init_batch`
@@ -249,11 +274,7 @@ def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", see
                          in_shardings=(state_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated))
     if compile_batch is not None:
-      t0 = time.perf_counter()
-      train_step = train_step.lower(nn.meta.unbox(abstract_state), compile_batch,
-                                    jax.random.key(0)).compile()
-      log.info("compiled the train step in %.1f s", time.perf_counter() - t0)
-      xla_cpu.release_freed_heap()
+      train_step = CompiledPerShape(train_step, nn.meta.unbox(abstract_state), compile_batch)
     eval_step = _jit_eval(eval_fn(model), state_sh, mesh)
     engine = (tx, schedule, state_sh, init_jit, train_step, eval_step)
     if compile_batch is None:   # a compiled step takes its batch shape only
@@ -267,9 +288,22 @@ def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", see
   return Setup(model, mesh, tx, schedule, state, state_sh, train_step, eval_step)
 
 
+def check_padding_cut(config):
+  """Cutting padding (data.pad_to_multiple_of) leaves a masked model's outputs unchanged, not
+  the released code's, whose attention and transport see the padding."""
+  attends = {k: v for k, v in (("model.respect_masks", config.model.respect_masks),
+                               ("model.mot.mask", config.model.mot.mask)) if not v}
+  if config.data.pad_to_multiple_of and attends:
+    raise ValueError(f"data.pad_to_multiple_of={config.data.pad_to_multiple_of} with "
+                     f"{', '.join(f'{k}=False' for k in attends)}: this model attends padding "
+                     "(the released code's behaviour), so cutting it would change its outputs; "
+                     "set --config.data.pad_to_multiple_of=0 or mask the padding")
+
+
 def setup(config, total_steps=1, compile_train=False):
   """REMOTE's Setup: model of config.model, mesh of config.mesh (`build`)."""
   meta = pipeline.dataset_meta(config.data)
+  check_padding_cut(config)
   mesh = sharding.make_mesh(config.mesh)
   for field in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(mesh, config[field], field)

@@ -1,10 +1,13 @@
 """grain input pipeline over the cached tfds ArrayRecord split (batch contract: design.md s.1).
 
-source -> [shuffle(seed), reshuffled each epoch] -> per-host slice -> repeat -> [eval: pad to
-whole batches with mask=False rows] -> normalise pixels -> [train: text augmentation] -> batch. Shuffling happens before the
-host slice, so in every epoch the hosts read disjoint parts of one global permutation.
+example indices -> [shuffle(seed), reshuffled each epoch] -> BatchPlan ([eval: pad to whole
+global batches with mask=False rows], [train: group by length], each global batch's token
+length) -> per-host slice -> repeat -> read -> normalise pixels -> [train: text augmentation]
+-> batch -> [cut to the planned length]. The plan is made before the host slice, so in every
+epoch the hosts read disjoint parts of one global permutation and cut a batch alike.
 """
 import json
+import threading
 
 import grain
 import numpy as np
@@ -18,6 +21,8 @@ CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
 _BUILDERS = {}
 CONTRACT_DTYPES = {k: dtype for k, (_, dtype) in batch_spec.example_spec(1, 1, 1).items()}
+TOKEN_FIELDS = tuple(k for k, f in batch_spec.FIELDS.items() if f.dims[:1] == ("L",))
+_LENGTHS = {}
 
 
 def get_builder(config_data):
@@ -48,18 +53,112 @@ class ToBatchContract(grain.transforms.Map):
     return out
 
 
-class PadTo:
-  """Rows past the end repeat row 0 with mask=False and index=-1 (eval padding)."""
+class ReadRows(grain.transforms.Map):
+  """(example index, padded length) of `BatchPlan` -> the stored example, with `pad_to`; index
+  -1 is an eval padding row: example 0 with mask=False and index=-1."""
 
-  def __init__(self, parent, fallback):
-    self.parent, self.fallback = parent, fallback
+  def __init__(self, source):
+    self.source = source
 
-  def __call__(self, i):
-    if i < len(self.parent):
-      return self.parent[i]
-    row = dict(self.parent[0] if len(self.parent) else self.fallback[0])
-    row["mask"], row["index"] = np.bool_(False), np.int32(-1)
+  def map(self, item):
+    i, pad_to = item
+    row = dict(self.source[max(int(i), 0)])
+    if i < 0:
+      row["mask"], row["index"] = np.bool_(False), np.int32(-1)
+    row["pad_to"] = np.int32(pad_to)
     return row
+
+
+class BatchPlan(grain.MapDataset):
+  """A stream of example indices -> (example index, padded token length) per position,
+  planned per global batch (`global_batch` consecutive positions, all hosts' rows).
+
+  Each epoch of `parent` (epoch-aware indices, as grain's shuffle and slice give) is
+  extended to `epoch_length` with padding rows (index -1). With `window`, every run of
+  `window` global batches is sorted by example length and its batches shuffled (seeded
+  by seed, epoch and run), so a batch holds sentences of similar length (HF's
+  group_by_length). With `multiple`, a position carries the smallest multiple of it that
+  holds the longest example of its global batch (at most max_length), so every host cuts
+  its rows of a batch to the same length; without, max_length.
+  """
+
+  def __init__(self, parent, epoch_length, *, global_batch, max_length, lengths=None,
+               multiple=0, window=0, seed=0):
+    super().__init__(parent)
+    if (multiple or window) and lengths is None:
+      raise ValueError("BatchPlan: multiple and window need the example lengths")
+    self._n, self._epoch_length = len(parent), epoch_length
+    self._global_batch, self._max_length = global_batch, max_length
+    self._lengths, self._multiple, self._window, self._seed = lengths, multiple, window, seed
+    self._orders = {}
+    self._lock = threading.Lock()
+
+  def __getstate__(self):   # grain's worker processes get a copy without the lock
+    return {**self.__dict__, "_lock": None, "_orders": {}}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _lock=threading.Lock())
+
+  def __len__(self):
+    return self._epoch_length
+
+  def __str__(self):
+    return f"BatchPlan(multiple={self._multiple}, window={self._window})"
+
+  def _order(self, epoch):
+    """Example index at each position of `epoch` (-1 past the parent's epoch)."""
+    with self._lock:
+      if epoch not in self._orders:
+        order = np.full(self._epoch_length, -1, np.int64)
+        order[:self._n] = [self._parent[epoch * self._n + q] for q in range(self._n)]
+        if self._window:
+          order[:self._n] = self._grouped(order[:self._n], epoch)
+        while len(self._orders) >= 3:   # a global batch spans at most two epochs
+          del self._orders[min(self._orders)]
+        self._orders[epoch] = order
+      return self._orders[epoch]
+
+  def _grouped(self, order, epoch):
+    size = self._window * self._global_batch
+    out = []
+    for start in range(0, len(order), size):
+      run = order[start:start + size]
+      run = run[np.argsort(self._lengths[run], kind="stable")]
+      batches = [run[i:i + self._global_batch] for i in range(0, len(run), self._global_batch)]
+      rng = np.random.default_rng([self._seed, epoch, start])
+      out.extend(batches[k] for k in rng.permutation(len(batches)))
+    return np.concatenate(out)
+
+  def _index(self, position):
+    epoch, q = divmod(position, self._epoch_length)
+    return int(self._order(epoch)[q])
+
+  def _pad_to(self, position):
+    if not self._multiple:
+      return self._max_length
+    first = position - position % self._global_batch
+    rows = [self._index(p) for p in range(first, first + self._global_batch)]
+    longest = max((int(self._lengths[i]) for i in rows if i >= 0), default=self._max_length)
+    return min(-(-longest // self._multiple) * self._multiple, self._max_length)
+
+  def __getitem__(self, position):
+    if isinstance(position, slice):
+      return self.slice(position)
+    return self._index(position), self._pad_to(position)
+
+
+class CutToLength(grain.transforms.Map):
+  """A batch's token fields cut to its planned length (`pad_to`, the same on every row), or
+  kept at max_length where `cut` is False."""
+
+  def __init__(self, cut):
+    self.cut = cut
+
+  def map(self, batch):
+    length = int(np.max(batch.pop("pad_to")))
+    if not self.cut:
+      return batch
+    return {k: v[:, :length] if k in TOKEN_FIELDS else v for k, v in batch.items()}
 
 
 def _host(shard_index, shard_count):
@@ -82,6 +181,16 @@ def text_augment(config_data):
       config_data, builder_lib.make_tokenizer(config_data), dataset_meta(config_data)["marker_ids"])
 
 
+def example_lengths(config_data, split):
+  """Real tokens (attention_mask sum) of each example of a split, memoised per process."""
+  key = (json.dumps(jsonable(config_data), sort_keys=True), split)
+  if key not in _LENGTHS:
+    source = get_builder(config_data).as_data_source(split)
+    _LENGTHS[key] = np.asarray([int(np.sum(source[i]["attention_mask"]))
+                                for i in range(len(source))], np.int64)
+  return _LENGTHS[key]
+
+
 def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, num_epochs=1,
                       shard_index=None, shard_count=None, drop_remainder=None, augment=False):
   """grain MapDataset of batches for this host.
@@ -90,6 +199,8 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
   a multiple of shard_count so hosts step together; False pads the last batch of each epoch with
   mask=False rows, to the same batch count on every host, so every example counts exactly once.
   num_epochs=None repeats forever. augment=True applies `data.text_augment` (training only).
+  `data.pad_to_multiple_of` cuts each batch's token fields to its longest example (rounded
+  up); `data.group_by_length` (with shuffle) batches sentences of similar length together.
   """
   shard_index, shard_count = _host(shard_index, shard_count)
   drop_remainder = shuffle if drop_remainder is None else drop_remainder
@@ -97,23 +208,32 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
   n = len(source)
   if n == 0:
     raise ValueError(f"split {split!r} of {builder_lib.setting(config_data, 'name')} is empty")
-  ds = grain.MapDataset.source(source)
+  multiple = int(builder_lib.setting(config_data, "pad_to_multiple_of"))
+  window = int(builder_lib.setting(config_data, "group_by_length")) if shuffle else 0
+  if multiple < 0 or window < 0:
+    raise ValueError(f"data.pad_to_multiple_of={multiple}, data.group_by_length={window}: "
+                     "give 0 (off) or a positive number")
+  ds = grain.MapDataset.range(n)
   if shuffle:
     ds = ds.shuffle(seed)
   if drop_remainder:
     ds = ds[:n - n % shard_count]
+  global_batch = batch_size * shard_count
+  # Padding rows (eval) make every host's part whole batches: ceil(n / global batch) of them.
+  epoch_length = len(ds) if drop_remainder else -(-n // global_batch) * global_batch
+  ds = BatchPlan(ds, epoch_length, global_batch=global_batch,
+                 max_length=int(builder_lib.setting(config_data, "max_length")),
+                 lengths=example_lengths(config_data, split) if multiple or window else None,
+                 multiple=multiple, window=window, seed=seed)
   ds = ds[shard_index::shard_count]
-  if not drop_remainder:
-    per_host = -(-n // shard_count)
-    padded = -(-per_host // batch_size) * batch_size
-    ds = grain.MapDataset.range(padded).map(PadTo(ds, grain.MapDataset.source(source)))
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(ToBatchContract())
+  ds = ds.map(ReadRows(source)).map(ToBatchContract())
   transform = text_augment(config_data) if augment else None
   if transform is not None:
     ds = ds.random_map(transform, seed=seed)
-  return ds.batch(batch_size, drop_remainder=drop_remainder)
+  ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+  return ds.map(CutToLength(cut=bool(multiple)))
 
 
 def build_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, num_epochs=1,

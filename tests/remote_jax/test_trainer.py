@@ -178,3 +178,49 @@ def test_fsdp_checkpoint_resumes_on_one_device(tmp_path):
   np.testing.assert_allclose(loss1, loss8, **TOL)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **TOL),
                host(next1.params), host(next8.params))
+
+
+def test_cutting_padding_is_refused_where_the_model_attends_it():
+  from configs import mnre_text
+  config = mnre_text.get_config()
+  config.data.pad_to_multiple_of = 8
+  trainer.check_padding_cut(config)   # the paper's masks: cutting changes nothing
+  released = mnre_text.get_config("semantics=reference")
+  released.data.pad_to_multiple_of = 8
+  with pytest.raises(ValueError, match=r"model.respect_masks=False, model.mot.mask=False: "
+                     r"this model attends padding .* --config.data.pad_to_multiple_of=0"):
+    trainer.check_padding_cut(released)
+
+
+class _BagOfTokens(nn.Module):
+  @nn.compact
+  def __call__(self, batch, deterministic=True):
+    mask = batch["attention_mask"][..., None]
+    h = (nn.Embed(50, 8)(batch["input_ids"]) * mask).sum(1) / mask.sum(1)
+    return nn.Dense(3)(h)
+
+
+def test_compiled_step_compiles_once_per_cut_length():
+  """The ahead-compiled step (compile_batch) takes batches cut to other lengths
+  (data.pad_to_multiple_of): one executable per length, the same loss as uncut."""
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  full = dict(input_ids=rng.integers(1, 50, (4, 16)).astype(np.int32),
+              attention_mask=np.repeat([[1] * 8 + [0] * 8], 4, 0).astype(np.int32),
+              label=np.arange(4, dtype=np.int32) % 3)
+  cut = dict(full, input_ids=full["input_ids"][:, :8], attention_mask=full["attention_mask"][:, :8])
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.batch_sharding(mesh))
+              for k, v in full.items()}
+
+  def losses(batches):
+    from configs import common
+    s = trainer.build(_BagOfTokens(), full, common.optim_config(lr=1e-2), 4, mesh,
+                      loss_fn=trainer.classifier_loss, compile_batch=abstract)
+    state, out = s.state, []
+    for b in batches:
+      state, m = s.train_step(state, sharding.global_batch(b, mesh), jax.random.key(0))
+      out.append(float(m["loss"]))
+    return out, s.train_step
+  got, step = losses([full, cut, cut, full])
+  assert len(step._compiled) == 2
+  np.testing.assert_allclose(got, losses([full] * 4)[0], rtol=1e-5)

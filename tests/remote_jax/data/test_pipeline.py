@@ -266,6 +266,61 @@ def test_shards_partition_the_split(demo_cfg):
   assert per_host[0][:11] != per_host[0][11:]  # reshuffled each epoch
 
 
+def test_cut_batches_hold_every_token_in_the_same_order(demo_cfg):
+  """data.pad_to_multiple_of only drops padding: the same rows, cut to the batch's longest
+  example rounded up to the multiple."""
+  long_cfg = dict(demo_cfg, max_length=64)   # at 32 the demo's captions fill every batch
+  cut_cfg = dict(long_cfg, pad_to_multiple_of=8)
+  for split, kw in (("val", {}), ("train", dict(shuffle=True, seed=2, num_epochs=2))):
+    full, cut = (collect(pipeline.build_dataset(c, split, batch_size=4, shard_index=0,
+                                                shard_count=1, **kw))
+                 for c in (long_cfg, cut_cfg))
+    assert len(full) == len(cut) > 1
+    lengths = set()
+    for a, b in zip(full, cut):
+      length = b["input_ids"].shape[1]
+      lengths.add(length)
+      assert length == min(-(-a["attention_mask"].sum(1).max() // 8) * 8, 64)
+      assert not a["attention_mask"][:, length:].any()
+      assert a.keys() == b.keys()
+      for k in a:
+        np.testing.assert_array_equal(a[k][:, :length] if k in pipeline.TOKEN_FIELDS else a[k],
+                                      b[k])
+    assert max(lengths) < 64
+
+
+def test_group_by_length_batches_similar_lengths_on_every_host(demo_cfg):
+  """Each epoch stays one permutation split between hosts; a global batch is cut to one
+  length on every host; grouped batches spread less in length than shuffled ones."""
+  long_cfg = dict(demo_cfg, max_length=64, pad_to_multiple_of=2)   # lengths 18-40
+  cfg = dict(long_cfg, group_by_length=3)
+  lengths = pipeline.example_lengths(cfg, "train")
+  assert len(lengths) == 23 and lengths.min() > 0
+
+  def hosts(c, seed=7):
+    return [collect(pipeline.build_dataset(c, "train", batch_size=2, shuffle=True, seed=seed,
+                                           num_epochs=2, shard_index=s, shard_count=2))
+            for s in range(2)]
+  grouped = hosts(cfg)
+  assert len(grouped[0]) == len(grouped[1]) == 11   # 2 epochs x 22 rows / 2 hosts / 2 rows
+  for b0, b1 in zip(*grouped):
+    assert b0["input_ids"].shape == b1["input_ids"].shape
+    longest = max(b0["attention_mask"].sum(1).max(), b1["attention_mask"].sum(1).max())
+    assert b0["input_ids"].shape[1] == -(-longest // 2) * 2
+  rows = [np.concatenate([b["index"] for b in h]) for h in grouped]
+  for e in range(2):
+    assert len(set(rows[0][11 * e:11 * (e + 1)]) | set(rows[1][11 * e:11 * (e + 1)])) == 22
+
+  def spread(per_host):   # mean length range within a global batch
+    return np.mean([np.ptp(lengths[np.concatenate([b0["index"], b1["index"]])])
+                    for b0, b1 in zip(*per_host)])
+  assert spread(grouped) < spread(hosts(long_cfg))
+  again = hosts(cfg)
+  assert all(np.array_equal(a["index"], b["index"]) for a, b in zip(grouped[0], again[0]))
+  other = hosts(cfg, seed=8)
+  assert not all(np.array_equal(a["index"], b["index"]) for a, b in zip(grouped[0], other[0]))
+
+
 def test_iterator_state_round_trip(demo_cfg):
   def make():
     return iter(pipeline.build_dataset(demo_cfg, "train", batch_size=3, shuffle=True, seed=1,
