@@ -192,10 +192,11 @@ def data_config(name, **overrides):
       text_augment=0.0,
       text_augment_mask=0.8,
       # Each batch's token fields are cut to its longest example, rounded up to a multiple
-      # of this (one compiled train step per length met); 0 keeps max_length.
+      # of this; 0 keeps max_length. The train step is compiled once per length met, the
+      # first ahead, the others during training (beside the state: mind the memory).
       pad_to_multiple_of=0,
       # Training batches from runs of this many batches sorted by sentence length (HF's
-      # group_by_length), so little is padding; 0 is off.
+      # group_by_length), so that cut batches hold little padding; 0 is off.
       group_by_length=0,
       strict="strict",         # strict: stop at the first bad line; skip: count and list
       cache_dir="data_cache",  # preprocessed datasets (relative: to the working directory)

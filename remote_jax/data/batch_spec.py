@@ -4,8 +4,9 @@ The one definition that the stored examples (the tfds features, `example_spec`),
 map (`pipeline.ToBatchContract`), the init and compile batches (`dummy_batch`,
 `abstract_batch`) and docs/design.md section 1 (`markdown_table`; a test compares them) use.
 
-Dimensions: B batch, L max tokens (data.max_length), K object slots (data.num_objects), S crop
-size (data.crop_size). A stored example has the same fields without B, except that pixels are
+Dimensions: B batch, L max tokens (data.max_length; fewer in a batch cut by
+data.pad_to_multiple_of), K object slots (data.num_objects), S crop size (data.crop_size).
+A stored example has the same fields without B, except that pixels are
 stored as uint8 `obj_pixels_u8` and become CLIP-normalised float32 `obj_pixels` in the map.
 """
 import dataclasses

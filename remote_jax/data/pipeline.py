@@ -90,14 +90,14 @@ class BatchPlan(grain.MapDataset):
     self._n, self._epoch_length = len(parent), epoch_length
     self._global_batch, self._max_length = global_batch, max_length
     self._lengths, self._multiple, self._window, self._seed = lengths, multiple, window, seed
-    self._orders = {}
-    self._lock = threading.Lock()
+    self._orders, self._pad_tos = {}, {}   # epoch -> order, global batch -> length
+    self._lock = threading.RLock()
 
   def __getstate__(self):   # grain's worker processes get a copy without the lock
-    return {**self.__dict__, "_lock": None, "_orders": {}}
+    return {**self.__dict__, "_lock": None, "_orders": {}, "_pad_tos": {}}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, _lock=threading.Lock())
+    self.__dict__.update(state, _lock=threading.RLock())
 
   def __len__(self):
     return self._epoch_length
@@ -113,8 +113,8 @@ class BatchPlan(grain.MapDataset):
         order[:self._n] = [self._parent[epoch * self._n + q] for q in range(self._n)]
         if self._window:
           order[:self._n] = self._grouped(order[:self._n], epoch)
-        while len(self._orders) >= 3:   # a global batch spans at most two epochs
-          del self._orders[min(self._orders)]
+        while len(self._orders) >= 3:   # a global batch spans two epochs at most (if a
+          del self._orders[min(self._orders)]   # split is shorter, orders are recomputed)
         self._orders[epoch] = order
       return self._orders[epoch]
 
@@ -136,10 +136,18 @@ class BatchPlan(grain.MapDataset):
   def _pad_to(self, position):
     if not self._multiple:
       return self._max_length
-    first = position - position % self._global_batch
-    rows = [self._index(p) for p in range(first, first + self._global_batch)]
-    longest = max((int(self._lengths[i]) for i in rows if i >= 0), default=self._max_length)
-    return min(-(-longest // self._multiple) * self._multiple, self._max_length)
+    batch = position // self._global_batch
+    with self._lock:
+      if batch not in self._pad_tos:
+        rows = [self._index(p) for p in range(batch * self._global_batch,
+                                              (batch + 1) * self._global_batch)]
+        longest = max((int(self._lengths[i]) for i in rows if i >= 0),
+                      default=self._max_length)
+        while len(self._pad_tos) >= 64:
+          del self._pad_tos[min(self._pad_tos)]
+        self._pad_tos[batch] = min(-(-longest // self._multiple) * self._multiple,
+                                   self._max_length)
+      return self._pad_tos[batch]
 
   def __getitem__(self, position):
     if isinstance(position, slice):
@@ -210,16 +218,18 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
     raise ValueError(f"split {split!r} of {builder_lib.setting(config_data, 'name')} is empty")
   multiple = int(builder_lib.setting(config_data, "pad_to_multiple_of"))
   window = int(builder_lib.setting(config_data, "group_by_length")) if shuffle else 0
-  if multiple < 0 or window < 0:
+  if multiple < 0 or window < 0 or (window and not multiple):
     raise ValueError(f"data.pad_to_multiple_of={multiple}, data.group_by_length={window}: "
-                     "give 0 (off) or a positive number")
+                     "give 0 (off) or a positive number; grouping by length saves nothing "
+                     "unless batches are cut (set data.pad_to_multiple_of, e.g. 8)")
   ds = grain.MapDataset.range(n)
   if shuffle:
     ds = ds.shuffle(seed)
-  if drop_remainder:
-    ds = ds[:n - n % shard_count]
   global_batch = batch_size * shard_count
-  # Padding rows (eval) make every host's part whole batches: ceil(n / global batch) of them.
+  if drop_remainder:
+    # Grouped epochs hold whole global batches, so the runs sorted by length are the batches.
+    ds = ds[:n - n % (global_batch if window else shard_count)]
+  # Padding rows (eval) fill the last global batch: each host gets whole batches.
   epoch_length = len(ds) if drop_remainder else -(-n // global_batch) * global_batch
   ds = BatchPlan(ds, epoch_length, global_batch=global_batch,
                  max_length=int(builder_lib.setting(config_data, "max_length")),

@@ -302,29 +302,39 @@ def test_group_by_length_batches_similar_lengths_on_every_host(demo_cfg):
                                            num_epochs=2, shard_index=s, shard_count=2))
             for s in range(2)]
   grouped = hosts(cfg)
-  assert len(grouped[0]) == len(grouped[1]) == 11   # 2 epochs x 22 rows / 2 hosts / 2 rows
+  # Grouped epochs hold whole global batches (of 4): 20 of the 23 rows, 5 batches a host.
+  assert len(grouped[0]) == len(grouped[1]) == 10
   for b0, b1 in zip(*grouped):
     assert b0["input_ids"].shape == b1["input_ids"].shape
     longest = max(b0["attention_mask"].sum(1).max(), b1["attention_mask"].sum(1).max())
     assert b0["input_ids"].shape[1] == -(-longest // 2) * 2
   rows = [np.concatenate([b["index"] for b in h]) for h in grouped]
   for e in range(2):
-    assert len(set(rows[0][11 * e:11 * (e + 1)]) | set(rows[1][11 * e:11 * (e + 1)])) == 22
+    assert len(set(rows[0][10 * e:10 * (e + 1)]) | set(rows[1][10 * e:10 * (e + 1)])) == 20
 
-  def spread(per_host):   # mean length range within a global batch
+  def spread(per_host, epoch, per_epoch):   # mean length range within a global batch
+    pairs = list(zip(*per_host))[per_epoch * epoch:per_epoch * (epoch + 1)]
     return np.mean([np.ptp(lengths[np.concatenate([b0["index"], b1["index"]])])
-                    for b0, b1 in zip(*per_host)])
-  assert spread(grouped) < spread(hosts(long_cfg))
+                    for b0, b1 in pairs])
+  shuffled = hosts(long_cfg)
+  for e in range(2):   # in every epoch, not just the first
+    assert spread(grouped, e, 5) < 0.6 * spread(shuffled, e, 5)
+  with pytest.raises(ValueError, match="saves nothing unless batches are cut"):
+    pipeline.build_map_dataset(dict(demo_cfg, group_by_length=2), "train", batch_size=2,
+                               shuffle=True)
   again = hosts(cfg)
   assert all(np.array_equal(a["index"], b["index"]) for a, b in zip(grouped[0], again[0]))
   other = hosts(cfg, seed=8)
   assert not all(np.array_equal(a["index"], b["index"]) for a, b in zip(grouped[0], other[0]))
 
 
-def test_iterator_state_round_trip(demo_cfg):
+@pytest.mark.parametrize("plan", [{}, dict(max_length=64, pad_to_multiple_of=8,
+                                            group_by_length=2)])
+def test_iterator_state_round_trip(demo_cfg, plan):
   def make():
-    return iter(pipeline.build_dataset(demo_cfg, "train", batch_size=3, shuffle=True, seed=1,
-                                       num_epochs=None, shard_index=0, shard_count=1))
+    return iter(pipeline.build_dataset(dict(demo_cfg, **plan), "train", batch_size=3,
+                                       shuffle=True, seed=1, num_epochs=None, shard_index=0,
+                                       shard_count=1))
   it = make()
   for _ in range(4):
     next(it)
