@@ -25,9 +25,14 @@ TOKEN_FIELDS = tuple(k for k, f in batch_spec.FIELDS.items() if f.dims[:1] == ("
 _LENGTHS = {}
 
 
+def _config_key(config_data):
+  """The memo key of a data config (a dict or ConfigDict)."""
+  return json.dumps(jsonable(config_data), sort_keys=True)
+
+
 def get_builder(config_data):
   """The prepared builder for `config_data`, built on first use and memoised per process."""
-  key = json.dumps(jsonable(config_data), sort_keys=True)
+  key = _config_key(config_data)
   if key not in _BUILDERS:
     _BUILDERS[key] = builder_lib.prepare(config_data)
   return _BUILDERS[key]
@@ -191,7 +196,7 @@ def text_augment(config_data):
 
 def example_lengths(config_data, split):
   """Real tokens (attention_mask sum) of each example of a split, memoised per process."""
-  key = (json.dumps(jsonable(config_data), sort_keys=True), split)
+  key = (_config_key(config_data), split)
   if key not in _LENGTHS:
     source = get_builder(config_data).as_data_source(split)
     _LENGTHS[key] = np.asarray([int(np.sum(source[i]["attention_mask"]))
