@@ -39,7 +39,9 @@ VARIANTS = {"teacher": "teacher=trained", "no_ccg": "teacher=trained,rounds=0",
             # instance's candidates instead of by confidence (selection.py).
             "agree": "teacher=trained,test_by=agree",
             # ... or by agreement with the teacher's reading of the real test view.
-            "real": "teacher=trained,test_by=real"}
+            "real": "teacher=trained,test_by=real",
+            # ... or by the teacher's confidence alone (the default before 2026-12-04).
+            "maxprob": "teacher=trained,test_by=maxprob"}
 
 
 def faithful_by_family(run_dir, n=3):

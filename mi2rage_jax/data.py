@@ -154,8 +154,7 @@ def read_webnlg(cfg):
       ents = []
       for key, name in (("head", head), ("tail", tail)):
         words = name.split()
-        span = next((i for i in range(len(tokens) - len(words) + 1)
-                     if tokens[i:i + len(words)] == words), None)
+        span = find_words(tokens, words)
         if span is None:
           raise ValueError(f"{path}:{n}: {key} {name!r} does not occur (as whole words) in "
                            "text")
@@ -218,11 +217,25 @@ def pixels(image_u8, size: int) -> np.ndarray:
 # Token encodings
 
 
-class Encoder:
-  """Token encodings of instances and text views (fixed length, int32)."""
+def find_words(tokens, words):
+  """Index of the first occurrence of `words` as whole words in `tokens`, or None."""
+  return next((i for i in range(len(tokens) - len(words) + 1)
+               if list(tokens[i:i + len(words)]) == list(words)), None)
 
-  def __init__(self, tokenizer_dir, max_length):
+
+class Encoder:
+  """Token encodings of instances and text views (fixed length, int32).
+
+  `mark_mentions` (ours, not the paper's, which appends both names to every caption): an
+  entity that a caption names (whole words, first occurrence) is marked where it stands,
+  as in a real sentence, and only the names not found are appended. A pretrained encoder
+  links an appended name to its mention in the caption; a small one trained from scratch
+  does not (mi2rage_jax/README.md, the knowledge world's `no_real_text`).
+  """
+
+  def __init__(self, tokenizer_dir, max_length, mark_mentions=False):
     self.tok = RelationTokenizer(tokenizer_dir or None, max_length)
+    self.mark_mentions = bool(mark_mentions)
     self.subj_id = self.tok.marker_ids[SUBJ]
     self.obj_id = self.tok.marker_ids[OBJ]
     self.vocab_size = self.tok.vocab_size
@@ -245,7 +258,19 @@ class Encoder:
     return self._finish(self.tok.encode(self.names(inst)))
 
   def encode_caption(self, caption, inst):
-    return self._finish(self.tok.encode(caption, self.names(inst)))
+    if not self.mark_mentions:
+      return self._finish(self.tok.encode(caption, self.names(inst)))
+    words, marks, missing = caption.split(), {}, []
+    for e, (a, b) in ((inst.head, (SUBJ, SUBJ_END)), (inst.tail, (OBJ, OBJ_END))):
+      n = len(e.name.split())
+      i = find_words(words, e.name.split())
+      if i is None or any(k in marks for k in range(i, i + n + 1)):
+        missing.append(f"{a} {e.name} {b}")   # not named (or overlapping the head): appended
+      else:
+        marks[i], marks[i + n] = marks.get(i, []) + [a], [b] + marks.get(i + n, [])
+    out = [t for k in range(len(words) + 1)
+           for t in marks.get(k, []) + ([words[k]] if k < len(words) else [])]
+    return self._finish(self.tok.encode(" ".join(out), " ".join(missing) or None))
 
   def encode_real_text(self, inst):
     marked = mark_sentence(list(inst.tokens), inst.head, inst.tail)

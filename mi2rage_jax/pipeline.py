@@ -503,6 +503,9 @@ class Run:
         vs = vs + [vs[0] if vs else self._names_enc(inst)] * (slots - len(vs))
         encs.append(data_lib.stack(vs))
       out = {f"view_{k}": np.stack([e[k] for e in encs]) for k in encs[0]}
+      # The entity names alone, what a caption dropped in training becomes (view_dropout).
+      names = data_lib.stack([self._names_enc(i) for i in insts])
+      out.update({f"names_{k}": v for k, v in names.items()})
       out["pixels"] = np.stack([self._real_pixels(i) for i in insts])
     else:
       out = data_lib.stack([self._real_text_enc(i) for i in insts])

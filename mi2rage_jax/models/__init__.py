@@ -29,6 +29,5 @@ def build_teacher(modality: str, model_cfg, num_classes: int):
 def build_student(setting: str, model_cfg, num_classes: int):
   cls = STUDENTS[setting]
   kw = _kw(cls, model_cfg, num_classes)
-  if cls is TextStudent:
-    kw["view_dropout"] = float(model_cfg.view_dropout)
+  kw["view_dropout"] = float(model_cfg.view_dropout)
   return cls(**kw)

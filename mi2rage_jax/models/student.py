@@ -14,16 +14,18 @@ attention, so a student given n < N views computes exactly what it computes
 with the missing views present but masked. At test time the real view of
 the synthetic modality is one more (unmasked) slot.
 
-TextStudent's `view_dropout` p (ours, not the paper's; 0 = off): in training each
-view slot is masked with probability p, so the student also learns from fewer
-views and from its real text alone (every slot masked). Without it a student
-trained on three views per instance can let an image cue learnt on one family
-override what the text alone decides on another (mi2rage_jax/README.md). The
-ImageStudent has none: its views carry the entity names, the query itself.
+`view_dropout` p (ours, not the paper's; 0 = off): in training each synthetic view is
+dropped with probability p. TextStudent: its image slot is masked, so the student also
+learns from fewer views and from its real text alone (every slot masked); without it a
+student trained on three views per instance can let an image cue learnt on one family
+override what the text alone decides on another. ImageStudent: its caption becomes the
+entity names alone (the `names_*` keys), because the names are the query; without it the
+student trusted its captions and stopped reading the photo (mi2rage_jax/README.md).
 
 Batch keys:
   ImageStudent: pixels (B,H,W,3); view_input_ids, view_token_type_ids,
-    view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N)
+    view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N);
+    names_* (B,L) / (B,): the names-only encoding (read only by view dropout)
   TextStudent: input_ids, token_type_ids, attention_mask (B,L); subj_pos, obj_pos (B,);
     view_pixels (B,N,H,W,3); view_mask (B,N)
 """
@@ -38,6 +40,9 @@ from mi2rage_jax.models import common
 Dtype = Any
 
 
+CAPTION_KEYS = ("input_ids", "token_type_ids", "attention_mask", "subj_pos", "obj_pos")
+
+
 class ImageStudent(nn.Module):
   text: Any
   vision: Any
@@ -47,15 +52,24 @@ class ImageStudent(nn.Module):
   dropout: float = 0.1
   dtype: Dtype = jnp.float32
 
+  view_dropout: float = 0.0
+
   @nn.compact
   def __call__(self, batch, deterministic: bool = True):
-    h = common.encode_text("text", self.text, batch["view_input_ids"],
-                           batch["view_token_type_ids"], batch["view_attention_mask"],
-                           deterministic, self.dtype)                   # (B, N, L, D)
+    views = {k: batch[f"view_{k}"] for k in CAPTION_KEYS}
+    if self.view_dropout and not deterministic:   # training only
+      # A dropped caption becomes the entity names alone (the unimodal student's input):
+      # the query stays, what the caption says goes.
+      drop = jax.random.bernoulli(self.make_rng("dropout"), self.view_dropout,
+                                  views["input_ids"].shape[:2])
+      views = {k: jnp.where(drop.reshape(drop.shape + (1,) * (v.ndim - 2)),
+                            batch[f"names_{k}"][:, None], v) for k, v in views.items()}
+    h = common.encode_text("text", self.text, views["input_ids"], views["token_type_ids"],
+                           views["attention_mask"], deterministic, self.dtype)  # (B, N, L, D)
     b, n, _, d = h.shape
     flat = h.reshape((b * n,) + h.shape[2:])
-    m_sub = common.gather(flat, batch["view_subj_pos"].reshape(-1)).reshape(b, n, d)
-    m_obj = common.gather(flat, batch["view_obj_pos"].reshape(-1)).reshape(b, n, d)
+    m_sub = common.gather(flat, views["subj_pos"].reshape(-1)).reshape(b, n, d)
+    m_obj = common.gather(flat, views["obj_pos"].reshape(-1)).reshape(b, n, d)
     _, cls = common.encode_image("vision", self.vision, batch["pixels"], deterministic,
                                  self.dtype)
     q = common.project(cls, d, "vision_proj", self.dtype)[:, None]      # (B, 1, D)

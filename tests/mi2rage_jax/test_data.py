@@ -51,6 +51,30 @@ def test_webnlg_reader_and_encoding(tmp_path):
   assert (cap["token_type_ids"][cap["subj_pos"]] == 1)          # names in the pair segment
 
 
+def test_mark_mentions_marks_named_entities_in_place(tmp_path):
+  inst = data_lib.load(_cfg(_webnlg(tmp_path))).splits["train"][0]   # Alan Bean / ...
+  enc = data_lib.Encoder("", 48, mark_mentions=True)
+  words = lambda e: enc.tok.decode_ids(e["input_ids"][:e["attention_mask"].sum()])
+  head, tail = inst.head.name.lower().split(), inst.tail.name.lower().split()
+  # The head is named in the caption: marked there; the tail is not: appended alone.
+  e = enc.encode_caption(f"a photo of {inst.head.name} in a suit", inst)
+  toks = words(e)
+  assert toks[e["subj_pos"] - 2:e["subj_pos"]] == ["photo", "of"]
+  assert toks[e["subj_pos"]:e["subj_pos"] + len(head) + 2] == ["<s1>", *head, "</s1>"]
+  assert e["token_type_ids"][e["subj_pos"]] == 0 and e["token_type_ids"][e["obj_pos"]] == 1
+  assert toks[e["obj_pos"]:e["obj_pos"] + len(tail) + 2] == ["<s2>", *tail, "</s2>"]
+  assert toks.count("<s1>") == 1 and toks.count("<s2>") == 1
+  # Both named: nothing appended (one segment). Neither: the paper's encoding.
+  both = enc.encode_caption(f"{inst.tail.name} and {inst.head.name}", inst)
+  assert both["token_type_ids"].max() == 0 and both["obj_pos"] < both["subj_pos"]
+  paper = data_lib.Encoder("", 48)
+  np.testing.assert_array_equal(enc.encode_caption("a man", inst)["input_ids"],
+                                paper.encode_caption("a man", inst)["input_ids"])
+  # Off, a caption that names the head still gets both names appended.
+  off = paper.encode_caption(f"a photo of {inst.head.name}", inst)
+  assert off["token_type_ids"][off["subj_pos"]] == 1
+
+
 def test_webnlg_errors(tmp_path):
   root = tmp_path / "bad"
   root.mkdir()

@@ -135,7 +135,7 @@ def test_both_settings_end_to_end(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arg", ["teacher=random", "teacher=none", "teacher=similarity",
-                                 "rounds=0", "unimodal", "test_by=agree"])
+                                 "rounds=0", "unimodal", "test_by=maxprob"])
 def test_ablations_run(tmp_path, arg):
   summary, _ = _cli(tmp_path, f"fast,size=micro,setting=no_real_image,{arg}")
   test = summary["no_real_image"]["test"]

@@ -20,10 +20,13 @@ def _image_student_batch(rng, b, n, length=12, valid=None):
   mask = np.zeros((b, n), bool)
   for row, k in enumerate(valid if valid is not None else [n] * b):
     mask[row, :k] = True
+  names = rng.integers(5, 100, (b, length)).astype(np.int32)
   return dict(pixels=rng.normal(size=(b, 16, 16, 3)).astype(np.float32), view_input_ids=ids,
               view_token_type_ids=np.zeros_like(ids), view_attention_mask=np.ones_like(ids),
               view_subj_pos=np.full((b, n), 1, np.int32), view_obj_pos=np.full((b, n), 3, np.int32),
-              view_mask=mask)
+              view_mask=mask, names_input_ids=names, names_token_type_ids=np.ones_like(names),
+              names_attention_mask=np.ones_like(names),
+              names_subj_pos=np.full((b,), 2, np.int32), names_obj_pos=np.full((b,), 5, np.int32))
 
 
 def _text_student_batch(rng, b, n, length=12, valid=None):
@@ -74,13 +77,24 @@ def test_jit_vmap_shapes(student):
     np.testing.assert_allclose(out[k], apply(params, b), atol=1e-5)
 
 
-def test_view_dropout_masks_view_slots_in_training_only():
-  setting = "no_real_image"   # the text student; the image student's views are its query
+def _dropped(setting, batch):
+  """The batch with every synthetic view dropped: the text student's image slots masked,
+  the image student's captions replaced by the entity names alone (its query)."""
+  if setting == "no_real_image":
+    return dict(batch, view_mask=np.zeros_like(batch["view_mask"]))
+  n = batch["view_input_ids"].shape[1]
+  return dict(batch, **{f"view_{k}": np.repeat(batch[f"names_{k}"][:, None], n, 1)
+                        for k in ("input_ids", "token_type_ids", "attention_mask", "subj_pos",
+                                  "obj_pos")})
+
+
+@pytest.mark.parametrize("setting", sorted(BATCHES))
+def test_view_dropout_drops_views_in_training_only(setting):
   cfg = model_cfg()
   cfg.text.update(hidden_dropout=0.0, attention_dropout=0.0)
   cfg.dropout = 0.0   # so that view dropout is the only randomness in training mode
   batch = BATCHES[setting](np.random.default_rng(4), 3, 4)
-  no_views = dict(batch, view_mask=np.zeros_like(batch["view_mask"]))
+  no_views = _dropped(setting, batch)
   params = random_params(models.build_student(setting, cfg, C), batch)
 
   def out(rate, b, deterministic, seed=0):
