@@ -21,7 +21,8 @@ Instance ids are "<split>/<row>" (the views-store key convention).
 
 Encodings (RelationTokenizer, markers <s1> </s1> subject, <s2> </s2> object):
   names     `[CLS] <s1> head </s1> <s2> tail </s2> [SEP]`          (image teacher)
-  caption   `[CLS] caption [SEP] <s1> head </s1> <s2> tail </s2> [SEP]` (text views)
+  caption   `[CLS] caption [SEP] <s1> head </s1> <s2> tail </s2> [SEP]` (text views; with
+            mark_mentions a name the caption has is marked there instead, see Encoder)
   real text `[CLS] sentence with in-place markers [SEP] (names of entities not in
             the sentence, e.g. objects, marked the same way) [SEP]`
 Subject/object positions are the first <s1>/<s2>; -1 when truncated away.
@@ -217,6 +218,11 @@ def pixels(image_u8, size: int) -> np.ndarray:
 # Token encodings
 
 
+def _bare(word):
+  """A caption word as the uncased tokenizer sees a name: lower case, edge punctuation off."""
+  return word.strip(".,;:!?\"'()").lower()
+
+
 def find_words(tokens, words):
   """Index of the first occurrence of `words` as whole words in `tokens`, or None."""
   return next((i for i in range(len(tokens) - len(words) + 1)
@@ -227,8 +233,10 @@ class Encoder:
   """Token encodings of instances and text views (fixed length, int32).
 
   `mark_mentions` (ours, not the paper's, which appends both names to every caption): an
-  entity that a caption names (whole words, first occurrence) is marked where it stands,
-  as in a real sentence, and only the names not found are appended. A pretrained encoder
+  entity that a caption names (whole words, case and edge punctuation ignored, the first
+  occurrence that does not overlap the other entity's) is marked where it stands, as in a
+  real sentence, and only the names not found are appended, as are names whose markers
+  truncation to max_length would cut. A pretrained encoder
   links an appended name to its mention in the caption; a small one trained from scratch
   does not (mi2rage_jax/README.md, the knowledge world's `no_real_text`).
   """
@@ -260,16 +268,40 @@ class Encoder:
   def encode_caption(self, caption, inst):
     if not self.mark_mentions:
       return self._finish(self.tok.encode(caption, self.names(inst)))
-    words, marks, missing = caption.split(), {}, []
-    for e, (a, b) in ((inst.head, (SUBJ, SUBJ_END)), (inst.tail, (OBJ, OBJ_END))):
-      n = len(e.name.split())
-      i = find_words(words, e.name.split())
-      if i is None or any(k in marks for k in range(i, i + n + 1)):
-        missing.append(f"{a} {e.name} {b}")   # not named (or overlapping the head): appended
+    words = caption.split()
+    norm = [_bare(w) for w in words]
+    spans, taken = [None, None], set()   # head, tail: first word index in the caption
+    for j, e in enumerate((inst.head, inst.tail)):
+      name = [_bare(w) for w in e.name.split()]
+      n = len(name)
+      spans[j] = next((k for k in range(len(words) - n + 1) if any(name)
+                       and norm[k:k + n] == name and not taken & set(range(k, k + n))), None)
+      if spans[j] is not None:
+        taken |= set(range(spans[j], spans[j] + n))
+    # A name whose markers truncation to max_length would cut is appended instead.
+    for _ in range(3):
+      enc = self._marked(words, inst, spans)
+      ids = set(enc["input_ids"].tolist())
+      cut = [j for j, (a, b) in enumerate(((SUBJ, SUBJ_END), (OBJ, OBJ_END)))
+             if spans[j] is not None
+             and not {self.tok.marker_ids[a], self.tok.marker_ids[b]} <= ids]
+      if not cut:
+        return enc
+      for j in cut:
+        spans[j] = None
+    raise AssertionError("unreachable: every cut span was appended")
+
+  def _marked(self, words, inst, spans):
+    """Caption words with the head and tail marked at `spans` (word index or None); the
+    others appended as the paper does."""
+    opens, closes, missing = {}, {}, []
+    for i, e, (a, b) in zip(spans, (inst.head, inst.tail), ((SUBJ, SUBJ_END), (OBJ, OBJ_END))):
+      if i is None:
+        missing.append(f"{a} {e.name} {b}")
       else:
-        marks[i], marks[i + n] = marks.get(i, []) + [a], [b] + marks.get(i + n, [])
+        opens[i], closes[i + len(e.name.split())] = a, b
     out = [t for k in range(len(words) + 1)
-           for t in marks.get(k, []) + ([words[k]] if k < len(words) else [])]
+           for t in (closes.get(k), opens.get(k), words[k] if k < len(words) else None) if t]
     return self._finish(self.tok.encode(" ".join(out), " ".join(missing) or None))
 
   def encode_real_text(self, inst):

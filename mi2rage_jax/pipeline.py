@@ -21,11 +21,12 @@ stage is skipped on rerun, an interrupted `fit` resumes from its checkpoint):
               candidate index; selection.py). r = K: the ranking (lowest score
               first) from which students take their first N views.
               Scores: train = teacher loss with the true label; test = the
-              label-free `teacher.test_criterion` (default maxprob:
+              label-free `teacher.test_criterion` (base_config's maxprob:
               -log max_y p(y|v), i.e. the most confident views first; agree:
               the loss against the consensus of the instance's candidates; real:
               the loss against the teacher's prediction on the instance's real
-              view of the synthetic modality, which a test instance has).
+              view of the synthetic modality, which a test instance has; the
+              demo's default).
   student     trains the student on the first `student.n_train_views` views of
               each train instance: ckpt/student_n{N}/.
   test        student on test instances: first `student.n_test_views` views

@@ -2,7 +2,7 @@
 
 ImageStudent ("no_real_text": real image + N synthetic texts, fig. 4a):
   h_CLS of the real image queries M_sub and M_obj, the <s1>/<s2> states of the
-  N captions (each encoded on its own, entity names appended); the same
+  N captions (each encoded on its own, entity names appended or marked); the same
   CrossBlock (cross-attention + feed-forward) is applied twice; the two
   outputs are concatenated -> linear classifier.
 TextStudent ("no_real_image": real text + N synthetic images, fig. 4b):

@@ -1,7 +1,8 @@
 """Teacher networks (paper section 3.2). A teacher never sees the real view.
 
 TextTeacher  input: one synthetic caption with both entity names appended,
-             `[CLS] caption [SEP] <s1> subj </s1> <s2> obj </s2> [SEP]`;
+             `[CLS] caption [SEP] <s1> subj </s1> <s2> obj </s2> [SEP]` (with
+             data.mark_mentions a name the caption has is marked there instead);
              [h_<s1> ; h_<s2>] of the last layer -> linear classifier.
 ImageTeacher input: one synthetic image and the entity names only,
              `[CLS] <s1> subj </s1> <s2> obj </s2> [SEP]`; the two entity

@@ -1,4 +1,5 @@
 """MI2RAGE data: WebNLG-style JSONL, MNRE, encodings, and a text-only run on pre-generated views."""
+import dataclasses
 import json
 
 import ml_collections
@@ -8,6 +9,7 @@ import pytest
 from configs import mi2rage_mnre
 from mi2rage_jax import data as data_lib
 from mi2rage_jax import train, views
+from remote_jax.data.records import Entity
 
 ROWS = [
     {"text": "Alan Bean was born in Wheeler , Texas .", "head": "Alan Bean",
@@ -73,6 +75,29 @@ def test_mark_mentions_marks_named_entities_in_place(tmp_path):
   # Off, a caption that names the head still gets both names appended.
   off = paper.encode_caption(f"a photo of {inst.head.name}", inst)
   assert off["token_type_ids"][off["subj_pos"]] == 1
+
+
+def test_mark_mentions_edge_cases(tmp_path):
+  base = data_lib.load(_cfg(_webnlg(tmp_path))).splits["train"][0]
+  pair = lambda h, t: dataclasses.replace(base, head=Entity(h, (0, 1), False),
+                                          tail=Entity(t, (0, 1), False))
+  enc = data_lib.Encoder("", 24, mark_mentions=True)
+  text = lambda e: " ".join(enc.tok.decode_ids(e["input_ids"][:e["attention_mask"].sum()]))
+  # Adjacent spans, a tail inside the head's words then on its own, repeated names, case and
+  # edge punctuation: each name marked once, in place.
+  assert text(enc.encode_caption("Mira Tosu Kalo Labs", pair("Mira Tosu", "Kalo Labs"))) == (
+      "[CLS] <s1> mira to ##su </s1> <s2> ka ##lo labs </s2> [SEP]")
+  assert text(enc.encode_caption("Texas Rangers in Texas", pair("Texas Rangers", "Texas"))) == (
+      "[CLS] <s1> texas rangers </s1> in <s2> texas </s2> [SEP]")
+  assert text(enc.encode_caption("red circle and red circle", pair("red circle", "red circle"))) \
+      == "[CLS] <s1> red circle </s1> and <s2> red circle </s2> [SEP]"
+  assert text(enc.encode_caption("a photo of kalo labs.", pair("Mira Tosu", "Kalo Labs"))) == (
+      "[CLS] a photo of <s2> ka ##lo labs . </s2> [SEP] <s1> mira to ##su </s1> [SEP]")
+  # A mention that truncation to max_length would cut is appended instead, never lost.
+  e = enc.encode_caption(" ".join("abcdefghijklmnopqrstuv") + " Kalo Labs",
+                         pair("Mira Tosu", "Kalo Labs"))
+  assert text(e).endswith("[SEP] <s1> mira to ##su </s1> <s2> ka ##lo labs </s2> [SEP]")
+  assert e["subj_pos"] > 0 and e["obj_pos"] > e["subj_pos"]
 
 
 def test_webnlg_errors(tmp_path):

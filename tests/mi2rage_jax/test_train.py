@@ -202,17 +202,18 @@ def test_fit_resumes_after_an_interruption(tmp_path):
     np.testing.assert_array_equal(x, y)
 
 
-def _eight_step_teacher_setup(tmp_path, arg):
-  """(config, dataset, encoder) of a fast no_real_image run without CCG (`arg`: more config
+def _eight_step_teacher_setup(tmp_path, arg, setting="no_real_image"):
+  """(config, dataset, encoder) of a fast run of `setting` without CCG (`arg`: more config
   args) whose teacher trains 8 steps."""
   from configs import mi2rage_demo  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
-  config = mi2rage_demo.get_config(f"fast,size=micro,setting=no_real_image,rounds=0,{arg}")
+  config = mi2rage_demo.get_config(f"fast,size=micro,setting={setting},rounds=0,{arg}")
   with config.unlocked():
     config.data.cache_dir = str(tmp_path / "data_cache")
     config.teacher.steps = 8
   dataset = data_lib.load(config.data)
-  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
+  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length,
+                             config.data.mark_mentions)
   with config.unlocked():
     config.model.text.vocab_size = encoder.vocab_size
   return config, dataset, encoder
@@ -282,8 +283,9 @@ def test_oracle_selection_keeps_the_faithful_views_first(tmp_path):
   assert mixed   # noise 0.5: some instances have both kinds, so the test can fail
 
 
+@pytest.mark.parametrize("setting", ["no_real_image", "no_real_text"])
 @pytest.mark.parametrize("test_by", ["agree", "real"])
-def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by):
+def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by, setting):
   """teacher.test_criterion agree / real rank a test instance's views without its label:
   other test labels give the same scores. real scores each view against the teacher's
   prediction on the instance's real view: with a candidate standing in for the real view,
@@ -291,8 +293,8 @@ def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by):
   import dataclasses  # pylint: disable=import-outside-toplevel
 
   from mi2rage_jax import pipeline  # pylint: disable=import-outside-toplevel
-  config, dataset, encoder = _eight_step_teacher_setup(tmp_path, f"test_by={test_by}")
-  run = pipeline.Run(config, tmp_path / "run", "no_real_image", dataset, encoder)
+  config, dataset, encoder = _eight_step_teacher_setup(tmp_path, f"test_by={test_by}", setting)
+  run = pipeline.Run(config, tmp_path / "run", setting, dataset, encoder)
   for stage in ("generate_0", "teacher_0"):
     run._stage(stage, lambda s=stage: getattr(run, f"_{s.split('_')[0]}")(0))  # pylint: disable=protected-access
   cands = run.candidates("test", 0)
