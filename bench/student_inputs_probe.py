@@ -33,8 +33,7 @@ def main():
   wd = pathlib.Path(a.workdir)
   cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
   ds = data_lib.load(cfg.data)
-  enc = data_lib.Encoder(cfg.data.tokenizer_dir, cfg.data.max_length,
-                        cfg.data.get("mark_mentions", False))
+  enc = data_lib.Encoder.from_config(cfg.data)
   with cfg.unlocked():
     cfg.model.text.vocab_size = enc.vocab_size
     if "view_dropout" not in cfg.model:   # a run from before the field: it had none

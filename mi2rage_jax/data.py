@@ -223,10 +223,13 @@ def _bare(word):
   return word.strip(".,;:!?\"'()").lower()
 
 
-def find_words(tokens, words):
-  """Index of the first occurrence of `words` as whole words in `tokens`, or None."""
-  return next((i for i in range(len(tokens) - len(words) + 1)
-               if list(tokens[i:i + len(words)]) == list(words)), None)
+def find_words(tokens, words, taken=frozenset()):
+  """Index of the first occurrence of `words` as whole words in `tokens` that covers no
+  index in `taken`, or None."""
+  n = len(words)
+  return next((i for i in range(len(tokens) - n + 1)
+               if list(tokens[i:i + n]) == list(words) and not taken & set(range(i, i + n))),
+              None)
 
 
 class Encoder:
@@ -236,9 +239,9 @@ class Encoder:
   entity that a caption names (whole words, case and edge punctuation ignored, the first
   occurrence that does not overlap the other entity's) is marked where it stands, as in a
   real sentence, and only the names not found are appended, as are names whose markers
-  truncation to max_length would cut. A pretrained encoder
-  links an appended name to its mention in the caption; a small one trained from scratch
-  does not (mi2rage_jax/README.md, the knowledge world's `no_real_text`).
+  truncation to max_length would cut. A pretrained encoder links an appended name to its
+  mention in the caption; a small one trained from scratch does not (mi2rage_jax/README.md,
+  the knowledge world's `no_real_text`).
   """
 
   def __init__(self, tokenizer_dir, max_length, mark_mentions=False):
@@ -247,6 +250,12 @@ class Encoder:
     self.subj_id = self.tok.marker_ids[SUBJ]
     self.obj_id = self.tok.marker_ids[OBJ]
     self.vocab_size = self.tok.vocab_size
+
+  @classmethod
+  def from_config(cls, config_data):
+    """The encoder of a run's `config.data` (a config without mark_mentions predates it)."""
+    return cls(config_data.tokenizer_dir, config_data.max_length,
+               config_data.get("mark_mentions", False))
 
   @staticmethod
   def names(inst, only_missing=False):
@@ -273,11 +282,9 @@ class Encoder:
     spans, taken = [None, None], set()   # head, tail: first word index in the caption
     for j, e in enumerate((inst.head, inst.tail)):
       name = [_bare(w) for w in e.name.split()]
-      n = len(name)
-      spans[j] = next((k for k in range(len(words) - n + 1) if any(name)
-                       and norm[k:k + n] == name and not taken & set(range(k, k + n))), None)
+      spans[j] = find_words(norm, name, taken) if any(name) else None
       if spans[j] is not None:
-        taken |= set(range(spans[j], spans[j] + n))
+        taken |= set(range(spans[j], spans[j] + len(name)))
     # A name whose markers truncation to max_length would cut is appended instead.
     for _ in range(3):
       enc = self._marked(words, inst, spans)

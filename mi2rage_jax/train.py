@@ -39,8 +39,7 @@ def run(config, workdir, eval_views=()):
     if config.data.name == "demo" and not config.data.root and not config.data.cache_dir:
       config.data.cache_dir = str(workdir / "data_cache")
   dataset = data_lib.load(config.data)
-  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length,
-                             config.data.get("mark_mentions", False))
+  encoder = data_lib.Encoder.from_config(config.data)
   with config.unlocked():
     config.model.text.vocab_size = encoder.vocab_size
   summary = {}

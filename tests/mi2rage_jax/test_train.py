@@ -212,8 +212,7 @@ def _eight_step_teacher_setup(tmp_path, arg, setting="no_real_image"):
     config.data.cache_dir = str(tmp_path / "data_cache")
     config.teacher.steps = 8
   dataset = data_lib.load(config.data)
-  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length,
-                             config.data.mark_mentions)
+  encoder = data_lib.Encoder.from_config(config.data)
   with config.unlocked():
     config.model.text.vocab_size = encoder.vocab_size
   return config, dataset, encoder
@@ -266,7 +265,7 @@ def test_oracle_selection_keeps_the_faithful_views_first(tmp_path):
   with config.unlocked():
     config.data.cache_dir = str(tmp_path / "data_cache")
   dataset = data_lib.load(config.data)
-  encoder = data_lib.Encoder(config.data.tokenizer_dir, config.data.max_length)
+  encoder = data_lib.Encoder.from_config(config.data)
   run = pipeline.Run(config, tmp_path / "run", "no_real_image", dataset, encoder)
   assert run.stage_names()[:2] == ["generate_0", "select_0"]     # no teacher to train
   run._generate(0)   # pylint: disable=protected-access
