@@ -226,6 +226,7 @@ def optim_config(**overrides):
       # Layer-wise lr decay over the text tower (1.0: off); the embeddings count as the
       # layer below layers_0.
       layer_decay=1.0, layer_decay_pattern=r"^text/(?:layers_(\d+)|embeddings)/",
+      ema=0.0,                      # moving average of the params, evaluated (0: off)
   )
   optim.update(overrides)
   return optim

@@ -25,7 +25,7 @@ def main(argv):
   with errors.user_errors():
     path = _CHECKPOINT.value or _WORKDIR.value
     s, state, step = trainer.restore(_CONFIG.value, path)
-    res = trainer.evaluate(s, state.params, _SPLIT.value)
+    res = trainer.evaluate(s, state.eval_params, _SPLIT.value)
     out = {"checkpoint": str(path), "step": step, "split": _SPLIT.value,
            **metrics.scalar_metrics(trainer.loggable(res), prefix=_SPLIT.value)}
     if distributed.is_main():

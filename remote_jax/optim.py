@@ -29,6 +29,11 @@ configs/common.py:optim_config):
                  of layers found; one that matches with no index (the embeddings)
                  gets layer_decay^L. The top layer keeps the group's lr.
   layer_decay_pattern  regex with one optional group, the layer index
+  ema            decay of a moving average of the parameters kept beside them (0: off;
+                 e.g. 0.99 averages about the last 100 steps). Evaluation, best-dev
+                 selection, predictions and plots then use the average (trainer.TrainState
+                 .eval_params); training goes on from the parameters. Not an optax
+                 transform: the train step keeps it (trainer.make_train_step).
   frozen_patterns regexes of parameters never updated (optax.set_to_zero;
                  they get no Adam state). The released protocol, where the
                  classifier and mm_linear stay at init (reference_remote.md
@@ -50,7 +55,7 @@ import optax
 
 KEYS = ("name", "lr", "schedule", "warmup_ratio", "warmup_steps", "b1", "b2", "eps",
         "weight_decay", "decay_mask", "clip_norm", "grad_accum", "groups", "frozen_patterns",
-        "layer_decay", "layer_decay_pattern")
+        "layer_decay", "layer_decay_pattern", "ema")
 GROUP_KEYS = ("pattern", "lr_mult", "weight_decay")
 FROZEN, DEFAULT = "frozen", "default"
 _NORM_RE = re.compile(r"norm|(^|/)ln[^/]*/|(^|/)(bias|scale)$", re.IGNORECASE)

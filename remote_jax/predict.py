@@ -48,7 +48,7 @@ def main(argv):
     s, state, _ = trainer.restore(_CONFIG.value, path)
     out = _OUT.value or str(pathlib.Path(_WORKDIR.value or ".") /
                             f"predictions_{_SPLIT.value}.jsonl")
-    n = write_predictions(s, state.params, _SPLIT.value, out)
+    n = write_predictions(s, state.eval_params, _SPLIT.value, out)
     if distributed.is_main():
       print(f"wrote {n} predictions to {out}")
 

@@ -45,6 +45,17 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  ema: Any = None   # the parameters' moving average when optim.ema > 0, else None
+
+  @property
+  def eval_params(self):
+    """What evaluation, best-dev selection and predictions use: the average when kept."""
+    return self.params if self.ema is None else self.ema
+
+
+def with_ema(state, decay):
+  """`state` with its average started at its parameters (a copy: both are donated)."""
+  return state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.params) if decay else None)
 
 
 def model_batch(batch):
@@ -89,9 +100,13 @@ def remote_loss(model, params, batch, rng, train):
   return loss + aux["aux_loss"], metrics
 
 
-def make_train_step(model, tx, loss_fn=remote_loss):
+def make_train_step(model, tx, loss_fn=remote_loss, ema=0.0):
   """The pure step: gradients of `loss_fn`'s objective, one optimizer update; the
-  metrics are `loss_fn`'s plus the gradient norm. Dropout keys fold in the step."""
+  metrics are `loss_fn`'s plus the gradient norm. Dropout keys fold in the step.
+
+  With `ema` > 0 the state's average moves toward the new parameters by 1 - d,
+  d = min(ema, (1 + step) / (10 + step)): the warm-up keeps the average of the first
+  steps from being held at the initial (pretrained) weights."""
   def train_step(state, batch, rng):
     rng = jax.random.fold_in(rng, state.step)
     objective = lambda params: loss_fn(model, params, batch, rng, True)
@@ -99,6 +114,11 @@ def make_train_step(model, tx, loss_fn=remote_loss):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    if ema:
+      t = state.step.astype(jnp.float32)
+      d = jnp.minimum(ema, (1.0 + t) / (10.0 + t))
+      new_state = new_state.replace(ema=jax.tree_util.tree_map(
+          lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), state.ema, params))
     return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
 
   return train_step
@@ -258,10 +278,12 @@ def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", see
     tx, schedule = optim.make_optimizer(optim_config, nn.meta.unbox(abstract_params),
                                         max(total_steps, 1))
 
+    ema = float(optim_config["ema"])
+
     def init_fn(r, b):
       params = init(r, b)
-      return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                        opt_state=tx.init(nn.meta.unbox(params)))
+      return with_ema(TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                                 opt_state=tx.init(nn.meta.unbox(params))), ema)
 
     replicated = sharding.replicated(mesh)
     batch_sh = sharding.batch_sharding(mesh)
@@ -270,7 +292,7 @@ def build(model, init_batch, optim_config, total_steps, mesh, *, rules="dp", see
     # Straight into the shardings, so no host holds a full copy.
     init_jit = jax.jit(lambda r, b: nn.meta.unbox(init_fn(r, b)),
                        in_shardings=(replicated, replicated), out_shardings=state_sh)
-    train_step = jax.jit(make_train_step(model, tx, loss_fn), donate_argnums=(0,),
+    train_step = jax.jit(make_train_step(model, tx, loss_fn, ema), donate_argnums=(0,),
                          in_shardings=(state_sh, batch_sh, replicated),
                          out_shardings=(state_sh, replicated))
     if compile_batch is not None:
@@ -437,7 +459,7 @@ def fit(s: Setup, draw, make, steps, seed, ckpt_dir, *, ckpt_every=0, writer=Non
     if restored is not None:
       state, start = restored
       if ckpt.load_meta(start).get("done"):
-        return state.params
+        return state.eval_params
       log.info("%s: resuming at step %d", name, start)
 
     def next_batch(i):
@@ -451,7 +473,7 @@ def fit(s: Setup, draw, make, steps, seed, ckpt_dir, *, ckpt_every=0, writer=Non
                         split=name, log_every=log_every, after_step=after_step)
     ckpt.save(steps, state, meta={"done": True, "steps": steps}, force=True)
     ckpt.wait()
-    return state.params
+    return state.eval_params
   finally:
     ckpt.close()
 
@@ -513,7 +535,8 @@ def train_and_evaluate(config, workdir):
     state = other.restore(step, state)
     log.info("initialised from checkpoint %s step %d (data restarts)", start.path, step)
   else:
-    state = state.replace(params=load_pretrained(state.params, config.model, config.seed))
+    state = with_ema(state.replace(params=load_pretrained(state.params, config.model, config.seed)),
+                     config.optim.ema)
   if main:
     groups = optim.group_summary(config.optim, state.params)
     log.info("parameter groups: %s", json.dumps(groups))
@@ -532,7 +555,7 @@ def train_and_evaluate(config, workdir):
       record = {"step": step, "epoch": step / spe}
       for split in ("dev", "test"):
         if SPLITS[split] in meta["splits"]:
-          res = evaluate(s, state.params, split)
+          res = evaluate(s, state.eval_params, split)
           record.update(metrics_lib.scalar_metrics(loggable(res), prefix=split))
           record.update({f"{split}/ot/{k}": v for k, v in res["ot"].items()})
           writer.write(step, {**loggable(res), "ot": res["ot"]}, split=split)
@@ -567,7 +590,7 @@ def train_and_evaluate(config, workdir):
   if main:
     (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
   if config.plots:   # every process evaluates (the step is collective), process 0 draws
-    make_plots(s, state.params, workdir, draw=main)
+    make_plots(s, state.eval_params, workdir, draw=main)
   ckpt.close()
   return summary
 

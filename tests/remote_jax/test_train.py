@@ -119,6 +119,21 @@ def test_evaluate_from_checkpoint(env, full_run):
     assert scores[key] == pytest.approx(summary["last"][key], abs=1e-6), key
 
 
+def test_parameter_average_is_what_training_and_evaluate_score(env, full_run, tmp_path):
+  """optim.ema: the scores logged in training and evaluate.py's are the average's (the same
+  numbers), not the raw parameters' (the full run's: the average never feeds back into
+  training, so its raw trajectory is this run's)."""
+  args = (CONFIG, f"--workdir={tmp_path}", *overrides(env[1]), "--config.optim.ema=0.9")
+  out = run_cli(env, "remote_jax.train", *args)
+  assert out.returncode == 0, out.stderr[-3000:]
+  last = json.loads((tmp_path / "summary.json").read_text())["last"]
+  raw = json.loads((full_run[0] / "summary.json").read_text())["last"]
+  assert last["test/loss"] != pytest.approx(raw["test/loss"], abs=1e-4)
+  ev = run_cli(env, "remote_jax.evaluate", *args, "--split=test")
+  assert ev.returncode == 0, ev.stderr[-3000:]
+  assert json.loads(ev.stdout)["test/loss"] == pytest.approx(last["test/loss"], abs=1e-6)
+
+
 @pytest.mark.slow   # one more CLI run (~30 s); evaluate.py restores the same way
 def test_predict_from_checkpoint(env, full_run):
   workdir, _ = full_run

@@ -224,3 +224,47 @@ def test_compiled_step_compiles_once_per_cut_length():
   got, step = losses([full, cut, cut, full])
   assert len(step._compiled) == 2
   np.testing.assert_allclose(got, losses([full] * 4)[0], rtol=1e-5)
+
+
+def test_parameter_average_follows_the_warmed_up_decay_and_is_what_is_evaluated(tmp_path):
+  """optim.ema: after each step the average is d * avg + (1 - d) * params with
+  d = min(ema, (1 + t) / (10 + t)), recomputed here from the parameter trajectory of a run
+  without it (the average never feeds back into training); eval_params is the average,
+  and it survives a checkpoint round trip."""
+  from configs import common
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  rng = np.random.default_rng(0)
+  b = dict(input_ids=rng.integers(1, 50, (4, 8)).astype(np.int32),
+           attention_mask=np.ones((4, 8), np.int32), label=np.arange(4, dtype=np.int32) % 3)
+
+  def run(ema):
+    s = trainer.build(_BagOfTokens(), b, common.optim_config(lr=1e-1, ema=ema), 5, mesh,
+                      loss_fn=trainer.classifier_loss)
+    host = lambda tree: jax.tree.map(np.asarray, tree)   # the step donates the state
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            s.state)
+    state, trajectory = s.state, [host(s.state.params)]
+    for _ in range(5):
+      state, _ = s.train_step(state, sharding.global_batch(b, mesh), jax.random.key(0))
+      trajectory.append(host(state.params))
+    return abstract, state, trajectory
+
+  _, plain, trajectory = run(0.0)
+  assert plain.ema is None and plain.eval_params is plain.params
+  abstract, state, _ = run(0.5)
+  expected = trajectory[0]
+  for t, params in enumerate(trajectory[1:]):
+    d = min(0.5, (1 + t) / (10 + t))
+    expected = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * p, expected, params)
+  for got, want in zip(jax.tree.leaves(state.params), jax.tree.leaves(plain.params)):
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+  for got, want in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  assert not np.allclose(jax.tree.leaves(state.ema)[0], jax.tree.leaves(state.params)[0])
+  ckpt = checkpoint.Checkpointer(tmp_path, async_save=False)
+  ckpt.save(5, state, force=True)
+  ckpt.wait()
+  back = ckpt.restore(5, abstract)
+  ckpt.close()
+  for got, want in zip(jax.tree.leaves(back.eval_params), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
