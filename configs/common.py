@@ -66,7 +66,10 @@ def text_tower(dims, **overrides):
   """config.model.text: BERT's settings (bert-base-uncased's config.json) at `dims`."""
   tower = dict(dims, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
                hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
-               initializer_range=0.02, pretrained_dir="")
+               initializer_range=0.02, pretrained_dir="",
+               # The marker rows added to a pretrained vocabulary: "normal" N(0, 0.02) (the
+               # released code's), "punct" copies of punctuation rows (data/tokenizer.py).
+               marker_init="normal")
   return {**tower, **overrides}
 
 

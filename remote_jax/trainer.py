@@ -186,12 +186,17 @@ def load_pretrained(params, model_config, seed, **vision):
   is the checkpoint's plus MARKERS); `vision` overrides the fields of
   `model_config.vision` that `convert.load_clip_vision` takes.
   """
-  from remote_jax.data.tokenizer import MARKERS
+  from remote_jax.data.tokenizer import MARKERS, PUNCT_MARKERS
   from remote_jax.models import convert
   text_dir = model_config.text.get("pretrained_dir", "")
   vision_dir = model_config.vision.get("pretrained_dir", "")
   if text_dir and "text" in params:
-    _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed)
+    init = model_config.text["marker_init"]
+    if init not in ("normal", "punct"):
+      raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
+                       "released code's) or 'punct' (copies of the rows of @ # * ^ & ~)")
+    _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed,
+                                extra_like=PUNCT_MARKERS if init == "punct" else ())
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:

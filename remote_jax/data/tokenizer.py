@@ -12,6 +12,10 @@ import numpy as np
 
 MARKERS = ("<s1>", "</s1>", "<s2>", "</s2>", "<k1>", "</k1>", "<k2>", "</k2>",
            "<o1>", "</o1>", "<o2>", "</o2>")
+# model.text.marker_init="punct": each marker's embedding starts as a copy of one of these
+# pieces' (the head entity between "@"s, the tail between "#"s: Zhou & Chen 2021's entity
+# marker (punct)), so the encoder sees a token it knows instead of a near-zero vector.
+PUNCT_MARKERS = ("@", "@", "#", "#", "*", "*", "^", "^", "&", "&", "~", "~")
 # A directory is usable if it holds one of these (fast tokenizer file or BERT vocabulary).
 _VOCAB_FILES = ("tokenizer.json", "vocab.txt")
 

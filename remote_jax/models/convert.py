@@ -310,6 +310,22 @@ def _check_tree(path, params: dict, expected: dict):
                          f"{sorted(set(got.items()) ^ set(expected.items()))}")
 
 
+def _vocab_ids(path: pathlib.Path, pieces, count: int) -> list[int]:
+  """The ids of `pieces` (one per new row) in `path`/vocab.txt (line i holds id i)."""
+  if len(pieces) != count:
+    raise ValueError(f"{count} new embedding rows but {len(pieces)} pieces to copy: "
+                     f"{list(pieces)}")
+  vocab = path / "vocab.txt"
+  if not vocab.is_file():
+    raise FileNotFoundError(f"{vocab} not found: copying rows of word pieces "
+                            "(model.text.marker_init) needs the checkpoint's vocabulary")
+  ids = {w: i for i, w in enumerate(vocab.read_text(encoding="utf-8").splitlines())}
+  missing = [p for p in pieces if p not in ids]
+  if missing:
+    raise ValueError(f"{vocab} has no piece {missing}: choose pieces of this vocabulary")
+  return [ids[p] for p in pieces]
+
+
 def _normal_rows(seed: int, shape: tuple) -> np.ndarray:
   return (np.random.default_rng(seed).standard_normal(shape) * INIT_STD).astype(np.float32)
 
@@ -318,11 +334,14 @@ def _normal_rows(seed: int, shape: tuple) -> np.ndarray:
 # Public loaders
 
 
-def load_bert(path, num_extra_tokens: int = 0, seed: int = 0) -> tuple[BertConfig, dict]:
+def load_bert(path, num_extra_tokens: int = 0, seed: int = 0,
+              extra_like: tuple[str, ...] = ()) -> tuple[BertConfig, dict]:
   """HF BERT directory -> (config, params of `BertEncoder(config)`).
 
   `num_extra_tokens` rows (REMOTE's markers) are appended to the word
-  embeddings, drawn from N(0, 0.02); the returned config counts them.
+  embeddings, drawn from N(0, 0.02), or, with `extra_like` (one word piece of the
+  checkpoint's vocab.txt per new row), copies of those pieces' rows; the returned
+  config counts them.
   """
   path = pathlib.Path(path)
   config = _read_config(BertConfig, path)
@@ -336,7 +355,10 @@ def load_bert(path, num_extra_tokens: int = 0, seed: int = 0) -> tuple[BertConfi
                     _config_mismatch(config, state, BERT_PROBES, BERT_LAYER_NAME))
   if num_extra_tokens:
     word = "embeddings/word_embeddings/embedding"
-    new_rows = _normal_rows(seed, (num_extra_tokens, config.hidden_size))
+    if extra_like:
+      new_rows = np.asarray(flat[word])[_vocab_ids(path, extra_like, num_extra_tokens)]
+    else:
+      new_rows = _normal_rows(seed, (num_extra_tokens, config.hidden_size))
     flat[word] = np.concatenate([flat[word], new_rows])
     config = dataclasses.replace(config, vocab_size=config.vocab_size + num_extra_tokens)
     expected = expected_shapes(BertEncoder(config), ids, ids, ids, True)

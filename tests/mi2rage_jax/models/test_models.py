@@ -182,7 +182,7 @@ def test_teacher_never_sees_the_real_view(tmp_path, setting):
 
 def test_pretrained_text_encoder_loads_into_the_teacher(minilm_dir):
   cfg = model_cfg(vocab=30534)
-  cfg.text.pretrained_dir = str(minilm_dir)
+  cfg.text.update(pretrained_dir=str(minilm_dir), marker_init="normal")   # as text_tower's
   model = models.build_teacher("text", cfg, C)
   assert model.text.hidden_size == 384 and model.text.num_layers == 6   # from config.json
   ids = np.zeros((2, 8), np.int32)

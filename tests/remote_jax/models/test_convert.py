@@ -265,3 +265,19 @@ def test_clip_patch_size_that_does_not_fit(clip_dir):
   msg = str(e.value)
   assert "mis-shaped: vision_model.embeddings.patch_embedding.weight: expected (64, 3, 16, 16)" in msg
   assert "patch_size: config 16, weights 32" in msg
+
+
+def test_marker_rows_can_start_as_copies_of_word_pieces(minilm_dir, tmp_path):
+  """extra_like (model.text.marker_init="punct"): each new row is the named piece's row;
+  a piece the vocabulary lacks, or a count that does not match, is a clear error."""
+  from remote_jax.data.tokenizer import PUNCT_MARKERS
+  _, params = load_bert(minilm_dir, num_extra_tokens=12, extra_like=PUNCT_MARKERS)
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  vocab = (minilm_dir / "vocab.txt").read_text(encoding="utf-8").splitlines()
+  for row, piece in zip(table[-12:], PUNCT_MARKERS):
+    np.testing.assert_array_equal(row, table[vocab.index(piece)])
+  assert not np.array_equal(table[-12], table[-10])   # "@" and "#": two markers, two rows
+  with pytest.raises(ValueError, match=r"has no piece \['<nope>'\]"):
+    load_bert(minilm_dir, num_extra_tokens=1, extra_like=("<nope>",))
+  with pytest.raises(ValueError, match="12 new embedding rows but 1 pieces"):
+    load_bert(minilm_dir, num_extra_tokens=12, extra_like=("@",))
