@@ -45,17 +45,32 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
-  ema: Any = None   # the parameters' moving average when optim.ema > 0, else None
 
   @property
   def eval_params(self):
-    """What evaluation, best-dev selection and predictions use: the average when kept."""
-    return self.params if self.ema is None else self.ema
+    """What evaluation, best-dev selection and predictions use."""
+    return self.params
+
+
+@flax.struct.dataclass
+class AveragedTrainState(TrainState):
+  """A TrainState that also keeps the parameters' moving average (optim.ema > 0), which is
+  what gets evaluated. A class of its own, so that a run without it saves and restores the
+  same checkpoint tree as before the average existed."""
+  ema: Any = None
+
+  @property
+  def eval_params(self):
+    return self.ema
 
 
 def with_ema(state, decay):
-  """`state` with its average started at its parameters (a copy: both are donated)."""
-  return state.replace(ema=jax.tree_util.tree_map(jnp.copy, state.params) if decay else None)
+  """`state` with its average started at its parameters (a copy: both are donated), or
+  the plain state when `decay` is 0."""
+  fields = dict(step=state.step, params=state.params, opt_state=state.opt_state)
+  if not decay:
+    return TrainState(**fields)
+  return AveragedTrainState(**fields, ema=jax.tree_util.tree_map(jnp.copy, state.params))
 
 
 def model_batch(batch):
