@@ -193,6 +193,18 @@ def abstract_batch(meta, batch_size, batch_sh):
   return batch_spec.abstract_batch(meta, batch_size, batch_sh)
 
 
+def marker_pieces(text_config):
+  """The word pieces whose rows the marker rows copy (model.text.marker_init); () for
+  "normal" (N(0, 0.02))."""
+  from remote_jax.data.tokenizer import PUNCT_MARKERS
+  inits = {"normal": (), "punct": PUNCT_MARKERS}
+  init = text_config["marker_init"]
+  if init not in inits:
+    raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
+                     "released code's) or 'punct' (copies of the rows of @ # * ^ & ~)")
+  return inits[init]
+
+
 def load_pretrained(params, model_config, seed, **vision):
   """Replaces the `text` / `vision` encoder params by converted local checkpoints where
   `model_config.{text,vision}.pretrained_dir` is set (and the model has that encoder).
@@ -201,17 +213,13 @@ def load_pretrained(params, model_config, seed, **vision):
   is the checkpoint's plus MARKERS); `vision` overrides the fields of
   `model_config.vision` that `convert.load_clip_vision` takes.
   """
-  from remote_jax.data.tokenizer import MARKERS, PUNCT_MARKERS
+  from remote_jax.data.tokenizer import MARKERS
   from remote_jax.models import convert
   text_dir = model_config.text.get("pretrained_dir", "")
   vision_dir = model_config.vision.get("pretrained_dir", "")
   if text_dir and "text" in params:
-    init = model_config.text["marker_init"]
-    if init not in ("normal", "punct"):
-      raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
-                       "released code's) or 'punct' (copies of the rows of @ # * ^ & ~)")
     _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed,
-                                extra_like=PUNCT_MARKERS if init == "punct" else ())
+                                extra_like=marker_pieces(model_config.text))
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:
@@ -346,6 +354,7 @@ def setup(config, total_steps=1, compile_train=False):
   """REMOTE's Setup: model of config.model, mesh of config.mesh (`build`)."""
   meta = pipeline.dataset_meta(config.data)
   check_padding_cut(config)
+  marker_pieces(config.model.text)   # a bad value fails here, before compiling
   mesh = sharding.make_mesh(config.mesh)
   for field in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(mesh, config[field], field)

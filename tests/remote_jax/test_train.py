@@ -169,6 +169,14 @@ def test_bad_config_arg_is_one_clear_line(env, tmp_path):
   assert "model.mot.variant" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_bad_marker_init_fails_before_compiling(env, tmp_path):
+  out = run_cli(env, "remote_jax.train", CONFIG, f"--workdir={tmp_path}",
+                *overrides(env[1]), "--config.model.text.marker_init=puntc")
+  assert out.returncode == 2, out.stderr[-2000:]
+  assert "model.text.marker_init='puntc': allowed 'normal'" in out.stderr
+  assert "Traceback" not in out.stderr and "compiled the train step" not in out.stderr
+
+
 @pytest.mark.slow
 def test_demo_learns_well_above_chance(env, tmp_path):
   """The default demo (make run) trains to an F1 far above chance on every triplet type."""
