@@ -1,12 +1,13 @@
 r"""Scores the average of several runs' class probabilities (a probability ensemble).
 
   python -m remote_jax.predict --config configs/mnre_text.py --split dev \
-      --config.data.root=../shared/data/mnre --workdir RUN_A --checkpoint RUN_A/ckpt/STEP
+      --config.data.root=../shared/data/mnre --workdir RUN_A --checkpoint RUN_A/ckpt/STEP \
+      [the run's own --config options, e.g. --config.optim.ema]
   ...                                   # once per run: RUN/predictions_dev.jsonl
   python -m bench.ensemble RUN_A/predictions_dev.jsonl RUN_B/predictions_dev.jsonl
 
 Prints one JSON line: each member's scores and the ensemble's (micro P/R/F1 over the
-relations other than "None", accuracy). Every file must hold the same examples (by
+relations other than the negative one ("None", "NA", ...), accuracy). Every file must hold the same examples (by
 `index`) with the same gold labels; a mismatch is an error that names the file.
 """
 import argparse
@@ -15,8 +16,6 @@ import pathlib
 import sys
 
 import numpy as np
-
-NEGATIVE = "None"
 
 
 def read(path):
@@ -35,9 +34,10 @@ def read(path):
 
 def scores(probs, labels, names):
   from remote_jax import metrics
+  from remote_jax.data.records import negative_id
   ids = {n: i for i, n in enumerate(names)}
   res = metrics.relation_metrics(probs.argmax(-1), np.array([ids[l] for l in labels]),
-                                 ids[NEGATIVE], relation_names=names)
+                                 negative_id(names), relation_names=names)
   return {k: round(float(res[k]), 2) for k in ("acc", "precision", "recall", "f1")}
 
 

@@ -68,7 +68,7 @@ def main():
   config = load_config(a.config)
   s, state, step = trainer.restore(config, a.workdir)
   out = {"workdir": a.workdir, "step": int(step)}
-  for name, params in (("trained", state.params), ("init", s.state.params)):
+  for name, params in (("trained", state.eval_params), ("init", s.state.params)):
     x_tr, y_tr = features(s, params, "train", a.examples)
     x_te, y_te = features(s, params, "test", a.examples)
     r2 = ridge_r2(x_tr, y_tr, x_te, y_te)

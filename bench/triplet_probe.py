@@ -51,7 +51,7 @@ def probe(arg, overrides, type_id, steps, batch_size, seed):
   eval_n = min(len(train["label"]), len(test["label"]), cfg.eval_batch_size)
 
   def accuracy(b):
-    out, _ = s.eval_step(state.params, trainer.model_batch({k: v[:eval_n] for k, v in b.items()}))
+    out, _ = s.eval_step(state.eval_params, trainer.model_batch({k: v[:eval_n] for k, v in b.items()}))
     return float((np.asarray(out["logits"]).argmax(-1) == b["label"][:eval_n]).mean())
 
   curve, t0 = [], time.perf_counter()

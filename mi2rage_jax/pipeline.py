@@ -307,8 +307,9 @@ class Run:
     pretrained encoders of config.model loaded."""
     s = trainer.build(model, init_batch, self.optim(optim_cfg), steps, self.mesh,
                       rules=self.cfg.sharding, seed=seed)
-    s.state = s.state.replace(params=trainer.load_pretrained(
-        s.state.params, self.cfg.model, int(self.cfg.seed), use_cls=True, use_depth=False))
+    s.state = trainer.with_ema(s.state.replace(params=trainer.load_pretrained(
+        s.state.params, self.cfg.model, int(self.cfg.seed), use_cls=True, use_depth=False)),
+        self.optim(optim_cfg)["ema"])
     return s
 
   def _fit(self, s, rows, batch_size, make, steps, seed, tag, name):

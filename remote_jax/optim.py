@@ -33,7 +33,10 @@ configs/common.py:optim_config):
                  e.g. 0.99 averages about the last 100 steps). Evaluation, best-dev
                  selection, predictions and plots then use the average (trainer.TrainState
                  .eval_params); training goes on from the parameters. Not an optax
-                 transform: the train step keeps it (trainer.make_train_step).
+                 transform: the train step keeps it (trainer.make_train_step). The decay
+                 is warmed up, min(ema, (1+t)/(10+t)), so it reaches `ema` only after
+                 about 9/(1-ema) steps (0.995: 1,790); it counts micro-batches, not
+                 updates, under grad_accum.
   frozen_patterns regexes of parameters never updated (optax.set_to_zero;
                  they get no Adam state). The released protocol, where the
                  classifier and mm_linear stay at init (reference_remote.md
@@ -89,6 +92,8 @@ def _resolve(config) -> dict:
   if missing:
     raise ValueError(f"optim config: {missing} not set (configs/common.py:optim_config sets "
                      "every key)")
+  if not 0.0 <= float(cfg["ema"]) < 1.0:
+    raise ValueError(f"optim.ema={cfg['ema']}: the average's decay must be in [0, 1) (0: off)")
   if cfg["name"] != "adamw":
     raise ValueError(f"optim.name: only 'adamw' is implemented, got {cfg['name']!r}")
   return cfg

@@ -187,3 +187,10 @@ def test_layer_decay_scales_each_text_layer_and_the_embeddings():
   off, _ = optim.make_optimizer(full({**cfg, "layer_decay": 1.0}), params, 10)
   flat, _ = run(off, params, grads, 1)
   assert float(jnp.max(jnp.abs(flat["text"]["layers_0"]["kernel"] - 1.0))) == pytest.approx(0.1, rel=1e-5)
+
+
+@pytest.mark.parametrize("ema", [-0.1, 1.0])
+def test_an_average_decay_outside_0_1_is_refused(ema):
+  params = {"w": jnp.zeros((2, 2))}
+  with pytest.raises(ValueError, match=r"optim.ema=.*must be in \[0, 1\)"):
+    optim.make_optimizer(full(dict(lr=1e-3, ema=ema)), params, 10)
