@@ -31,6 +31,10 @@ from remote_jax.writers import jsonable
 log = logging.getLogger(__name__)
 
 
+class CheckpointMismatch(CheckpointError):
+  """The checkpoint reads, but its state tree is not the one the config builds."""
+
+
 def _short(e, limit=300):
   """First line of an orbax/tensorstore error (they append kilobytes of specs)."""
   text = str(e).strip().splitlines()[0] if str(e).strip() else ""
@@ -130,6 +134,11 @@ class Checkpointer:
       out = self._mngr.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # orbax raises many types; name the checkpoint
       _quiet_aborted_reads()
+      if "tree structures do not match" in str(e):
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {self.directory} holds another state than this "
+            "config builds (e.g. one saved with optim.ema set, read without it, or the "
+            "reverse): give the options the run was trained with") from e
       raise CheckpointError(f"cannot restore checkpoint step {step} from {self.directory}: "
                             f"{_short(e)}") from e
     return out["state"]
@@ -146,6 +155,8 @@ class Checkpointer:
       try:
         state = self.restore(step, abstract_state, data_iter)
         self.load_meta(step)
+      except CheckpointMismatch:
+        raise   # a readable step of another config: nothing to set aside
       except CheckpointError as e:
         if i == len(steps) - 1:
           raise CheckpointError(f"no checkpoint in {self.directory} restores (steps {steps}); "

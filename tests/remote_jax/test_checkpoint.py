@@ -159,3 +159,18 @@ def test_resume_precedence(tmp_path):
   checkpoint.Checkpointer.for_workdir(work, async_save=False).save(1, {"w": jnp.ones(1)})
   start = checkpoint.resume_source(work, str(other))
   assert start.kind == "workdir" and pathlib.Path(start.path) == work / "ckpt"
+
+
+def test_a_state_of_another_config_is_named_and_nothing_is_set_aside(tmp_path):
+  """A checkpoint read with a config that builds another state tree (optim.ema flipped) is a
+  one-line error naming the cause; restore_latest moves no step to _unreadable/."""
+  state = make_state()
+  ckpt = checkpoint.Checkpointer(tmp_path / "ckpt", async_save=False)
+  for step in (1, 2):
+    ckpt.save(step, state, force=True)
+  ckpt.wait()
+  other = {**state, "ema": state["params"]}
+  with pytest.raises(checkpoint.CheckpointMismatch, match="optim.ema"):
+    ckpt.restore_latest(other)
+  assert ckpt.all_steps() == [1, 2] and not (tmp_path / "ckpt_unreadable").exists()
+  ckpt.close()
