@@ -200,8 +200,9 @@ def marker_pieces(text_config):
   inits = {"normal": (), "punct": PUNCT_MARKERS}
   init = text_config["marker_init"]
   if init not in inits:
+    pieces = " ".join(dict.fromkeys(PUNCT_MARKERS))
     raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
-                     "released code's) or 'punct' (copies of the rows of @ # * ^ & ~)")
+                     f"released code's) or 'punct' (copies of the rows of {pieces})")
   return inits[init]
 
 
