@@ -272,3 +272,56 @@ def test_parameter_average_follows_the_warmed_up_decay_and_is_what_is_evaluated(
   ckpt.close()
   for got, want in zip(jax.tree.leaves(back.eval_params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_build_loads_the_weights_and_restarts_the_average_at_them():
+  """build(load=...): the loaded parameters replace the initial ones, and the average
+  (optim.ema > 0) starts at them (a copy: the step donates both); without the average the
+  state stays the plain TrainState."""
+  from configs import common
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  b = dict(input_ids=np.ones((2, 4), np.int32), attention_mask=np.ones((2, 4), np.int32),
+           label=np.zeros(2, np.int32))
+
+  def build(ema, load=None):
+    return engine.build(_BagOfTokens(), b, common.optim_config(ema=ema), 3, mesh, load=load)
+
+  init = jax.tree.map(np.asarray, build(0.5).state.params)
+  s = build(0.5, load=lambda params: jax.tree.map(lambda x: x + 1.0, params))
+  for got, avg, want in zip(*map(jax.tree.leaves, (s.state.params, s.state.ema, init))):
+    np.testing.assert_array_equal(got, want + 1.0)
+    np.testing.assert_array_equal(avg, want + 1.0)
+    assert avg.unsafe_buffer_pointer() != got.unsafe_buffer_pointer()
+  plain = build(0.0, load=lambda params: params).state
+  assert type(plain) is engine.TrainState
+
+
+def _imports(path):
+  """The modules `path` imports anywhere (top level or inside functions)."""
+  import ast
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+  return out
+
+
+def test_the_engine_knows_no_model_and_no_data():
+  """engine.py, and every module of ours it reaches, imports nothing from remote_jax.models,
+  remote_jax.data or mi2rage_jax, not even lazily inside a function."""
+  import pathlib
+  root = pathlib.Path(engine.__file__).parents[1]
+  seen, todo = set(), ["remote_jax.engine"]
+  while todo:
+    module = todo.pop()
+    if module in seen:
+      continue
+    seen.add(module)
+    path = root / (module.replace(".", "/") + ".py")
+    if path.exists():
+      todo += [m for m in _imports(path) if m.startswith(("remote_jax", "mi2rage_jax"))]
+  bad = sorted(m for m in seen if m.startswith(("remote_jax.models", "remote_jax.data",
+                                                "mi2rage_jax")))
+  assert "remote_jax.sharding" in seen and not bad, bad
