@@ -42,15 +42,16 @@ MICRO = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 def base_config(arg, **defaults):
   """The MI2RAGE config shared by the demo and MNRE configs."""
   spec = dict(setting="both", teacher="trained", rounds=1, unimodal=False, n_train=3,
-              n_test=3, noise=0.3, seed=0, size="tiny", fast=False, folds=1,
-              test_by="maxprob", view_drop=0.0, text_layers=0,
+              n_test=3, noise=0.3, seed=0, size="tiny", fast=False,
+              folds=common.MI2RAGE_TEACHER["folds"],
+              test_by=common.MI2RAGE_TEACHER["test_criterion"], view_drop=0.0, text_layers=0,
               mark=False)
   spec.update(defaults)
   arg = common.parse_arg(arg, **spec)
   sizes = dict(common.TEXT_SIZES, micro=MICRO)
   vision_sizes = dict(common.VISION_SIZES, micro=MICRO)
   dims = dict(sizes[arg.size], **({"num_layers": int(arg.text_layers)} if arg.text_layers else {}))
-  text = common.text_tower(dims, vocab_size=30534)   # + the 12 markers
+  text = common.text_tower(dims)   # vocab_size: the encoder's (mi2rage_jax/train.py)
   vision = common.vision_tower(vision_sizes[arg.size], image_size=32, patch_size=8)
   optim = common.optim_config(lr=5e-4, warmup_ratio=0.1, decay_mask="no_bias_norm",
                               clip_norm=1.0)
@@ -66,6 +67,7 @@ def base_config(arg, **defaults):
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
                 demo=dict(common.DEMO_WORLD, n_train=600, n_val=8, n_test=150),
                 train_split="train", test_split="test", image_dir="", relations=(),
+                # image_size follows model.vision.image_size (remote_jax.config.resolve).
                 tokenizer_dir="", max_length=48, image_size=vision["image_size"],
                 mark_mentions=bool(arg.mark)),
       generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={},
@@ -100,6 +102,8 @@ def get_config(arg=None):
     raise ValueError(f"world={arg.world!r}; allowed: knowledge, shapes")
   knowledge = arg.world == "knowledge"
   config.data.name = "demo_knowledge" if knowledge else "demo"
+  if knowledge:   # the shapes world's cache is the workdir's (mi2rage_jax/train.py)
+    config.data.cache_dir = common.CACHE_DIR
   config.generator.update(knowledge=knowledge, knowledge_error=float(arg.know_err),
                           mention_rate=float(arg.mention))
   # Fewer student steps than base_config: the 3-seed ablation table of one setting fits in

@@ -43,10 +43,8 @@ def get_config(arg=None):
   # max_length 56: MNRE-2's longest marked sentence (train and val) is 55 word pieces, so
   # nothing is cut, and the encoder runs 1.14x fewer positions than at 64.
   config = common.remote_config(arg, "mnre", default_size="minilm", max_length=56,
-                                num_objects=1, crop_size=32, use_caption=False)
-  config.data.use_caption = False
-  config.data.use_depth = False
-  config.model.vision.use_depth = False
+                                num_objects=1, crop_size=32, use_caption=False,
+                                use_depth=False)
   config.model.vision.patch_size = 16
   if not config.model.text.pretrained_dir and config.model.text.hidden_size == 384:
     config.model.text.pretrained_dir = minilm_dir()
