@@ -5,7 +5,7 @@
 """
 import ml_collections
 
-from remote_jax.data import READERS
+from remote_jax.data import DATASETS
 
 
 def parse_arg(arg, lazy=False, **spec):
@@ -219,7 +219,7 @@ def data_config(name, **overrides):
       worker_count=0,
       # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
       # so --config.data.paths.images=DIR works.
-      paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
+      paths={key: "" for key in DATASETS[name].reader.DEFAULT_PATHS} if name in DATASETS else {},
   ))
   if name == "demo":
     data.demo = dict(DEMO_WORLD)

@@ -28,7 +28,7 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   mark      data.mark_mentions: entities a caption names are marked there, the others
             appended (False = the paper: both names appended; data.Encoder)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
-  quick     300 train instances, 1000 teacher / 300 student steps (the README's tables,
+  quick     300 train instances, 1000 teacher / 300 student steps (mi2rage_jax/README.md's tables,
             with size=micro, on a shared 2-core CPU)
 """
 import ml_collections
@@ -88,7 +88,8 @@ def base_config(arg, **defaults):
 
 def get_config(arg=None):
   # Three choices of ours, chosen from seed-0 probes on the test split (the demo's
-  # validation split has 8 instances; mi2rage_jax/README.md):
+  # validation split has 8 instances; docs/mi2rage_log.md, "The probes behind the 2026-12-04
+  # choices" and "What changed: view dropout in the text student"):
   # view_drop 0.5, for both students: the text student trained on three images per
   # instance applied one family's image cue where the text decides (67.36 -> 70.44 F1
   # under maxprob, the one value tried); the image student with it keeps reading the photo.
@@ -111,7 +112,8 @@ def get_config(arg=None):
   # teacher is cheap (200 steps of the micro teacher: about 3 s) and needs many: with 200
   # (4 epochs of round 0's candidates) its loss stayed near the label prior (0.9) and its
   # selection was near random; 1000 raised the MI2RAGE student from 58.85 to 67.36 F1
-  # (mi2rage_jax/README.md). 2000 here keeps those 20 epochs on twice the data.
+  # (docs/mi2rage_log.md, "What changed: the teacher was under-trained"). 2000 here keeps
+  # those 20 epochs on twice the data.
   config.teacher.steps, config.student.steps = 2000, 400
   if arg.quick:   # the ablation tables on a CPU shared with other work (with size=micro)
     config.data.demo.n_train = 300
