@@ -4,8 +4,9 @@ Configs are data (configs/*.py:get_config(arg)) and set sources only. `resolve(c
 runs after the command line's `--config.x=y` overrides (remote_jax/cli.py), as MaxText's
 pyconfig does: it computes every derived field of `DERIVED` from its source and runs the
 semantic checks, so `--config.data.use_depth=False` means what `:depth=False` means. A
-derived field is never set by hand: an override of one is a one-line error naming its
-source. `resolve` is idempotent: a saved, resolved config.json resolves to itself.
+derived field is not set by hand: an override of one that disagrees with its source is a
+one-line error naming the source. `resolve` is idempotent: a saved, resolved config.json
+resolves to itself.
 
 The accessors (`setting`, `field`, `choice`, `flag`, `number`, ...) read one field and
 raise ValueError naming it when it is missing or bad; configs/common.py states every
@@ -264,15 +265,14 @@ def resolve(config, overridden=()):
   """Computes the derived fields of `config` (in place; returned) and checks it.
 
   `overridden`: the dotted fields the command line set (`--config.a.b=...` -> "a.b"); a
-  derived field among them is an error naming its source.
+  derived field among them is an error naming its source, unless it agrees with it.
   """
-  rules = DERIVED[kind(config)]
-  for target, source, _ in rules:
-    if target in overridden:
+  for target, source, how in DERIVED[kind(config)]:
+    value = how(_get(config, source))
+    if target in overridden and _get(config, target) != value:
       raise ValueError(f"--config.{target}: {target} follows {source}; set "
                        f"--config.{source} instead")
-  for target, source, how in rules:
-    _set(config, target, how(_get(config, source)))
+    _set(config, target, value)
   if kind(config) == "remote":
     check_model(config.model)
     check_padding_cut(config)
