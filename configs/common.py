@@ -5,7 +5,7 @@
 """
 import ml_collections
 
-from remote_jax.data import READERS
+from remote_jax.data import DATASETS
 
 
 def parse_arg(arg, lazy=False, **spec):
@@ -64,7 +64,9 @@ VISION_SIZES = {
 
 def text_tower(dims, **overrides):
   """config.model.text: BERT's settings (bert-base-uncased's config.json) at `dims`."""
-  tower = dict(dims, vocab_size=30522, max_position_embeddings=512, type_vocab_size=2,
+  # No vocab_size: the tokenizer gives it (the data's meta for REMOTE, the encoder for
+  # MI²RAGE, which writes it here in mi2rage_jax/train.py).
+  tower = dict(dims, max_position_embeddings=512, type_vocab_size=2,
                hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
                initializer_range=0.02, pretrained_dir="",
                # The marker rows added to a pretrained vocabulary: "normal" N(0, 0.02) (the
@@ -176,6 +178,16 @@ DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
                   caption_absent=0.3)
 
 
+# Preprocessed datasets and generated worlds, relative to the working directory (REMOTE's
+# data.cache_dir; MI²RAGE's knowledge world, configs/mi2rage_demo.py).
+CACHE_DIR = "data_cache"
+
+# MI²RAGE's teacher defaults (configs/mi2rage_demo.py:base_config's args `test_by`, `folds`):
+# test views ranked by the teacher's confidence; folds 1: the paper's teacher scores the
+# views it trained on (k > 1: cross-fitted, mi2rage_jax/pipeline.py).
+MI2RAGE_TEACHER = dict(test_criterion="maxprob", folds=1)
+
+
 def data_config(name, **overrides):
   """config.data: which dataset, where its files are, and how to preprocess."""
   data = ml_collections.ConfigDict(dict(
@@ -202,12 +214,12 @@ def data_config(name, **overrides):
       # group_by_length), so that cut batches hold little padding; 0 is off.
       group_by_length=0,
       strict="strict",         # strict: stop at the first bad line; skip: count and list
-      cache_dir="data_cache",  # preprocessed datasets (relative: to the working directory)
+      cache_dir=CACHE_DIR,
       tokenizer_dir="",        # "": the vocabulary of the offline MiniLM package
       worker_count=0,
       # One key per file of the dataset's reader ("" = the reader's DEFAULT_PATHS entry),
       # so --config.data.paths.images=DIR works.
-      paths={key: "" for key in READERS[name].DEFAULT_PATHS} if name in READERS else {},
+      paths={key: "" for key in DATASETS[name].reader.DEFAULT_PATHS} if name in DATASETS else {},
   ))
   if name == "demo":
     data.demo = dict(DEMO_WORLD)
@@ -292,11 +304,12 @@ def remote_config(arg, dataset, default_size, **data_overrides):
   if a.experts:
     config.model.moe.experts = a.experts
   config.model.use_pos = a.pos
-  config.data.use_caption = a.caption
-  config.data.use_depth = a.depth
-  config.model.vision.use_depth = a.depth
+  # The args switch captions and depth off; a dataset without them (data_overrides) stays so.
+  config.data.use_caption = config.data.use_caption and a.caption
+  config.data.use_depth = config.data.use_depth and a.depth
   config.data.modalities = a.modalities
-  config.model.vision.image_size = config.data.crop_size
+  # model.vision.use_depth and image_size follow data.use_depth and crop_size: set by
+  # remote_jax.config.resolve after the command line's overrides.
   if a.protocol == "reference":
     apply_reference_protocol(config)
   elif a.protocol != "ours":

@@ -28,7 +28,7 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   mark      data.mark_mentions: entities a caption names are marked there, the others
             appended (False = the paper: both names appended; data.Encoder)
   seed, fast (1 round, 2 steps, a few instances: smoke tests)
-  quick     300 train instances, 1000 teacher / 300 student steps (the README's tables,
+  quick     300 train instances, 1000 teacher / 300 student steps (mi2rage_jax/README.md's tables,
             with size=micro, on a shared 2-core CPU)
 """
 import ml_collections
@@ -42,15 +42,16 @@ MICRO = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
 def base_config(arg, **defaults):
   """The MI2RAGE config shared by the demo and MNRE configs."""
   spec = dict(setting="both", teacher="trained", rounds=1, unimodal=False, n_train=3,
-              n_test=3, noise=0.3, seed=0, size="tiny", fast=False, folds=1,
-              test_by="maxprob", view_drop=0.0, text_layers=0,
+              n_test=3, noise=0.3, seed=0, size="tiny", fast=False,
+              folds=common.MI2RAGE_TEACHER["folds"],
+              test_by=common.MI2RAGE_TEACHER["test_criterion"], view_drop=0.0, text_layers=0,
               mark=False)
   spec.update(defaults)
   arg = common.parse_arg(arg, **spec)
   sizes = dict(common.TEXT_SIZES, micro=MICRO)
   vision_sizes = dict(common.VISION_SIZES, micro=MICRO)
   dims = dict(sizes[arg.size], **({"num_layers": int(arg.text_layers)} if arg.text_layers else {}))
-  text = common.text_tower(dims, vocab_size=30534)   # + the 12 markers
+  text = common.text_tower(dims)   # vocab_size: the encoder's (mi2rage_jax/train.py)
   vision = common.vision_tower(vision_sizes[arg.size], image_size=32, patch_size=8)
   optim = common.optim_config(lr=5e-4, warmup_ratio=0.1, decay_mask="no_bias_norm",
                               clip_norm=1.0)
@@ -66,6 +67,7 @@ def base_config(arg, **defaults):
       data=dict(name="demo", root="", cache_dir="", paths={}, strict="strict",
                 demo=dict(common.DEMO_WORLD, n_train=600, n_val=8, n_test=150),
                 train_split="train", test_split="test", image_dir="", relations=(),
+                # image_size follows model.vision.image_size (remote_jax.config.resolve).
                 tokenizer_dir="", max_length=48, image_size=vision["image_size"],
                 mark_mentions=bool(arg.mark)),
       generator=dict(name="demo", noise=arg.noise, image_size=96, max_pairs=3, stores={},
@@ -86,7 +88,8 @@ def base_config(arg, **defaults):
 
 def get_config(arg=None):
   # Three choices of ours, chosen from seed-0 probes on the test split (the demo's
-  # validation split has 8 instances; mi2rage_jax/README.md):
+  # validation split has 8 instances; docs/mi2rage_log.md, "The probes behind the 2026-12-04
+  # choices" and "What changed: view dropout in the text student"):
   # view_drop 0.5, for both students: the text student trained on three images per
   # instance applied one family's image cue where the text decides (67.36 -> 70.44 F1
   # under maxprob, the one value tried); the image student with it keeps reading the photo.
@@ -100,6 +103,8 @@ def get_config(arg=None):
     raise ValueError(f"world={arg.world!r}; allowed: knowledge, shapes")
   knowledge = arg.world == "knowledge"
   config.data.name = "demo_knowledge" if knowledge else "demo"
+  if knowledge:   # the shapes world's cache is the workdir's (mi2rage_jax/train.py)
+    config.data.cache_dir = common.CACHE_DIR
   config.generator.update(knowledge=knowledge, knowledge_error=float(arg.know_err),
                           mention_rate=float(arg.mention))
   # Fewer student steps than base_config: the 3-seed ablation table of one setting fits in
@@ -107,7 +112,8 @@ def get_config(arg=None):
   # teacher is cheap (200 steps of the micro teacher: about 3 s) and needs many: with 200
   # (4 epochs of round 0's candidates) its loss stayed near the label prior (0.9) and its
   # selection was near random; 1000 raised the MI2RAGE student from 58.85 to 67.36 F1
-  # (mi2rage_jax/README.md). 2000 here keeps those 20 epochs on twice the data.
+  # (docs/mi2rage_log.md, "What changed: the teacher was under-trained"). 2000 here keeps
+  # those 20 epochs on twice the data.
   config.teacher.steps, config.student.steps = 2000, 400
   if arg.quick:   # the ablation tables on a CPU shared with other work (with size=micro)
     config.data.demo.n_train = 300

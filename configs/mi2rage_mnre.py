@@ -41,7 +41,7 @@ def get_config(arg=None):
     config.settings = ("no_real_image",)
   config.data.update(
       name=arg.dataset, root=arg.root, test_split=arg.test, image_dir=arg.images,
-      max_length=128, image_size=224)
+      max_length=128)
   del config.data.demo
   config.model.text.update(pretrained_dir=arg.bert)
   config.model.vision.update(image_size=224, patch_size=16, pretrained_dir=arg.clip)

@@ -13,5 +13,4 @@ from configs import common
 def get_config(arg=None):
   config = common.remote_config(arg, "mnre", default_size="base", max_length=128,
                                 num_objects=1, crop_size=64, use_caption=False)
-  config.data.use_caption = False
   return config

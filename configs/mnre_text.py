@@ -18,8 +18,8 @@ MOT, no MMoE, so no path from the empty image to a text triplet):
 
 Options, off by default: --config.data.text_augment=0.3 (MI²RAGE's text augmentation;
 on the baseline, seed 0, dev F1 56.07 against 58.44: docs/benchmarks.md),
---config.optim.layer_decay=0.9 (layer-wise lr decay; seeds 0-2: 59.07, 57.51, 59.42, 58.67 +- 1.02
-against 58.56, 57.93, 57.57, 58.02 +- 0.50: the best found, not separated),
+--config.optim.layer_decay=0.9 (layer-wise lr decay: the best option found, not separated
+from the default over seeds 0-2; docs/benchmarks.md, "Layer-wise learning-rate decay"),
 --config.data.group_by_length=32 (1.8x faster, 57.00 against 58.56 on seed 0),
 --config.model.head.dropout=0.1 (58.34 against 58.56 on seed 0),
 --config.optim.lr=2e-4 --config.optim.groups.new.lr_mult=5.0 (55.97 against 58.56 on seed 0),
@@ -43,10 +43,8 @@ def get_config(arg=None):
   # max_length 56: MNRE-2's longest marked sentence (train and val) is 55 word pieces, so
   # nothing is cut, and the encoder runs 1.14x fewer positions than at 64.
   config = common.remote_config(arg, "mnre", default_size="minilm", max_length=56,
-                                num_objects=1, crop_size=32, use_caption=False)
-  config.data.use_caption = False
-  config.data.use_depth = False
-  config.model.vision.use_depth = False
+                                num_objects=1, crop_size=32, use_caption=False,
+                                use_depth=False)
   config.model.vision.patch_size = 16
   if not config.model.text.pretrained_dir and config.model.text.hidden_size == 384:
     config.model.text.pretrained_dir = minilm_dir()

@@ -19,8 +19,6 @@ from configs import common
 
 
 def get_config(arg=None):
-  config = common.remote_config(arg, "umre", default_size="base", max_length=128,
-                                num_objects=12, crop_size=64)
-  config.model.vision.patch_size = 32 if config.model.vision.hidden_size == 768 else \
-      config.model.vision.patch_size
-  return config
+  # data_config's and model_config's defaults are UMRE's (128 word pieces, 12 objects,
+  # 64 px crops, ViT-B/32 patches).
+  return common.remote_config(arg, "umre", default_size="base")

@@ -26,6 +26,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from remote_jax import config as config_lib
 from remote_jax import errors
 
 # Installed next to remote_jax/ (pyproject installs the top-level configs package).
@@ -67,12 +68,17 @@ def resolve_config(value):
 
 
 def load_config(value):
-  """The ConfigDict of `--config=value`, without overrides."""
+  """The resolved ConfigDict of `--config=value`, without overrides (remote_jax/config.py)."""
   path, sep, arg = resolve_config(value).partition(":")
   spec = importlib.util.spec_from_file_location("config_file", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  return module.get_config(arg) if sep else module.get_config()
+  return config_lib.resolve(module.get_config(arg) if sep else module.get_config())
+
+
+def overridden_fields(argv):
+  """The dotted fields that `--config.a.b=...` flags in `argv` set ("a.b")."""
+  return tuple(m.group(2) for m in map(_OVERRIDE.match, argv) if m)
 
 
 def _resolve_argv(argv):
@@ -132,6 +138,8 @@ def parse_flags(argv):
     rest = flags.FLAGS(argv)
     config = flags.FLAGS["config"].value
     config.get("data")  # a config that failed to load raises here, not later in main
+    # Derived fields follow their sources after the overrides; the checks run here.
+    config_lib.resolve(config, overridden_fields(argv))
   except Exception as e:  # flags, ml_collections and absl raise many types; all are usage
     if os.environ.get("REMOTE_JAX_TRACEBACK"):
       raise

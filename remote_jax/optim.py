@@ -56,9 +56,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-KEYS = ("name", "lr", "schedule", "warmup_ratio", "warmup_steps", "b1", "b2", "eps",
-        "weight_decay", "decay_mask", "clip_norm", "grad_accum", "groups", "frozen_patterns",
-        "layer_decay", "layer_decay_pattern", "ema")
+from remote_jax import config as config_lib
+
 GROUP_KEYS = ("pattern", "lr_mult", "weight_decay")
 FROZEN, DEFAULT = "frozen", "default"
 _NORM_RE = re.compile(r"norm|(^|/)ln[^/]*/|(^|/)(bias|scale)$", re.IGNORECASE)
@@ -77,38 +76,16 @@ def path_str(path) -> str:
   return "/".join(parts)
 
 
-def _as_dict(x) -> dict:
-  if x is None:
-    return {}
-  return x.to_dict() if hasattr(x, "to_dict") else dict(x)
-
-
-def _resolve(config) -> dict:
-  cfg = _as_dict(config)
-  unknown = sorted(set(cfg) - set(KEYS))
-  if unknown:
-    raise ValueError(f"optim config: unknown key(s) {unknown}; allowed: {sorted(KEYS)}")
-  missing = [k for k in KEYS if k not in cfg]
-  if missing:
-    raise ValueError(f"optim config: {missing} not set (configs/common.py:optim_config sets "
-                     "every key)")
-  if not 0.0 <= float(cfg["ema"]) < 1.0:
-    raise ValueError(f"optim.ema={cfg['ema']}: the average's decay must be in [0, 1) (0: off)")
-  if cfg["name"] != "adamw":
-    raise ValueError(f"optim.name: only 'adamw' is implemented, got {cfg['name']!r}")
-  return cfg
-
-
 def _groups(spec) -> tuple[list[tuple[str, dict]], bool]:
   """[(name, spec)] and whether order decides (a sequence) or overlap is an error."""
   if not spec:
     return [], False
   ordered = not isinstance(spec, Mapping) and not hasattr(spec, "items")
-  items = list(spec) if ordered else list(_as_dict(spec).items())
+  items = list(spec) if ordered else list(config_lib.as_dict(spec).items())
   out = []
   for item in items:
     name, g = item
-    g = _as_dict(g)
+    g = config_lib.as_dict(g)
     if name in (FROZEN, DEFAULT):
       raise ValueError(f"optim group name {name!r} is reserved")
     unknown = sorted(set(g) - set(GROUP_KEYS))
@@ -126,7 +103,7 @@ def param_labels(config, params) -> Any:
   Frozen patterns win over groups. Raises if a pattern matches nothing or, for
   a mapping of groups, if a parameter matches two groups.
   """
-  cfg = _resolve(config)
+  cfg = config_lib.optim_settings(config)
   groups, ordered = _groups(cfg["groups"])
   frozen = [re.compile(p) for p in (cfg["frozen_patterns"] or ())]
   compiled = [(name, re.compile(g["pattern"])) for name, g in groups]
@@ -156,7 +133,7 @@ def param_labels(config, params) -> Any:
 
 def layer_depths(cfg, params) -> Any:
   """Each leaf's depth below the top layer for layer_decay (0 outside the pattern)."""
-  cfg = _resolve(cfg)
+  cfg = config_lib.optim_settings(cfg)
   rx = re.compile(cfg["layer_decay_pattern"])
 
   def index(path, _):
@@ -180,7 +157,7 @@ def layer_depths(cfg, params) -> Any:
 def labels_with_depth(cfg, params) -> Any:
   """param_labels, with "@depth" appended where layer_decay applies."""
   labels = param_labels(cfg, params)
-  if float(_resolve(cfg)["layer_decay"]) == 1.0:
+  if float(config_lib.optim_settings(cfg)["layer_decay"]) == 1.0:
     return labels
   return jax.tree_util.tree_map(
       lambda label, depth: label if label == FROZEN or depth == 0 else f"{label}@{depth}",
@@ -235,7 +212,7 @@ def make_optimizer(config, params, total_steps: int):
   Returns the base schedule (lr_mult 1) for logging; group g uses
   lr_mult_g * schedule. See the module docstring for the config.
   """
-  cfg = _resolve(config)
+  cfg = config_lib.optim_settings(config)
   rate = float(cfg["layer_decay"])
   if not 0.0 < rate <= 1.0:
     raise ValueError(f"optim.layer_decay={rate}: in (0, 1]; 1.0 turns it off")

@@ -150,13 +150,6 @@ def _nest_ot(diags: Mapping[str, Any]) -> dict[str, Mapping[str, float]]:
   return out
 
 
-def uniform_plans(diags: Mapping[str, Mapping[str, float]],
-                  uniform_tol: float = UNIFORM_TOL) -> list[str]:
-  """Keys of `aux["ot"]` whose plan is (near) uniform: uniform_deviation < tol."""
-  return sorted(k for k, d in _nest_ot(diags).items()
-                if float(d.get("uniform_deviation", np.inf)) < uniform_tol)
-
-
 def ot_diagnostics(diags: Mapping[str, Mapping[str, float]], path: str | os.PathLike,
                    uniform_tol: float = UNIFORM_TOL, figsize=(12, 3.5), dpi=100) -> str:
   """uniform_deviation, plan_entropy and marginal_error against level, one line

@@ -9,22 +9,11 @@ import flax
 import jax
 import jax.numpy as jnp
 
-from remote_jax.data.tokenizer import MARKERS, PUNCT_MARKERS
+from remote_jax import config as config_lib
+from remote_jax.data.tokenizer import MARKERS
 from remote_jax.models import convert
 
 log = logging.getLogger(__name__)
-
-
-def marker_pieces(text_config):
-  """The word pieces whose rows the marker rows copy (model.text.marker_init); () for
-  "normal" (N(0, 0.02))."""
-  inits = {"normal": (), "punct": PUNCT_MARKERS}
-  init = text_config["marker_init"]
-  if init not in inits:
-    pieces = " ".join(dict.fromkeys(PUNCT_MARKERS))
-    raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
-                     f"released code's) or 'punct' (copies of the rows of {pieces})")
-  return inits[init]
 
 
 def load_pretrained(params, model_config, seed, **vision):
@@ -39,7 +28,7 @@ def load_pretrained(params, model_config, seed, **vision):
   vision_dir = model_config.vision.get("pretrained_dir", "")
   if text_dir and "text" in params:
     _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed,
-                                extra_like=marker_pieces(model_config.text))
+                                extra_like=config_lib.marker_pieces(model_config.text))
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:

@@ -13,11 +13,12 @@ import numpy as np
 import optax
 
 from remote_jax import checkpoint as ckpt_lib
+from remote_jax import config as config_lib
 from remote_jax import distributed, engine, errors, optim, sharding, writers, xla_cpu
 from remote_jax import metrics as metrics_lib
 from remote_jax.data import batch_spec, pipeline
 from remote_jax.models import remote
-from remote_jax.pretrained import load_pretrained, marker_pieces
+from remote_jax.pretrained import load_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -69,24 +70,11 @@ def abstract_batch(meta, batch_size, batch_sh):
   return batch_spec.abstract_batch(meta, batch_size, batch_sh)
 
 
-def check_padding_cut(config):
-  """Cutting padding (data.pad_to_multiple_of) leaves a masked model's outputs unchanged, not
-  the released code's, whose attention and transport see the padding."""
-  attends = {k: v for k, v in (("model.respect_masks", config.model.respect_masks),
-                               ("model.mot.mask", config.model.mot.mask)) if not v}
-  if config.data.pad_to_multiple_of and attends:
-    raise ValueError(f"data.pad_to_multiple_of={config.data.pad_to_multiple_of} with "
-                     f"{', '.join(f'{k}=False' for k in attends)}: this model attends padding "
-                     "(the released code's behaviour), so cutting it would change its outputs; "
-                     "set --config.data.pad_to_multiple_of=0 or mask the padding")
-
-
 def setup(config, total_steps=1, compile_train=False, pretrained=False):
   """REMOTE's Setup: model of config.model, mesh of config.mesh (`engine.build`), with the
   pretrained encoders of config.model loaded if `pretrained` (a scratch start)."""
   meta = pipeline.dataset_meta(config.data)
-  check_padding_cut(config)
-  marker_pieces(config.model.text)   # a bad value fails here, before compiling
+  config_lib.resolve(config)   # derived fields and every check, before compiling
   mesh = sharding.make_mesh(config.mesh)
   for field in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(mesh, config[field], field)

@@ -1,16 +1,22 @@
 """Datasets: readers (published formats) -> preprocessing -> tfds ArrayRecord cache -> grain.
 
-`DATASETS` maps `config.data.name` to a reader factory `fn(config.data) -> reader`; a reader
-has `relations`, `negative_id` and `read(split) -> (samples, validation)`.
+`DATASETS` maps `config.data.name` to its `Dataset`: the reader class (its DEFAULT_PATHS keys
+are config.data.paths' keys) and the factory `make(config.data) -> reader`; a reader has
+`relations`, `negative_id` and `read(split) -> (samples, validation)`.
 """
+from typing import Any, NamedTuple
+
 from remote_jax.data import mnre, more, synth, umre
 
+
+class Dataset(NamedTuple):
+  reader: type
+  make: Any
+
+
 DATASETS = {
-    "umre": umre.UmreReader.from_config,
-    "more": more.MoreReader.from_config,
-    "mnre": mnre.MnreReader.from_config,
-    "demo": synth.demo_reader,
+    "umre": Dataset(umre.UmreReader, umre.UmreReader.from_config),
+    "more": Dataset(more.MoreReader, more.MoreReader.from_config),
+    "mnre": Dataset(mnre.MnreReader, mnre.MnreReader.from_config),
+    "demo": Dataset(umre.UmreReader, synth.demo_reader),   # the demo world, read as UMRE
 }
-# The reader class behind each name: its DEFAULT_PATHS keys are config.data.paths' keys.
-READERS = {"umre": umre.UmreReader, "more": more.MoreReader, "mnre": mnre.MnreReader,
-           "demo": umre.UmreReader}

@@ -11,8 +11,8 @@ the stream), which makes a resumed run draw the same ones.
 import grain
 import numpy as np
 
+from remote_jax.config import setting
 from remote_jax.data.tokenizer import MARKERS
-from remote_jax.data.umre import setting
 
 OPENING = tuple(m for m in MARKERS if not m.startswith("</"))
 

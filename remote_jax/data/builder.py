@@ -18,10 +18,11 @@ import pathlib
 import tensorflow_datasets as tfds
 from etils import epath
 
+from remote_jax.config import cfg_get, setting
 from remote_jax.data import batch_spec, preprocess
 from remote_jax.data import tokenizer as tokenizer_lib
 from remote_jax.data.records import DataError
-from remote_jax.data.umre import SPLITS, cfg_get, setting
+from remote_jax.data.umre import SPLITS
 from remote_jax.writers import jsonable
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def make_reader(cfg):
   name = setting(cfg, "name")
   if name not in DATASETS:
     raise ValueError(f"data.name={name!r}; known datasets: {sorted(DATASETS)}")
-  return DATASETS[name](cfg)
+  return DATASETS[name].make(cfg)
 
 
 def make_tokenizer(cfg):

@@ -12,6 +12,7 @@ import threading
 import grain
 import numpy as np
 
+from remote_jax import config as config_lib
 from remote_jax.data import augment as augment_lib
 from remote_jax.data import batch_spec
 from remote_jax.data import builder as builder_lib
@@ -186,8 +187,8 @@ def _host(shard_index, shard_count):
 
 def text_augment(config_data):
   """The training map of `data.text_augment` (augment.py), or None where it is 0."""
-  rate = float(builder_lib.setting(config_data, "text_augment"))
-  augment_lib.check_settings(rate, float(builder_lib.setting(config_data, "text_augment_mask")))
+  rate = float(config_lib.setting(config_data, "text_augment"))
+  augment_lib.check_settings(rate, float(config_lib.setting(config_data, "text_augment_mask")))
   if rate == 0:
     return None
   return augment_lib.TextAugment.from_config(
@@ -220,9 +221,9 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
   source = get_builder(config_data).as_data_source(split)
   n = len(source)
   if n == 0:
-    raise ValueError(f"split {split!r} of {builder_lib.setting(config_data, 'name')} is empty")
-  multiple = int(builder_lib.setting(config_data, "pad_to_multiple_of"))
-  window = int(builder_lib.setting(config_data, "group_by_length")) if shuffle else 0
+    raise ValueError(f"split {split!r} of {config_lib.setting(config_data, 'name')} is empty")
+  multiple = int(config_lib.setting(config_data, "pad_to_multiple_of"))
+  window = int(config_lib.setting(config_data, "group_by_length")) if shuffle else 0
   if multiple < 0 or window < 0 or (window and not multiple):
     raise ValueError(f"data.pad_to_multiple_of={multiple}, data.group_by_length={window}: "
                      "give 0 (off) or a positive number; grouping by length saves nothing "
@@ -237,7 +238,7 @@ def build_map_dataset(config_data, split, *, batch_size, shuffle=False, seed=0, 
   # Padding rows (eval) fill the last global batch: each host gets whole batches.
   epoch_length = len(ds) if drop_remainder else -(-n // global_batch) * global_batch
   ds = BatchPlan(ds, epoch_length, global_batch=global_batch,
-                 max_length=int(builder_lib.setting(config_data, "max_length")),
+                 max_length=int(config_lib.setting(config_data, "max_length")),
                  lengths=example_lengths(config_data, split) if multiple or window else None,
                  multiple=multiple, window=window, seed=seed)
   ds = ds[shard_index::shard_count]

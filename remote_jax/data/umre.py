@@ -9,6 +9,7 @@ import os
 import pathlib
 from typing import ClassVar
 
+from remote_jax.config import cfg_get, setting  # umre.cfg_get: synth.py reads it
 from remote_jax.data import records
 from remote_jax.data.records import DataError
 
@@ -26,22 +27,6 @@ WHERE_FROM = {
     "mnre": "MNRE comes from github.com/thecharm/MNRE (mnre_txt/: mnre_train.txt, "
             "'mnre_val .txt', mnre_test.txt; images optional).",
 }
-
-
-def cfg_get(cfg, key, default=None):
-  """An optional field of a dict or an ml_collections ConfigDict; missing, None or "" give
-  `default`."""
-  value = None if cfg is None or key not in cfg else cfg[key]
-  return default if value is None or value == "" else value
-
-
-def setting(cfg, key):
-  """config.data.<key>. configs/common.py:data_config sets every setting, so a missing one
-  is a caller's mistake (a hand-made dict: start from data_config instead)."""
-  if cfg is None or key not in cfg:
-    raise ValueError(f"data.{key} is not set (configs/common.py:data_config sets every "
-                     "data setting)")
-  return cfg[key]
 
 
 class UmreReader:

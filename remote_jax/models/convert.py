@@ -20,7 +20,7 @@ import numpy as np
 from flax.traverse_util import unflatten_dict
 
 from remote_jax.errors import CheckpointError
-from remote_jax.models.encoders.bert import BertConfig, BertEncoder, read_config_json
+from remote_jax.models.encoders.bert import BertConfig, BertEncoder
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig, CLIPVisionTower
 
 log = logging.getLogger(__name__)
@@ -168,12 +168,6 @@ def _as_checkpoint_error(read, *args, **kwargs):
     raise
   except ValueError as e:  # config errors already name the file and the field
     raise CheckpointError(str(e)) from None
-
-
-def read_hf_config(path) -> dict:
-  """The raw config.json of a local HF checkpoint directory."""
-  config_path = _read_config_path(pathlib.Path(path))
-  return _as_checkpoint_error(read_config_json, config_path)[0]
 
 
 def _read_config(cls, path: pathlib.Path, **overrides):

@@ -15,6 +15,9 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# config.model.dtype -> the compute dtype (remote.py, moe.py).
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 
 def uniform_init(bound: float) -> Callable:
   """U(-bound, bound)."""

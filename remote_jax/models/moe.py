@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from remote_jax.models.layers import (
   ACTIVATIONS,
+  DTYPES,
   MultiHeadCrossAttention,
   TorchDense,
   gather_rows,
@@ -32,7 +33,6 @@ from remote_jax.models.layers import (
 )
 
 Dtype = Any
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 EXPERT_GROUPS = ("V", "V2T", "T2V", "T")   # the order of eq. 11
 
 

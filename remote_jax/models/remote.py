@@ -19,63 +19,13 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from remote_jax import config as config_lib
 from remote_jax.models import heads as heads_lib
 from remote_jax.models import moe as moe_lib
 from remote_jax.models.encoders import bert as bert_lib
 from remote_jax.models.encoders import clip_vit as clip_lib
-from remote_jax.models.fusion import FUSIONS
-from remote_jax.models.layers import TorchDense, masked_mean
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def bert_config(cfg, vocab_size):
-  t = cfg.text
-  return bert_lib.BertConfig(
-      vocab_size=vocab_size, hidden_size=t.hidden_size, num_layers=t.num_layers,
-      num_heads=t.num_heads, intermediate_size=t.intermediate_size,
-      max_position_embeddings=t.max_position_embeddings,
-      type_vocab_size=t.type_vocab_size, hidden_dropout=t.hidden_dropout,
-      attention_dropout=t.attention_dropout, layer_norm_eps=t.layer_norm_eps,
-      initializer_range=t.initializer_range)
-
-
-def clip_config(cfg):
-  v = cfg.vision
-  return clip_lib.CLIPVisionConfig(
-      image_size=v.image_size, patch_size=v.patch_size,
-      hidden_size=v.hidden_size, num_layers=v.num_layers,
-      num_heads=v.num_heads, intermediate_size=v.intermediate_size,
-      layer_norm_eps=v.layer_norm_eps, use_cls=v.use_cls,
-      use_depth=v.use_depth, attention_dropout=v.attention_dropout,
-      initializer_range=v.initializer_range)
-
-
-def mot_levels(cfg_mot, num_layers):
-  """Target levels that get OT fusion, and each one's source levels."""
-  first = 2 if cfg_mot.source_levels == "skip_previous" else 1
-  if cfg_mot.source_levels not in ("all_below", "skip_previous"):
-    raise ValueError(
-        f"model.mot.source_levels={cfg_mot.source_levels!r}: allowed "
-        "'all_below' (paper eq. 5: levels 0..l-1) or 'skip_previous' "
-        "(released code: levels 0..l-2)")
-  if cfg_mot.variant == "none":
-    return {}
-  if cfg_mot.levels == "all":
-    targets = list(range(first, num_layers + 1))
-  else:
-    try:
-      targets = sorted({int(x) for x in str(cfg_mot.levels).split(",") if x})
-    except ValueError as e:
-      raise ValueError(f"model.mot.levels={cfg_mot.levels!r}: 'all' or a "
-                       "comma list of level indices") from e
-    bad = [t for t in targets if not first <= t <= num_layers]
-    if bad:
-      raise ValueError(f"model.mot.levels: {bad} out of range; allowed "
-                       f"{first}..{num_layers} with source_levels="
-                       f"{cfg_mot.source_levels!r}")
-  stop = 1 if cfg_mot.source_levels == "skip_previous" else 0
-  return {t: tuple(range(0, t - stop)) for t in targets}
+from remote_jax.models.fusion import make_fusion
+from remote_jax.models.layers import DTYPES, TorchDense, masked_mean
 
 
 def _fuse(block, query, query_mask, sources, source_masks, deterministic):
@@ -102,9 +52,6 @@ def _fuse_per_object(block, query, query_mask, sources, source_masks, determinis
 # matrix and Sinkhorn solve from the stored levels instead of keeping them.
 _fuse_remat = nn.checkpoint(_fuse, static_argnums=(5,))
 _fuse_per_object_remat = nn.checkpoint(_fuse_per_object, static_argnums=(5, 6))
-VISION_SCOPES = ("object", "image")
-BOX_POSITIONS = ("post_norm", "pre_norm")
-DEPTH_SUMMARIES = ("off", "post_norm")
 
 
 class RemoteModel(nn.Module):
@@ -115,46 +62,26 @@ class RemoteModel(nn.Module):
 
   def setup(self):
     cfg = self.cfg
+    config_lib.check_model(cfg)
     self.dtype = DTYPES[cfg.dtype]
-    self.text = bert_lib.BertEncoder(bert_config(cfg, self.vocab_size),
-                                     dtype=self.dtype, remat=cfg.remat, name="text")
-    self.vision = clip_lib.CLIPVisionTower(clip_config(cfg), dtype=self.dtype,
-                                           remat=cfg.remat, name="vision")
+    self.text = bert_lib.BertEncoder(
+        bert_lib.BertConfig.from_config(cfg.text, vocab_size=self.vocab_size),
+        dtype=self.dtype, remat=cfg.remat, name="text")
+    self.vision = clip_lib.CLIPVisionTower(clip_lib.CLIPVisionConfig.from_config(cfg.vision),
+                                           dtype=self.dtype, remat=cfg.remat, name="vision")
     d = cfg.vision.hidden_size
-    if cfg.text.hidden_size != d:
-      raise ValueError(
-          f"model.text.hidden_size={cfg.text.hidden_size} and "
-          f"model.vision.hidden_size={d} must match (fusion works in one width)")
     self.num_layers = cfg.text.num_layers
-    self.levels = mot_levels(cfg.mot, self.num_layers)
-    if cfg.mot.variant not in FUSIONS:
-      raise ValueError(f"model.mot.variant={cfg.mot.variant!r}: allowed "
-                       f"{sorted(FUSIONS)}")
-    build = FUSIONS[cfg.mot.variant]
-    self.mot_text = {str(t): build(dict(cfg.mot), d, f"mot_text_{t}")
+    self.levels = config_lib.mot_levels(cfg.mot, self.num_layers)
+    self.mot_text = {str(t): make_fusion(dict(cfg.mot), d, f"mot_text_{t}")
                      for t in self.levels}
-    self.mot_vision = {str(t): build(dict(cfg.mot), d, f"mot_vision_{t}")
+    self.mot_vision = {str(t): make_fusion(dict(cfg.mot), d, f"mot_vision_{t}")
                        for t in self.levels}
-    if cfg.mot.vision_scope not in VISION_SCOPES:
-      raise ValueError(f"model.mot.vision_scope={cfg.mot.vision_scope!r}: allowed "
-                       f"{list(VISION_SCOPES)}")
-    if cfg.mot.vision_scope == "object" and cfg.co_encoder:
-      raise ValueError("model.mot.vision_scope='object' needs model.co_encoder=False (the "
-                       "co-encoder pools each object to one token; use 'image')")
-    if cfg.box_position not in BOX_POSITIONS:
-      raise ValueError(f"model.box_position={cfg.box_position!r}: allowed {list(BOX_POSITIONS)}")
-    if cfg.moe.variant not in moe_lib.MMOE:
-      raise ValueError(f"model.moe.variant={cfg.moe.variant!r}: allowed "
-                       f"{sorted(moe_lib.MMOE)}")
-    self.moe = moe_lib.MMOE[cfg.moe.variant](dict(cfg.moe, dtype=cfg.dtype), d, "moe")
+    self.moe = moe_lib.make_moe(dict(cfg.moe, dtype=cfg.dtype), d, "moe")
     self.head = heads_lib.RelationHead(
         num_classes=self.num_classes, hidden=tuple(cfg.head.hidden),
         dropout=cfg.head.dropout, use_desc=cfg.head.use_desc,
         object_without_marker=cfg.head.object_without_marker,
         dtype=self.dtype, name="head")
-    if cfg.depth_summary not in DEPTH_SUMMARIES:
-      raise ValueError(f"model.depth_summary={cfg.depth_summary!r}: allowed "
-                       f"{list(DEPTH_SUMMARIES)}")
     if cfg.depth_summary == "post_norm" and cfg.vision.use_depth and not cfg.co_encoder:
       # [mean, max] of an object's depth crop -> model width.
       self.depth_embed = TorchDense(d, kernel_axes=("position", "embed"),

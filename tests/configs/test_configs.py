@@ -7,8 +7,8 @@ import importlib
 
 import pytest
 
-from remote_jax import cli, optim
-from remote_jax.data import umre
+from remote_jax import cli
+from remote_jax import config as config_lib
 from remote_jax.data.builder import _HASHED
 from remote_jax.models import moe as moe_lib
 from remote_jax.models import remote
@@ -23,7 +23,8 @@ MI2RAGE = ["mi2rage_demo.py", "mi2rage_demo.py:fast,world=shapes", "mi2rage_mnre
 
 def load(name):
   file, _, arg = name.partition(":")
-  return importlib.import_module(f"configs.{file[:-3]}").get_config(arg or None)
+  config = importlib.import_module(f"configs.{file[:-3]}").get_config(arg or None)
+  return config_lib.resolve(config)
 
 
 def test_every_config_file_is_covered():
@@ -34,9 +35,9 @@ def test_every_config_file_is_covered():
 def test_remote_config_is_complete(name):
   config = load(name)
   for key in (*_HASHED, "cache_dir", "tokenizer_dir"):
-    umre.setting(config.data, key)
+    config_lib.setting(config.data, key)
   assert config.data.cache_dir   # "" would put the cache in the working directory itself
-  optim._resolve(config.optim)
+  config_lib.optim_settings(config.optim)
   model = config.model
   d = model.text.hidden_size
   for variant in FUSIONS:   # the mot section serves every variant, not just the chosen one
@@ -53,16 +54,16 @@ def test_mi2rage_optimisers_are_complete(name):
     cfg = dict(config[stage]["optim"])
     lr = cfg["lr"]
     for value in (lr.values() if isinstance(lr, dict) else [lr]):   # per-modality rates
-      resolved = optim._resolve(dict(cfg, lr=value))
-      assert resolved == dict(cfg, lr=value) and set(resolved) == set(optim.KEYS)
+      resolved = config_lib.optim_settings(dict(cfg, lr=value))
+      assert resolved == dict(cfg, lr=value) and set(resolved) == set(config_lib.OPTIM_KEYS)
 
 
 def test_a_missing_setting_names_its_field():
   config = load("demo.py")
   del config.data["strict"]
   with pytest.raises(ValueError, match=r"data\.strict is not set"):
-    umre.setting(config.data, "strict")
+    config_lib.setting(config.data, "strict")
   optim_cfg = dict(config.optim)
   del optim_cfg["b2"]
   with pytest.raises(ValueError, match=r"\['b2'\] not set"):
-    optim._resolve(optim_cfg)
+    config_lib.optim_settings(optim_cfg)

@@ -12,7 +12,7 @@ import pytest
 
 from configs import common
 from remote_jax import cli
-from remote_jax.data import READERS
+from remote_jax.data import DATASETS
 from tests.conftest import FAST_COMPILE, REPO
 
 
@@ -38,9 +38,9 @@ def test_resolve_config_names_paths_and_unknown(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name", ["umre", "more", "mnre", "demo"])
 def test_data_paths_hold_every_reader_key(name):
   config = cli.load_config(f"{'demo' if name == 'demo' else name}.py")
-  assert set(config.data.paths) == set(READERS[name].DEFAULT_PATHS)
+  assert set(config.data.paths) == set(DATASETS[name].reader.DEFAULT_PATHS)
   assert set(config.data.paths.values()) == {""}   # "" = the reader's default
-  assert set(common.data_config(name).paths) == set(READERS[name].DEFAULT_PATHS)
+  assert set(common.data_config(name).paths) == set(DATASETS[name].reader.DEFAULT_PATHS)
 
 
 def test_train_from_another_directory_reaches_the_data_root_line(tmp_path):
@@ -53,7 +53,7 @@ def test_train_from_another_directory_reaches_the_data_root_line(tmp_path):
 
 
 def test_dry_run_applies_every_path_override(tmp_path):
-  keys = sorted(READERS["umre"].DEFAULT_PATHS)
+  keys = sorted(DATASETS["umre"].reader.DEFAULT_PATHS)
   out = run("remote_jax.train", "--config=umre.py:runlocal", "--dry_run",
             *(f"--config.data.paths.{k}=/data/{k}" for k in keys), cwd=tmp_path)
   assert out.returncode == 0, out.stderr[-2000:]

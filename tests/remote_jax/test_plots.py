@@ -170,9 +170,7 @@ def test_ot_diagnostics(tmp_path):
                             "marginal_error": 1e-6}
            for mod, dev0 in (("text", 0.0), ("vision", 0.5))
            for lvl, dev in enumerate([dev0, dev0 + 1e-4, 0.3])}
-  assert plots.uniform_plans(diags) == ["text_0", "text_1"]
   flat = {f"{k}/{n}": v for k, d in diags.items() for n, v in d.items()}  # trainer's form
-  assert plots.uniform_plans(flat) == ["text_0", "text_1"]
   path = plots.ot_diagnostics(diags, tmp_path / "ot.png", figsize=(9, 3), dpi=40)
   assert png_size(path) == (360, 120)
   assert png_size(plots.ot_diagnostics(flat, tmp_path / "flat.png")) == (1200, 350)

@@ -18,6 +18,7 @@ import optax
 import pytest
 
 from remote_jax import checkpoint, engine, sharding, task
+from remote_jax import config as config_lib
 from remote_jax.models import remote
 from tests.conftest import C, make_batch, micro_config
 
@@ -185,12 +186,12 @@ def test_cutting_padding_is_refused_where_the_model_attends_it():
   from configs import mnre_text
   config = mnre_text.get_config()
   config.data.pad_to_multiple_of = 8
-  task.check_padding_cut(config)   # the paper's masks: cutting changes nothing
+  config_lib.check_padding_cut(config)   # the paper's masks: cutting changes nothing
   released = mnre_text.get_config("semantics=reference")
   released.data.pad_to_multiple_of = 8
   with pytest.raises(ValueError, match=r"model.respect_masks=False, model.mot.mask=False: "
                      r"this model attends padding .* --config.data.pad_to_multiple_of=0"):
-    task.check_padding_cut(released)
+    config_lib.check_padding_cut(released)
 
 
 class _BagOfTokens(nn.Module):

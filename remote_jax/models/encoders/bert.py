@@ -89,6 +89,13 @@ def check_heads(where: str, hidden_size: int, num_heads: int):
                      f"num_attention_heads {num_heads}")
 
 
+def fields_of(cls, cfg, **overrides) -> dict:
+  """The fields of the dataclass `cls` that `cfg` (a config section: a dict or ConfigDict,
+  extras ignored) sets, with `overrides`."""
+  names = {f.name for f in dataclasses.fields(cls)}
+  return {**{k: cfg[k] for k in names if k in cfg}, **overrides}
+
+
 @dataclasses.dataclass(frozen=True)
 class BertConfig:
   vocab_size: int
@@ -106,6 +113,12 @@ class BertConfig:
   @property
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
+
+  @classmethod
+  def from_config(cls, text, **overrides) -> "BertConfig":
+    """config.model.text (BertConfig's field names) -> BertConfig; `overrides` win (REMOTE's
+    vocab_size: its tokenizer's)."""
+    return cls(**fields_of(cls, text, **overrides))
 
   @classmethod
   def from_hf(cls, path_or_dict: PathOrDict) -> "BertConfig":

@@ -25,6 +25,7 @@ from remote_jax.models.encoders.bert import (
   attention_bias,
   check_heads,
   dense,
+  fields_of,
   hf_fields,
   layer_norm,
   multi_head_attention,
@@ -62,6 +63,11 @@ class CLIPVisionConfig:
   @property
   def num_tokens(self) -> int:
     return self.num_positions + self.num_patches * int(self.use_depth)
+
+  @classmethod
+  def from_config(cls, vision, **overrides) -> "CLIPVisionConfig":
+    """config.model.vision (CLIPVisionConfig's field names) -> CLIPVisionConfig."""
+    return cls(**fields_of(cls, vision, **overrides))
 
   @classmethod
   def from_hf(cls, path_or_dict: PathOrDict, **overrides) -> "CLIPVisionConfig":

@@ -1,53 +1,17 @@
 """The `none` block (the paper's "w/o MOT" ablation) and the plumbing every
-fusion block shares: config readers, call validation and diagnostic averaging.
+fusion block shares: call validation and diagnostic averaging.
 
 Config values come from one flat dict (`config.model.mot`), whose defaults live in
-configs/common.py:model_config and nowhere else: a missing key, or a bad value,
-raises ValueError naming the field.
+configs/common.py:model_config and nowhere else; the blocks read them through
+remote_jax/config.py (choice, flag, number): a missing key, or a bad value, raises
+ValueError naming the field.
 """
-import math
-
 import flax.linen as nn
 import jax.numpy as jnp
 
-FIELD = "model.mot"
+from remote_jax import config as config_lib
 
-
-def _get(cfg, key):
-  value = cfg.get(key) if cfg is not None else None
-  if value is None:
-    raise ValueError(f"{FIELD}.{key} is not set (configs/common.py:model_config sets every "
-                     "field of model.mot)")
-  return value
-
-
-def cfg_choice(cfg, key, allowed):
-  value = _get(cfg, key)
-  if value not in tuple(allowed):
-    raise ValueError(f"{FIELD}.{key}={value!r}: allowed values are {sorted(allowed)}")
-  return value
-
-
-def cfg_flag(cfg, key):
-  value = _get(cfg, key)
-  if type(value) is not bool:
-    raise ValueError(f"{FIELD}.{key}={value!r}: must be True or False")
-  return value
-
-
-def cfg_number(cfg, key, lo=-math.inf, hi=math.inf, lo_open=False,
-               hi_open=False, integer=False):
-  """A float (or int) in the interval lo..hi; `*_open` excludes the end."""
-  value = _get(cfg, key)
-  span = f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
-  kind = "an integer" if integer else "a number"
-  numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-  if integer and numeric and not float(value).is_integer():
-    numeric = False
-  if not numeric or not math.isfinite(value) or not (
-      (value > lo if lo_open else value >= lo) and (value < hi if hi_open else value <= hi)):
-    raise ValueError(f"{FIELD}.{key}={value!r}: must be {kind} in {span}")
-  return int(value) if integer else float(value)
+FIELD = config_lib.MOT
 
 
 def check_call(query, query_mask, source, source_mask, dim):

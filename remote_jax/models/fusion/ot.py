@@ -21,15 +21,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from remote_jax import config as config_lib
 from remote_jax.models.fusion import sinkhorn
-from remote_jax.models.fusion.none import (
-  FIELD,
-  batch_mean,
-  cfg_choice,
-  cfg_flag,
-  cfg_number,
-  prepare,
-)
+from remote_jax.models.fusion.none import FIELD, batch_mean, prepare
 from remote_jax.models.layers import TorchDense, layer_norm
 
 SOLVERS = ("ott", "jax")
@@ -196,24 +190,24 @@ class OTReference(nn.Module):
 def build_paper(cfg, dim, name):
   """ot_paper. The values (and why: epsilon 0.1, unrolled differentiation, ...) are in
   configs/common.py:model_config."""
-  solver = cfg_choice(cfg, "solver", SOLVERS)
-  diff = cfg_choice(cfg, "diff", DIFFS)
+  solver = config_lib.choice(cfg, "solver", SOLVERS)
+  diff = config_lib.choice(cfg, "diff", DIFFS)
   if solver == "jax" and diff == "implicit":
     raise ValueError(f"{FIELD}.diff='implicit' needs {FIELD}.solver='ott' "
                      f"(the plain-JAX solver is differentiated by unrolling)")
   return OTPaper(
       dim=dim,
-      epsilon=cfg_number(cfg, "epsilon", lo=0.0, lo_open=True),
-      iters=cfg_number(cfg, "iters", lo=1, integer=True),
-      cost=cfg_choice(cfg, "cost", sinkhorn.COSTS),
+      epsilon=config_lib.number(cfg, "epsilon", lo=0.0, lo_open=True),
+      iters=config_lib.number(cfg, "iters", lo=1, integer=True),
+      cost=config_lib.choice(cfg, "cost", sinkhorn.COSTS),
       diff=diff,
       solver=solver,
-      tau_a=cfg_number(cfg, "tau_a", lo=0.0, hi=1.0, lo_open=True),
-      tau_b=cfg_number(cfg, "tau_b", lo=0.0, hi=1.0, lo_open=True),
-      eps_init=cfg_number(cfg, "eps_init", lo=1.0),
-      eps_decay=cfg_number(cfg, "eps_decay", lo=0.0, hi=1.0, lo_open=True),
-      alpha_init=cfg_number(cfg, "alpha_init", lo=0.0, hi=1.0, lo_open=True, hi_open=True),
-      mask=cfg_flag(cfg, "mask"),
+      tau_a=config_lib.number(cfg, "tau_a", lo=0.0, hi=1.0, lo_open=True),
+      tau_b=config_lib.number(cfg, "tau_b", lo=0.0, hi=1.0, lo_open=True),
+      eps_init=config_lib.number(cfg, "eps_init", lo=1.0),
+      eps_decay=config_lib.number(cfg, "eps_decay", lo=0.0, hi=1.0, lo_open=True),
+      alpha_init=config_lib.number(cfg, "alpha_init", lo=0.0, hi=1.0, lo_open=True, hi_open=True),
+      mask=config_lib.flag(cfg, "mask"),
       name=name)
 
 
@@ -222,8 +216,8 @@ def build_reference(cfg, dim, name):
   (epsilon 0.5, iters 50, residual_init 1.0, no masks)."""
   return OTReference(
       dim=dim,
-      epsilon=cfg_number(cfg, "epsilon", lo=0.0, lo_open=True),
-      iters=cfg_number(cfg, "iters", lo=1, integer=True),
-      mask=cfg_flag(cfg, "mask"),
-      residual_init=cfg_number(cfg, "residual_init"),
+      epsilon=config_lib.number(cfg, "epsilon", lo=0.0, lo_open=True),
+      iters=config_lib.number(cfg, "iters", lo=1, integer=True),
+      mask=config_lib.flag(cfg, "mask"),
+      residual_init=config_lib.number(cfg, "residual_init"),
       name=name)

@@ -14,7 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from remote_jax.models.fusion.none import FIELD, batch_mean, cfg_flag, cfg_number, prepare
+from remote_jax import config as config_lib
+from remote_jax.models.fusion.none import FIELD, batch_mean, prepare
 from remote_jax.models.layers import uniform_init
 
 
@@ -82,9 +83,9 @@ class CrossAttentionFusion(nn.Module):
 def build(cfg, dim, name):
   """xattn: model.mot's num_heads (the text encoder's: 12 at 768, as released), mask and
   residual_init."""
-  heads = cfg_number(cfg, "num_heads", lo=1, integer=True)
+  heads = config_lib.number(cfg, "num_heads", lo=1, integer=True)
   if dim % heads:
     raise ValueError(f"{FIELD}.num_heads={heads}: must divide the width {dim}")
   return CrossAttentionFusion(
-      dim=dim, num_heads=heads, mask=cfg_flag(cfg, "mask"),
-      residual_init=cfg_number(cfg, "residual_init"), name=name)
+      dim=dim, num_heads=heads, mask=config_lib.flag(cfg, "mask"),
+      residual_init=config_lib.number(cfg, "residual_init"), name=name)

@@ -61,7 +61,7 @@ def test_readers_registry_and_paths_override(tmp_path):
   (root / "pos_umke.json").rename(root / "boxes.json")
   cfg = common.data_config("umre", root=str(root)).to_dict()
   cfg["paths"]["boxes"] = "boxes.json"
-  reader = DATASETS["umre"](cfg)
+  reader = DATASETS["umre"].make(cfg)
   assert len(reader.read("val")[0]) == 3
   with pytest.raises(ValueError, match="unknown keys"):
     umre.UmreReader(root, dict(boxs="x"))

@@ -21,7 +21,6 @@ from remote_jax.models.convert import (
   expected_shapes,
   load_bert,
   load_clip_vision,
-  read_hf_config,
 )
 from remote_jax.models.encoders import BertEncoder, CLIPVisionTower
 
@@ -197,12 +196,6 @@ def test_invalid_config_json(bert_dir, tmp_path, edit, expected):
   with pytest.raises(CheckpointError, match=expected) as e:
     load_bert(d)
   assert str(d / "config.json") in str(e.value)
-
-
-def test_read_hf_config(bert_dir, tmp_path):
-  assert read_hf_config(bert_dir)["vocab_size"] == 99
-  with pytest.raises(CheckpointError, match="no checkpoint directory"):
-    read_hf_config(tmp_path / "nowhere")
 
 
 def test_missing_directory_config_and_weights(bert_dir, tmp_path):
