@@ -99,7 +99,7 @@ def perturb(model, seed):
   import torch
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
-    for name, p in model.named_parameters():
+    for p in model.parameters():
       noise = torch.randn(p.shape, generator=g)
       if p.dim() <= 1:
         p.add_(0.2 * noise)
