@@ -94,8 +94,8 @@ def name_map(model_cfg) -> list:
             for i in _fusion_layers(model_cfg)
             for k, t, r in (("kernel", "weight", LINEAR), ("bias", "bias", FLAT))]
   if model_cfg.use_pos:
-    names += _dense("box_embed", f"{enc}.image_position_embeddings")
-  names += _norm("pool_norm", f"{enc}.layernorm")
+    names += [*_dense("box_embed", f"{enc}.image_position_embeddings"),
+              *_norm("pool_norm", f"{enc}.layernorm")]
   for level in remote_lib.mot_levels(model_cfg.mot, layers):
     for side in ("text", "vision"):
       names += _ot(f"mot_{side}_{level}", f"{enc}.{side}_ot_attention.{level - 1}",
@@ -126,7 +126,7 @@ def ignored_patterns(model_cfg) -> list[str]:
       r"(vision_and_text|text_and_vision)_k_proj\.",               # called with None
       rf"{enc}\.(vision|text)_ot_attention\.0\.",                  # OT runs from layer 1 on
       rf"{enc}\.(vision|text)_cross_attention_weights\.0$",
-  ]
+  ] + ([] if model_cfg.use_pos else [rf"{enc}\.(image_position_embeddings|layernorm)\."])
 
 
 def _check_reference(model_cfg):

@@ -184,6 +184,48 @@ def test_no_caption_path_differs_as_documented(fx, reference):
   assert max_diff(logits, fx.out["logits_nocap"]) > 1e-2
 
 
+# ------------------------------------------- outside the forward pass (docs/parity.md)
+
+
+def test_fusion_dense_starts_as_torch_linear():
+  """The release leaves its new fusion_dense at torch.nn.Linear's default init:
+  weight and bias ~ U(+-1/sqrt(fan_in)) (not BERT's N(0, 0.02) with a zero bias)."""
+  from remote_jax.models.encoders.bert import BertConfig, BertLayer
+  d, ff = 64, 256
+  config = BertConfig(vocab_size=10, hidden_size=d, num_layers=1, num_heads=4,
+                      intermediate_size=ff, max_position_embeddings=8, type_vocab_size=2,
+                      hidden_dropout=0.0, attention_dropout=0.0)
+  h = jax.numpy.ones((1, 3, d))
+  params = flax.linen.meta.unbox(BertLayer(config).init(
+      jax.random.key(0), h, None, True, ffn_extra=h)["params"])
+  bound = 1 / np.sqrt(d)
+  for name in ("kernel", "bias"):
+    x = np.asarray(params["fusion_dense"][name])
+    assert np.abs(x).max() <= bound
+    assert abs(x.std() - bound / np.sqrt(3)) < 0.1 * bound, name   # uniform, not N(0, .02)
+  assert np.asarray(params["intermediate"]["bias"]).std() == 0       # BERT's own layers: as before
+
+
+@pytest.mark.parametrize("use_pos", [False, True])
+def test_pooling_without_boxes_skips_the_layernorm(fx, use_pos):
+  """Released: `if position is not None: LN(pooled + box)`; without boxes the mean
+  over each object's tokens goes on as is."""
+  cfg = fixture_config(fx.meta, use_pos=use_pos)
+  model = remote.build(cfg, fx.meta["num_labels"], fx.vocab)
+  v = np.random.default_rng(0).normal(size=(2, 12 * 8, 32)).astype(np.float32)
+  batch = {"obj_boxes": np.full((2, 12, 5), 0.5, np.float32), "obj_mask": np.ones((2, 12), bool)}
+  args = (v, None, 8, batch, True)
+  pool = remote.RemoteModel.pool_objects
+  variables = model.init(jax.random.key(0), *args, method=pool)
+  pooled, _ = model.apply(variables, *args, method=pool)
+  mean = v.reshape(2, 12, 8, 32).mean(2)
+  if use_pos:
+    assert max_diff(pooled.std(-1), 1.0) < 1e-3           # LayerNorm'd (scale 1 at init)
+  else:
+    assert "pool_norm" not in variables.get("params", {})
+    np.testing.assert_allclose(pooled, mean, rtol=0, atol=1e-6)
+
+
 # ----------------------------------------------------------------- the converter
 
 
@@ -276,6 +318,10 @@ def test_regenerated_fixture_matches(tmp_path):
   cfg = fixture_config(new.meta)
   logits, _ = forward_fn(cfg, new)(new.convert(cfg), new.batch)
   assert max_diff(logits, new.out["logits"]) < 1e-5
+  # Without boxes (position=None) the release skips the pooling LayerNorm; so do we.
+  nobox = fixture_config(new.meta, use_pos=False)
+  logits, _ = forward_fn(nobox, new)(new.convert(nobox), new.batch)
+  assert max_diff(logits, new.out["logits_nobox"]) < 1e-5
   if new.meta["commit"] == old.meta["commit"]:   # same sources, same seeds: same fixture
     assert set(new.state) == set(old.state)
     assert max_diff(new.out["logits"], old.out["logits"]) < 1e-5
