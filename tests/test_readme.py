@@ -20,7 +20,8 @@ from remote_jax import cli
 from tests.conftest import FAST_COMPILE, REPO
 
 DOCS = ("README.md", "mi2rage_jax/README.md", "docs/benchmarks.md")
-CLIS = ("remote_jax.train", "remote_jax.evaluate", "remote_jax.predict", "mi2rage_jax.train")
+CLIS = ("remote_jax.train", "remote_jax.evaluate", "remote_jax.predict", "mi2rage_jax.train",
+        "remote_jax.models.released")
 
 
 def snippets(text):

@@ -146,9 +146,9 @@ class RemoteModel(nn.Module):
     """Released code after layer `pool_layer`: mean of each object's tokens + box."""
     b, n, d = v.shape
     pooled = v.reshape(b, n // t, t, d).mean(axis=2)
-    if self.cfg.use_pos:
+    if self.cfg.use_pos:   # without boxes the release skips the LayerNorm and dropout too
       pooled = pooled + self.box_embed(batch["obj_boxes"].astype(self.dtype))
-    pooled = self.pool_dropout(self.pool_norm(pooled), deterministic=deterministic)
+      pooled = self.pool_dropout(self.pool_norm(pooled), deterministic=deterministic)
     return pooled, batch["obj_mask"]
 
   # -- forward ----------------------------------------------------------------

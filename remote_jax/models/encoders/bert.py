@@ -284,7 +284,13 @@ class BertLayer(nn.Module):
     if ffn_extra is not None:
       if callable(ffn_extra):
         ffn_extra = ffn_extra(ctx.reshape(ctx.shape[:2] + (-1,)))
-      pre = pre + ffn_dense("fusion_dense")(ffn_extra)
+      # A new layer (no BERT checkpoint has it): torch.nn.Linear's default init, as the
+      # released code leaves it (docs/parity.md).
+      kernel_init, bias_init = layers.torch_linear_init(cfg.hidden_size, ("embed", "mlp"))
+      pre = pre + nn.DenseGeneral(
+          cfg.intermediate_size, dtype=self.dtype, param_dtype=self.param_dtype,
+          dot_general=layers.dot_general, kernel_init=kernel_init, bias_init=bias_init,
+          name="fusion_dense")(ffn_extra)
     out = dense(cfg.hidden_size, ("mlp",), ("embed",), std, self.dtype,
                 self.param_dtype, "output")(nn.gelu(pre, approximate=False))
     out = nn.Dropout(cfg.hidden_dropout)(out, deterministic=deterministic)
