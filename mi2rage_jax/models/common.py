@@ -109,3 +109,40 @@ def encode_image(module_name, cfg: CLIPVisionConfig, pixels, deterministic, dtyp
       pixels.reshape((-1,) + pixels.shape[-3:]), None, deterministic)
   h = states[-1]
   return h.reshape(lead + h.shape[-2:]), pooled.reshape(lead + pooled.shape[-1:])
+
+
+class RelationClassifier(nn.Module):
+  """The base of every teacher and student: a BERT ("text") over the batch's tokens and a
+  linear classifier ("classifier") over the relation features."""
+  text: Any                     # BertConfig
+  num_classes: int
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  def encode_tokens(self, tokens, deterministic):
+    """Last hidden state over tokens' input_ids, token_type_ids, attention_mask (..., L)."""
+    return encode_text("text", self.text, tokens["input_ids"], tokens["token_type_ids"],
+                       tokens["attention_mask"], deterministic, self.dtype)
+
+  def classify(self, x, deterministic):
+    return classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
+
+
+class CrossModalClassifier(RelationClassifier):
+  """A RelationClassifier with an image side: a CLIP tower ("vision"), its projection to the
+  text width ("vision_proj") and one CrossBlock ("cross")."""
+  vision: Any = None            # CLIPVisionConfig
+  num_heads: int = 4
+  mlp_dim: int = 128
+
+  def encode_pixels(self, pixels, deterministic):
+    """(..., H, W, 3) -> (last hidden state (..., T, D), pooled CLS (..., D))."""
+    return encode_image("vision", self.vision, pixels, deterministic, self.dtype)
+
+  def to_text_width(self, x, dim):
+    return project(x, dim, "vision_proj", self.dtype)
+
+  def cross_block(self):
+    """The CrossBlock; one instance, so a model that applies it twice shares its weights."""
+    return CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
+                      name="cross")
