@@ -35,6 +35,7 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from mi2rage_jax import batch_spec
 from mi2rage_jax import knowledge_world as world
 from remote_jax.data import mnre as mnre_lib
 from remote_jax.data import records, synth, umre
@@ -341,5 +342,5 @@ def _first(ids, token):
   return int(hits[0]) if len(hits) else -1
 
 
-def stack(encs, keys=("input_ids", "token_type_ids", "attention_mask", "subj_pos", "obj_pos")):
+def stack(encs, keys=batch_spec.TOKENS):
   return {k: np.stack([e[k] for e in encs]) for k in keys}

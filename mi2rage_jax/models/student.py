@@ -22,20 +22,14 @@ override what the text alone decides on another. ImageStudent: its caption becom
 entity names alone (the `names_*` keys), because the names are the query; without it the
 student trusted its captions and stopped reading the photo (mi2rage_jax/README.md).
 
-Batch keys:
-  ImageStudent: pixels (B,H,W,3); view_input_ids, view_token_type_ids,
-    view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N);
-    names_* (B,L) / (B,): the names-only encoding (read only by view dropout)
-  TextStudent: input_ids, token_type_ids, attention_mask (B,L); subj_pos, obj_pos (B,);
-    view_pixels (B,N,H,W,3); view_mask (B,N)
+Batch keys: batch_spec.KEYS["no_real_text"] (ImageStudent), ["no_real_image"] (TextStudent).
 """
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mi2rage_jax import batch_spec
 from mi2rage_jax.models import common
-
-CAPTION_KEYS = ("input_ids", "token_type_ids", "attention_mask", "subj_pos", "obj_pos")
 
 
 class ImageStudent(common.CrossModalClassifier):
@@ -43,7 +37,7 @@ class ImageStudent(common.CrossModalClassifier):
 
   @nn.compact
   def __call__(self, batch, deterministic: bool = True):
-    views = {k: batch[f"view_{k}"] for k in CAPTION_KEYS}
+    views = {k: batch[f"view_{k}"] for k in batch_spec.TOKENS}
     if self.view_dropout and not deterministic:   # training only
       # A dropped caption becomes the entity names alone (the unimodal student's input):
       # the query stays, what the caption says goes.

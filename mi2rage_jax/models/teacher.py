@@ -9,9 +9,8 @@ ImageTeacher input: one synthetic image and the entity names only,
              states attend over the image patch states (one CrossBlock),
              their concatenation -> linear classifier (fig. 3).
 
-Batch keys (B examples = B synthetic views):
-  text:  input_ids, token_type_ids, attention_mask (B, L) int32; subj_pos, obj_pos (B,)
-  image: pixels (B, H, W, 3) float32, and the entity-name tokens as above
+Batch keys (B examples = B synthetic views): batch_spec.KEYS["text_teacher"] and
+["image_teacher"].
 """
 import flax.linen as nn
 import jax.numpy as jnp
