@@ -78,7 +78,7 @@ TEMPLATES = {
     "owned_by": ("the shape {w} the {a} belongs to {p} .", "the shape {w} the {a} is owned by {p} ."),
 }
 SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "ne", "zo", "fa",
-              "gu", "pel", "ris", "tam", "ko", "vi", "sen")
+             "gu", "pel", "ris", "tam", "ko", "vi", "sen")
 ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
 # The world's parameters: config.data.demo (values: configs/common.py DEMO_WORLD).
 WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "caption_absent")
@@ -230,7 +230,7 @@ def _fill(rng, shapes, n, region=(0.0, 1.0), tries=60):
     if lo > hi:
       continue
     cand = Shape(size, float(rng.uniform(lo, hi)), float(rng.uniform(0.02 + h, 0.98 - h)),
-                  float(rng.uniform(1.0, 2.0)))
+                 float(rng.uniform(1.0, 2.0)))
     if _free(cand, shapes):
       shapes.append(cand)
   return len(shapes) >= n
@@ -264,7 +264,7 @@ def _referring_scene(rng, word, anchor_combo):
     size = _size(rng)
     h = SIZES[size] / 2
     anchor = Shape(size, float(rng.uniform(0.42, 0.7)), float(rng.uniform(0.02 + h, 0.98 - h)),
-                    float(rng.uniform(1.0, 2.0)))
+                   float(rng.uniform(1.0, 2.0)))
     shapes = [anchor]
     # Few tries per shape: a crowded layout is cheaper to redraw than to complete.
     if not (_fill(rng, shapes, 2, (0.0, anchor.cx - EO_MARGIN - 0.02), tries=10)
