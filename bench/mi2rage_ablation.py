@@ -49,15 +49,15 @@ def faithful_by_family(run_dir, n=3):
   candidates and of the first n of the final ranking (what the student sees), per example
   family of the knowledge world (kn_seen, kn_stated, oo, eo); {} for other worlds. For
   kn_seen and kn_stated also {split_all_consistent, split_kept_consistent}: the fraction
-  that shows the cue of the true label (demo.label_consistent), what the paper's teacher
+  that shows the cue of the true label (knowledge_world.label_consistent), what the paper's teacher
   selects for."""
-  from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
+  from mi2rage_jax import knowledge_world  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import views as views_lib  # pylint: disable=import-outside-toplevel
   data = json.loads((run_dir.parent / "config.json").read_text())["data"]
   sels = sorted((run_dir / "selections").glob("train_round*.json"))
   if data["name"] != "demo_knowledge" or not sels:
     return {}
-  rows = demo.examples(pathlib.Path("data_cache") / "demo", data["demo"])
+  rows = knowledge_world.examples(pathlib.Path("data_cache") / "demo", data["demo"])
   last = sels[-1].stem.split("round")[1]
   out = {}
   for split in ("train", "test"):
@@ -72,7 +72,7 @@ def faithful_by_family(run_dir, n=3):
         f.setdefault(f"{split}_{part}", []).extend(views[v].meta["faithful"] for v in ids)
         if cue:
           f.setdefault(f"{split}_{part}_consistent", []).extend(
-              demo.label_consistent(row, views[v].data) for v in ids)
+              knowledge_world.label_consistent(row, views[v].data) for v in ids)
   return {k: {p: sum(v) / len(v) for p, v in d.items()} for k, d in sorted(out.items())}
 
 

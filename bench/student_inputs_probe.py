@@ -47,8 +47,8 @@ def main():
 
   def logits(views, slots, real):
     return engine.predict(state, params, len(insts), int(cfg.student.eval_batch_size),
-                          lambda idx: run.student_batch([insts[k] for k in idx], views,
-                                                        slots, real))
+                          lambda idx: run.batches.student([insts[k] for k in idx], views,
+                                                           slots, real))
 
   empty = {i.id: [] for i in insts}
   preds = {"real image alone": logits(empty, 1, True).argmax(-1),

@@ -10,7 +10,8 @@ Args (`configs/mi2rage_demo.py:teacher=random,rounds=0,noise=0.5`):
   unimodal  train/test on the real training modality only
   n_train, n_test   synthetic views per instance in the student (fig. 5)
   world     knowledge (default: hidden facts that real images show and the generators
-            know imperfectly, demo.py) | shapes (the remote_jax demo world)
+            know imperfectly; mi2rage_jax/knowledge_world.py, demo_generators.py)
+            | shapes (the remote_jax demo world)
   noise     the demo generators' rate of label-irrelevant outputs
   know_err  the demo generators' rate of wrong knowledge per look-up
   mention   the captioner's rate of naming an emblem's organisation

@@ -4,8 +4,8 @@ Readers (`READERS[config.data.name](data_cfg) -> Dataset`):
   demo    the remote_jax demo world (data/synth.py) read as UMRE; an object
           entity '[OBJk]' is named by its caption without the article
           ("small red circle"); real images are the world's PNGs.
-  demo_knowledge  the knowledge world (demo.py): hidden facts that real images
-          show and the demo generators know imperfectly, plus the shape world's
+  demo_knowledge  the knowledge world (knowledge_world.py): hidden facts that real
+          images show and the demo generators know imperfectly, plus the shape world's
           object-object and entity-object examples.
   mnre    MNRE txt (remote_jax MnreReader); images from data.image_dir/<img_id>
           (needed only where the real image is used).
@@ -35,6 +35,8 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from mi2rage_jax import batch_spec
+from mi2rage_jax import knowledge_world as world
 from remote_jax.data import mnre as mnre_lib
 from remote_jax.data import records, synth, umre
 from remote_jax.data.pipeline import CLIP_MEAN, CLIP_STD
@@ -168,8 +170,27 @@ def read_webnlg(cfg):
 
 
 def read_demo_knowledge(cfg):
-  from mi2rage_jax import demo  # pylint: disable=import-outside-toplevel
-  return demo.read_world(cfg)
+  """The knowledge world (knowledge_world.py), written under data.root (or
+  <data.cache_dir>/demo) if needed; scores per family (kn_seen is where only the image
+  decides)."""
+  params = {k: dict(cfg.demo)[k] for k in world.WORLD_KEYS}
+  root = cfg.root or pathlib.Path(cfg.cache_dir) / "demo"
+  directory = world.ensure_world(root, params)
+  relations = list(synth.RELATIONS)
+  index = {r: i for i, r in enumerate(relations)}
+  splits, buckets = {}, {}
+  for split in (cfg.train_split, cfg.test_split):
+    insts = []
+    for row, line in enumerate((directory / f"{split}.jsonl").read_text().splitlines()):
+      d = json.loads(line)
+      ents = [records.Entity(e["name"], tuple(e["pos"]), e["is_object"])
+              for e in (d["head"], d["tail"])]
+      insts.append(Instance(f"{split}/{row}", split, tuple(d["tokens"]), ents[0], ents[1],
+                            str(directory / d["image"]), index[d["relation"]],
+                            d["triplet_type"], d["image"].rsplit("/", 1)[-1]))
+      buckets.setdefault(split, {}).setdefault(d["family"], []).append(row)
+    splits[split] = insts
+  return Dataset(splits, relations, index["none"], buckets=buckets)
 
 
 READERS = {"demo": read_demo, "demo_knowledge": read_demo_knowledge, "mnre": read_mnre,
@@ -321,5 +342,5 @@ def _first(ids, token):
   return int(hits[0]) if len(hits) else -1
 
 
-def stack(encs, keys=("input_ids", "token_type_ids", "attention_mask", "subj_pos", "obj_pos")):
+def stack(encs, keys=batch_spec.TOKENS):
   return {k: np.stack([e[k] for e in encs]) for k in keys}

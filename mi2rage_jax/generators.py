@@ -15,7 +15,7 @@ Entries:
                 whose parent is `parent`; `n` is not used (nothing is dropped).
                 A missing round or a kept parent without children is an error
                 naming the instance and the round.
-  demo          procedural generators over the demo worlds (demo.py), with a
+  demo          procedural generators over the demo worlds (demo_generators.py), with a
                 configurable rate of label-irrelevant outputs (`noise`) and, with
                 `knowledge`, imperfect knowledge of the knowledge world's facts
                 (`knowledge_error`, `mention_rate`).
@@ -24,6 +24,7 @@ import hashlib
 
 import numpy as np
 
+from mi2rage_jax import demo_generators
 from mi2rage_jax import views as views_lib
 from mi2rage_jax.views import View, ViewsStoreError
 
@@ -32,9 +33,8 @@ class DemoGenerator:
   name = "demo"
 
   def __init__(self, cfg, target):
-    from mi2rage_jax import demo
     self.target = target
-    self.gen = demo.DemoGenerators(
+    self.gen = demo_generators.DemoGenerators(
         noise=float(cfg.noise), image_size=int(cfg.image_size), max_pairs=int(cfg.max_pairs),
         knowledge_error=float(cfg.knowledge_error), mention_rate=float(cfg.mention_rate),
         knowledge=bool(cfg.knowledge))

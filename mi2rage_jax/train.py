@@ -31,8 +31,9 @@ def run(config, workdir, eval_views=()):
   """All settings of `config` in `workdir`; returns {setting: {"stages", "test", "eval"}}."""
   from mi2rage_jax import data as data_lib
   from mi2rage_jax import pipeline
+  from remote_jax import config as config_lib
   from remote_jax.writers import MetricWriter
-
+  config_lib.resolve(config)   # derived fields and checks (the CLI has done it already)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with config.unlocked():

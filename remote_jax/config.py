@@ -202,6 +202,9 @@ def marker_pieces(text_config):
 
 
 # MI²RAGE's teacher kinds and test-time criteria (mi2rage_jax/pipeline.py, selection.py).
+# oracle (demo generators only) keeps the views the generator made faithfully (its
+# `meta.faithful`, random among equals): what a perfect selection would give, an upper bound
+# for the analysis, never a method.
 TEACHER_KINDS = ("trained", "similarity", "random", "none", "oracle")
 TEST_CRITERIA = ("maxprob", "entropy", "agree", "real")
 

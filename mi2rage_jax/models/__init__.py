@@ -15,7 +15,7 @@ STUDENTS = {"no_real_text": ImageStudent, "no_real_image": TextStudent}
 def _kw(cls, model_cfg, num_classes):
   kw = dict(text=common.bert_config(model_cfg.text), num_classes=num_classes,
             dropout=float(model_cfg.dropout))
-  if cls is not TextTeacher:
+  if issubclass(cls, common.CrossModalClassifier):
     kw.update(vision=common.vision_config(model_cfg.vision),
               num_heads=int(model_cfg.cross_heads), mlp_dim=int(model_cfg.cross_mlp))
   return kw

@@ -16,22 +16,14 @@ from remote_jax.models.layers import MultiHeadCrossAttention, TorchDense, gather
 Dtype = Any
 
 
-def _fields(cls, cfg) -> dict:
-  cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
-  names = {f.name for f in dataclasses.fields(cls)}
-  return {k: v for k, v in cfg.items() if k in names}
-
-
 def bert_config(cfg) -> BertConfig:
   """config.model.text (BertConfig's field names; extras ignored). With
   `pretrained_dir` the sizes come from its config.json (vocab_size and dropout
   from `cfg`: the vocabulary includes the marker tokens)."""
-  fields = _fields(BertConfig, cfg)
   if cfg.get("pretrained_dir"):
-    keep = {k: fields[k] for k in ("vocab_size", "hidden_dropout", "attention_dropout")
-            if k in fields}
+    keep = {k: cfg[k] for k in ("vocab_size", "hidden_dropout", "attention_dropout") if k in cfg}
     return dataclasses.replace(BertConfig.from_hf(cfg["pretrained_dir"]), **keep)
-  return BertConfig(**fields)
+  return BertConfig.from_config(cfg)
 
 
 def vision_config(cfg) -> CLIPVisionConfig:
@@ -41,8 +33,7 @@ def vision_config(cfg) -> CLIPVisionConfig:
     return CLIPVisionConfig.from_hf(cfg["pretrained_dir"], image_size=cfg["image_size"],
                                     patch_size=cfg["patch_size"], use_cls=True,
                                     use_depth=False)
-  return CLIPVisionConfig(**{**_fields(CLIPVisionConfig, cfg), "use_cls": True,
-                             "use_depth": False})
+  return CLIPVisionConfig.from_config(cfg, use_cls=True, use_depth=False)
 
 
 # h (B, L, D), pos (B,) -> (B, D); a position of -1 (marker truncated) gives 0. The same
@@ -109,3 +100,40 @@ def encode_image(module_name, cfg: CLIPVisionConfig, pixels, deterministic, dtyp
       pixels.reshape((-1,) + pixels.shape[-3:]), None, deterministic)
   h = states[-1]
   return h.reshape(lead + h.shape[-2:]), pooled.reshape(lead + pooled.shape[-1:])
+
+
+class RelationClassifier(nn.Module):
+  """The base of every teacher and student: a BERT ("text") over the batch's tokens and a
+  linear classifier ("classifier") over the relation features."""
+  text: Any                     # BertConfig
+  num_classes: int
+  dropout: float = 0.1
+  dtype: Dtype = jnp.float32
+
+  def encode_tokens(self, tokens, deterministic):
+    """Last hidden state over tokens' input_ids, token_type_ids, attention_mask (..., L)."""
+    return encode_text("text", self.text, tokens["input_ids"], tokens["token_type_ids"],
+                       tokens["attention_mask"], deterministic, self.dtype)
+
+  def classify(self, x, deterministic):
+    return classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
+
+
+class CrossModalClassifier(RelationClassifier):
+  """A RelationClassifier with an image side: a CLIP tower ("vision"), its projection to the
+  text width ("vision_proj") and one CrossBlock ("cross")."""
+  vision: Any = None            # CLIPVisionConfig
+  num_heads: int = 4
+  mlp_dim: int = 128
+
+  def encode_pixels(self, pixels, deterministic):
+    """(..., H, W, 3) -> (last hidden state (..., T, D), pooled CLS (..., D))."""
+    return encode_image("vision", self.vision, pixels, deterministic, self.dtype)
+
+  def to_text_width(self, x, dim):
+    return project(x, dim, "vision_proj", self.dtype)
+
+  def cross_block(self):
+    """The CrossBlock; one instance, so a model that applies it twice shares its weights."""
+    return CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
+                      name="cross")

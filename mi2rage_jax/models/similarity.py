@@ -7,8 +7,8 @@ view by its cosine similarity to the REAL view of the same instance (it sees
 the real view by design). `__call__` returns the (B, B) similarity logits of
 a batch of pairs (targets: the diagonal); `pair_scores` the (B,) cosines.
 
-Batch keys: input_ids, token_type_ids, attention_mask (B, L) of the text side
-(real text or caption + names) and pixels (B, H, W, 3) of the image side.
+Batch keys: batch_spec.KEYS["similarity"] (the text side: real text or caption + names;
+the image side: pixels).
 """
 from typing import Any
 

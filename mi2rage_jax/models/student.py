@@ -22,41 +22,22 @@ override what the text alone decides on another. ImageStudent: its caption becom
 entity names alone (the `names_*` keys), because the names are the query; without it the
 student trusted its captions and stopped reading the photo (mi2rage_jax/README.md).
 
-Batch keys:
-  ImageStudent: pixels (B,H,W,3); view_input_ids, view_token_type_ids,
-    view_attention_mask (B,N,L); view_subj_pos, view_obj_pos (B,N); view_mask (B,N);
-    names_* (B,L) / (B,): the names-only encoding (read only by view dropout)
-  TextStudent: input_ids, token_type_ids, attention_mask (B,L); subj_pos, obj_pos (B,);
-    view_pixels (B,N,H,W,3); view_mask (B,N)
+Batch keys: batch_spec.KEYS["no_real_text"] (ImageStudent), ["no_real_image"] (TextStudent).
 """
-from typing import Any
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mi2rage_jax import batch_spec
 from mi2rage_jax.models import common
 
-Dtype = Any
 
-
-CAPTION_KEYS = ("input_ids", "token_type_ids", "attention_mask", "subj_pos", "obj_pos")
-
-
-class ImageStudent(nn.Module):
-  text: Any
-  vision: Any
-  num_classes: int
-  num_heads: int = 4
-  mlp_dim: int = 128
-  dropout: float = 0.1
-  dtype: Dtype = jnp.float32
-
+class ImageStudent(common.CrossModalClassifier):
   view_dropout: float = 0.0
 
   @nn.compact
   def __call__(self, batch, deterministic: bool = True):
-    views = {k: batch[f"view_{k}"] for k in CAPTION_KEYS}
+    views = {k: batch[f"view_{k}"] for k in batch_spec.TOKENS}
     if self.view_dropout and not deterministic:   # training only
       # A dropped caption becomes the entity names alone (the unimodal student's input):
       # the query stays, what the caption says goes.
@@ -64,53 +45,38 @@ class ImageStudent(nn.Module):
                                   views["input_ids"].shape[:2])
       views = {k: jnp.where(drop.reshape(drop.shape + (1,) * (v.ndim - 2)),
                             batch[f"names_{k}"][:, None], v) for k, v in views.items()}
-    h = common.encode_text("text", self.text, views["input_ids"], views["token_type_ids"],
-                           views["attention_mask"], deterministic, self.dtype)  # (B, N, L, D)
+    h = self.encode_tokens(views, deterministic)                        # (B, N, L, D)
     b, n, _, d = h.shape
     flat = h.reshape((b * n,) + h.shape[2:])
     m_sub = common.gather(flat, views["subj_pos"].reshape(-1)).reshape(b, n, d)
     m_obj = common.gather(flat, views["obj_pos"].reshape(-1)).reshape(b, n, d)
-    _, cls = common.encode_image("vision", self.vision, batch["pixels"], deterministic,
-                                 self.dtype)
-    q = common.project(cls, d, "vision_proj", self.dtype)[:, None]      # (B, 1, D)
-    block = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
-                              name="cross")
+    _, cls = self.encode_pixels(batch["pixels"], deterministic)
+    q = self.to_text_width(cls, d)[:, None]                             # (B, 1, D)
+    block = self.cross_block()
     mask = batch["view_mask"]
     a_sub = block(q, m_sub, mask, deterministic)[:, 0]
     a_obj = block(q, m_obj, mask, deterministic)[:, 0]
-    x = jnp.concatenate([a_sub, a_obj], -1)
-    return common.classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
+    return self.classify(jnp.concatenate([a_sub, a_obj], -1), deterministic)
 
 
-class TextStudent(nn.Module):
-  text: Any
-  vision: Any
-  num_classes: int
-  num_heads: int = 4
-  mlp_dim: int = 128
-  dropout: float = 0.1
+class TextStudent(common.CrossModalClassifier):
   view_dropout: float = 0.0
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, batch, deterministic: bool = True):
-    h = common.encode_text("text", self.text, batch["input_ids"], batch["token_type_ids"],
-                           batch["attention_mask"], deterministic, self.dtype)
+    h = self.encode_tokens(batch, deterministic)
     d = h.shape[-1]
     q = common.entity_states(h, batch)                                  # (B, 2, D)
     pixels = batch["view_pixels"]
     b, n = pixels.shape[:2]
     if n:
-      _, cls = common.encode_image("vision", self.vision, pixels, deterministic, self.dtype)
-      m_img = common.project(cls, d, "vision_proj", self.dtype)         # (B, N, D)
+      _, cls = self.encode_pixels(pixels, deterministic)
+      m_img = self.to_text_width(cls, d)                                # (B, N, D)
     else:  # a text-only batch (unimodal / text-only data): one masked dummy slot
       m_img = jnp.zeros((b, 1, d), h.dtype)
     mask = batch["view_mask"] if n else jnp.zeros((b, 1), bool)
     if n and self.view_dropout and not deterministic:   # training only
       mask = mask & jax.random.bernoulli(self.make_rng("dropout"), 1.0 - self.view_dropout,
                                          mask.shape)
-    out = common.CrossBlock(self.num_heads, self.mlp_dim, self.dropout, dtype=self.dtype,
-                            name="cross")(q, m_img, mask, deterministic)
-    x = out.reshape(b, 2 * d)
-    return common.classifier(x, self.num_classes, self.dropout, deterministic, self.dtype)
-
+    out = self.cross_block()(q, m_img, mask, deterministic)
+    return self.classify(out.reshape(b, 2 * d), deterministic)

@@ -45,6 +45,7 @@ import tempfile
 import numpy as np
 from PIL import Image, ImageDraw
 
+from remote_jax.config import cfg_get, setting
 from remote_jax.data import umre
 
 RELATIONS = ("none", "works_for", "lives_in", "left_of", "above", "in_front_of", "holds",
@@ -77,9 +78,9 @@ TEMPLATES = {
               "{p} carries the shape {w} the {a} ."),
     "owned_by": ("the shape {w} the {a} belongs to {p} .", "the shape {w} the {a} is owned by {p} ."),
 }
-_SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "ne", "zo", "fa",
-              "gu", "pel", "ris", "tam", "ko", "vi", "sen")
-_ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
+SYLLABLES = ("al", "vor", "ben", "ka", "ri", "mo", "tes", "lin", "dar", "su", "ne", "zo", "fa",
+             "gu", "pel", "ris", "tam", "ko", "vi", "sen")
+ORG_SUFFIX = ("Labs", "Group", "Union", "Works")
 # The world's parameters: config.data.demo (values: configs/common.py DEMO_WORLD).
 WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "caption_absent")
 # Part of the cache key of ensure_demo_dataset: bump when the generated data changes.
@@ -87,7 +88,7 @@ GENERATOR_VERSION = 3
 
 
 def _word(rng, n):
-  return "".join(rng.choice(_SYLLABLES) for _ in range(n)).capitalize()
+  return "".join(rng.choice(SYLLABLES) for _ in range(n)).capitalize()
 
 
 def _pools(seed=1234, people=40, places=16, orgs=16):
@@ -106,13 +107,13 @@ def _pools(seed=1234, people=40, places=16, orgs=16):
 
   return dict(p=unique(lambda: f"{_word(rng, 2)} {_word(rng, 2)}", people),
               l=unique(lambda: _word(rng, 3), places),
-              o=unique(lambda: f"{_word(rng, 2)} {rng.choice(_ORG_SUFFIX)}", orgs))
+              o=unique(lambda: f"{_word(rng, 2)} {rng.choice(ORG_SUFFIX)}", orgs))
 
 
 NAME_POOLS = _pools()
 
 
-def _names(rng):
+def pick_names(rng):
   """Person, place and organisation names from the casts, sharing no word (spans stay
   unique)."""
   while True:
@@ -144,33 +145,45 @@ def draw_shape(canvas, kind, box, size, fill):
     canvas.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
 
 
-class _Shape:
-  """One object: attributes, centre (cx, cy), side s (fractions of the image), nearness d."""
+class Shape:
+  """One object: size name, centre (cx, cy) and side (fractions of the image), nearness
+  `depth` (larger = nearer, drawn later), colour and shape names ("" until coloured). The
+  MI²RAGE demo generators and knowledge world draw and decode these too."""
 
-  def __init__(self, size, cx, cy, d, colour="", shape=""):
+  def __init__(self, size, cx, cy, depth=1.0, colour="", shape=""):
     self.colour, self.shape, self.size = colour, shape, size
-    self.cx, self.cy, self.s, self.d = cx, cy, SIZES[size], d
+    self.cx, self.cy, self.depth = float(cx), float(cy), float(depth)
+
+  @property
+  def side(self):
+    return SIZES[self.size]
 
   @property
   def box(self):
-    return square_box(self.cx, self.cy, self.s)
+    return square_box(self.cx, self.cy, self.side)
 
   @property
   def combo(self):
     return (self.colour, self.shape)
 
+  @property
+  def phrase(self):
+    return f"a {self.size} {self.colour} {self.shape}"
 
-def _overlaps(a, b, margin=0.02):
+
+def overlaps(a, b, margin=0.02):
+  """Do boxes a and b (x0, y0, x1, y1) come closer than `margin` on both axes?"""
   return not (a[2] + margin <= b[0] or b[2] + margin <= a[0] or a[3] + margin <= b[1]
               or b[3] + margin <= a[1])
 
 
-def _inside(box):
-  return min(box) >= 0.02 and max(box) <= 0.98
+def inside(box, margin=0.02):
+  """Does `box` keep `margin` from every edge of the image?"""
+  return min(box) >= margin and max(box) <= 1 - margin
 
 
 def _free(shape, shapes):
-  return _inside(shape.box) and not any(_overlaps(shape.box, s.box) for s in shapes)
+  return inside(shape.box) and not any(overlaps(shape.box, s.box) for s in shapes)
 
 
 def _size(rng):
@@ -191,7 +204,7 @@ def _pair(rng, relation):
       b = (cx, cy, da)
     else:
       a, b = apart(rng, relation, da)
-    sha, shb = _Shape(sa, *a), _Shape(sb, *b)
+    sha, shb = Shape(sa, *a), Shape(sb, *b)
     if _free(sha, []) and _free(shb, [sha]):
       return sha, shb
 
@@ -217,8 +230,8 @@ def _fill(rng, shapes, n, region=(0.0, 1.0), tries=60):
     lo, hi = max(region[0], 0.02 + h), min(region[1], 0.98 - h)
     if lo > hi:
       continue
-    cand = _Shape(size, float(rng.uniform(lo, hi)), float(rng.uniform(0.02 + h, 0.98 - h)),
-                  float(rng.uniform(1.0, 2.0)))
+    cand = Shape(size, float(rng.uniform(lo, hi)), float(rng.uniform(0.02 + h, 0.98 - h)),
+                 float(rng.uniform(1.0, 2.0)))
     if _free(cand, shapes):
       shapes.append(cand)
   return len(shapes) >= n
@@ -251,8 +264,8 @@ def _referring_scene(rng, word, anchor_combo):
     # Built for "left of" (x decreasing), then mirrored / transposed into `word`'s frame.
     size = _size(rng)
     h = SIZES[size] / 2
-    anchor = _Shape(size, float(rng.uniform(0.42, 0.7)), float(rng.uniform(0.02 + h, 0.98 - h)),
-                    float(rng.uniform(1.0, 2.0)))
+    anchor = Shape(size, float(rng.uniform(0.42, 0.7)), float(rng.uniform(0.02 + h, 0.98 - h)),
+                   float(rng.uniform(1.0, 2.0)))
     shapes = [anchor]
     # Few tries per shape: a crowded layout is cheaper to redraw than to complete.
     if not (_fill(rng, shapes, 2, (0.0, anchor.cx - EO_MARGIN - 0.02), tries=10)
@@ -291,16 +304,16 @@ def _random_scene(rng, n, fixed=()):
   return _shuffled(rng, shapes)
 
 
-def _render(shapes, size):
+def render(shapes, size):
   """RGB image and nearness map; nearer shapes are drawn last."""
   image = Image.new("RGB", (size, size), BACKGROUND)
   index = Image.new("L", (size, size), 0)
   draw, draw_index = ImageDraw.Draw(image), ImageDraw.Draw(index)
-  for i in sorted(range(len(shapes)), key=lambda i: shapes[i].d):
+  for i in sorted(range(len(shapes)), key=lambda i: shapes[i].depth):
     shape = shapes[i]
     for d, fill in ((draw, COLOURS[shape.colour]), (draw_index, i + 1)):
       draw_shape(d, shape.shape, shape.box, size, fill)
-  lut = np.asarray([BACKGROUND_DEPTH] + [s.d for s in shapes], np.float32)
+  lut = np.asarray([BACKGROUND_DEPTH] + [s.depth for s in shapes], np.float32)
   return image, lut[np.asarray(index)]
 
 
@@ -321,7 +334,8 @@ def held_out_anchors(seed):
   return sorted(zip(colours, shapes))
 
 
-def _span(tokens, words):
+def span(tokens, words):
+  """[start, end) of the first occurrence of the word list `words` in `tokens`."""
   for i in range(len(tokens) - len(words) + 1):
     if tokens[i:i + len(words)] == words:
       return [i, i + len(words)]
@@ -330,12 +344,12 @@ def _span(tokens, words):
 
 def _example(rng, kind, relation, variant, anchors):
   """-> (line dict without img_id, shapes, captions for the line's entities)."""
-  names = _names(rng)
+  names = pick_names(rng)
   captions = {}
 
   def entity(key, tokens):
     captions[names[key]] = DESCRIPTIONS[key].format(names[key])
-    return dict(name=names[key], pos=_span(tokens, names[key].split()))
+    return dict(name=names[key], pos=span(tokens, names[key].split()))
 
   def obj(shapes, shape):
     return dict(name=f"[OBJ{shapes.index(shape)}]", pos=[round(v, 4) for v in shape.box])
@@ -412,13 +426,13 @@ def write_demo_dataset(out_dir, *, seed, n_train, n_val, n_test, image_size, cap
         buckets[split]["compositional"].append(i)
       stem = f"{split}_{i:05d}"
       line["img_id"] = img_id = f"{stem}.png"
-      image, depth = _render(shapes, image_size)
+      image, depth = render(shapes, image_size)
       image.save(out / paths["images"] / img_id)
       np.savez_compressed(out / paths["depth"] / f"{stem}.npz", depth_map=depth)
       boxes[img_id] = {f"[OBJ{k}]": [round(v, 4) for v in s.box] for k, s in enumerate(shapes)}
       caps.update({f"[OBJ{k}]": _caption(rng, s, caption_absent) for k, s in enumerate(shapes)})
       captions[img_id] = caps
-      world[img_id] = [[s.colour, s.shape, s.size, round(s.d, 4)] for s in shapes]
+      world[img_id] = [[s.colour, s.shape, s.size, round(s.depth, 4)] for s in shapes]
       lines.append(json.dumps(line))
     (out / paths[split]).write_text("\n".join(lines) + "\n")
   (out / paths["boxes"]).write_text(json.dumps(boxes))
@@ -431,7 +445,7 @@ def write_demo_dataset(out_dir, *, seed, n_train, n_val, n_test, image_size, cap
 
 def demo_params(cfg):
   """config.data.demo: every parameter of the world (WORLD_KEYS)."""
-  params = dict(umre.cfg_get(cfg, "demo") or {})
+  params = dict(cfg_get(cfg, "demo") or {})
   missing = [k for k in WORLD_KEYS if k not in params]
   unknown = sorted(set(params) - set(WORLD_KEYS))
   if missing or unknown:
@@ -465,11 +479,10 @@ def ensure_demo_dataset(root, params):
 
 def demo_reader(cfg):
   """DATASETS["demo"]: writes the demo world if needed, then reads it as UMRE."""
-  from remote_jax.data import builder
-  root = umre.cfg_get(cfg, "root") or pathlib.Path(builder.setting(cfg, "cache_dir")) / "demo"
+  root = cfg_get(cfg, "root") or pathlib.Path(setting(cfg, "cache_dir")) / "demo"
   directory = ensure_demo_dataset(root, demo_params(cfg))
-  return umre.UmreReader(directory, umre.cfg_get(cfg, "paths"),
-                         strict=builder.setting(cfg, "strict"),
-                         use_caption=builder.setting(cfg, "use_caption"),
-                         use_depth=builder.setting(cfg, "use_depth"),
-                         num_objects=builder.setting(cfg, "num_objects"))
+  return umre.UmreReader(directory, cfg_get(cfg, "paths"),
+                         strict=setting(cfg, "strict"),
+                         use_caption=setting(cfg, "use_caption"),
+                         use_depth=setting(cfg, "use_depth"),
+                         num_objects=setting(cfg, "num_objects"))

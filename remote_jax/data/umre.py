@@ -9,7 +9,7 @@ import os
 import pathlib
 from typing import ClassVar
 
-from remote_jax.config import cfg_get, setting  # umre.cfg_get: synth.py reads it
+from remote_jax.config import cfg_get, setting
 from remote_jax.data import records
 from remote_jax.data.records import DataError
 

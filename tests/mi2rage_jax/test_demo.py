@@ -2,10 +2,12 @@
 import numpy as np
 import pytest
 
-from mi2rage_jax import demo
+from mi2rage_jax import data as data_lib
+from mi2rage_jax import demo_generators
+from mi2rage_jax import knowledge_world as world
 from mi2rage_jax.generators import seeded
 
-F = demo.FACTS
+F = world.FACTS
 
 
 def _seen(person, org):
@@ -13,10 +15,10 @@ def _seen(person, org):
 
 
 def test_facts_are_fixed_and_consistent():
-  again = demo.Facts()
+  again = world.Facts()
   assert again.orgs == F.orgs and again.people == F.people
   assert again.employer == F.employer and again.emblem == F.emblem
-  assert sorted(F.emblem.values()) == sorted(demo.EMBLEMS)     # one emblem per organisation
+  assert sorted(F.emblem.values()) == sorted(world.EMBLEMS)     # one emblem per organisation
   assert set(F.employer.values()) == set(F.orgs)
 
 
@@ -26,16 +28,16 @@ def test_real_image_shows_the_hidden_fact():
   rng = np.random.default_rng(0)
   for _ in range(20):
     for rel in ("none", "works_for"):
-      _, (p, _), (o, _), image = demo._kn_example(rng, "seen", rel, 96)
-      k = demo.decode_kscene(image)
-      assert k.sign.key == F.emblem[o]
+      _, (p, _), (o, _), image = world._kn_example(rng, "seen", rel, 96)
+      k = world.decode_kscene(image)
+      assert k.sign.combo == F.emblem[o]
       if rel == "works_for":
         assert k.badge is None and k.uniform.colour == F.emblem[o][0]
       else:
-        assert k.uniform is None and k.badge.key == F.emblem[F.employer[p]] != F.emblem[o]
-      _, (p, _), _, stated = demo._kn_example(rng, "stated", rel, 96)
-      k = demo.decode_kscene(stated)
-      assert k.sign is None and k.uniform is None and k.badge.key == F.emblem[F.employer[p]]
+        assert k.uniform is None and k.badge.combo == F.emblem[F.employer[p]] != F.emblem[o]
+      _, (p, _), _, stated = world._kn_example(rng, "stated", rel, 96)
+      k = world.decode_kscene(stated)
+      assert k.sign is None and k.uniform is None and k.badge.combo == F.emblem[F.employer[p]]
 
 
 def _draws(gen, n, seed, decode=False):
@@ -48,9 +50,9 @@ def _draws(gen, n, seed, decode=False):
     text = _seen(p, F.employer[p])
     if decode:
       image, ok = gen.render(text, rng)
-      dec = demo.decode_kscene(image)
+      dec = world.decode_kscene(image)
       uniform = dec.uniform.colour if dec and dec.uniform else None
-      sign = dec.sign.key if dec and dec.sign else None
+      sign = dec.sign.combo if dec and dec.sign else None
     else:
       scene, ok = gen.kscene_from_text(text, rng)
       uniform, sign = scene.uniform, scene.sign
@@ -59,7 +61,7 @@ def _draws(gen, n, seed, decode=False):
 
 
 def test_knowledge_is_deterministic_per_seed():
-  gen = demo.DemoGenerators(noise=0.3, knowledge_error=0.2, mention_rate=0.7)
+  gen = demo_generators.DemoGenerators(noise=0.3, knowledge_error=0.2, mention_rate=0.7)
   a, b = _draws(gen, 40, seed=3, decode=True), _draws(gen, 40, seed=3, decode=True)
   assert a == b
   assert a != _draws(gen, 40, seed=4, decode=True)
@@ -75,7 +77,7 @@ def test_knowledge_error_rate_matches_config(error):
   O's emblem (one look-up), the uniform needs P's employer (another; a wrong one gives a
   badge instead); `faithful` is exactly "every look-up right"."""
   n = 1200
-  draws = _draws(demo.DemoGenerators(noise=0.0, knowledge_error=error), n, seed=0)
+  draws = _draws(demo_generators.DemoGenerators(noise=0.0, knowledge_error=error), n, seed=0)
   sign_right = np.asarray([s == t for _, s, t, _ in draws])
   uniform = np.asarray([u is not None for u, _, _, _ in draws])
   tol = 3 * np.sqrt(error * (1 - error) / n) + 1e-9
@@ -87,23 +89,23 @@ def test_knowledge_error_rate_matches_config(error):
 
 def test_noise_and_mention_rates_match_config():
   n = 600
-  gen = demo.DemoGenerators(noise=0.3, knowledge_error=0.0, mention_rate=0.6)
+  gen = demo_generators.DemoGenerators(noise=0.3, knowledge_error=0.0, mention_rate=0.6)
   p = F.people[5]
-  image = demo.draw_kscene(demo.KScene(badge=F.emblem[F.employer[p]]), 96)
+  image = world.draw_kscene(world.KScene(badge=F.emblem[F.employer[p]]), 96)
   caps = [gen.caption(image, seeded(0, "cap", k)) for k in range(n)]
   faithful = np.asarray([ok for _, ok in caps])
   assert abs((1 - faithful.mean()) - 0.3) <= 3 * np.sqrt(0.21 / n)
   named = np.mean([f"the badge of {F.employer[p]}" in c for c, ok in caps if ok])
   assert abs(named - 0.6) <= 3 * np.sqrt(0.24 / faithful.sum())
   # Wrong knowledge in a caption: a different organisation's name, flagged unfaithful.
-  wrong = demo.DemoGenerators(noise=0.0, knowledge_error=1.0, mention_rate=1.0)
+  wrong = demo_generators.DemoGenerators(noise=0.0, knowledge_error=1.0, mention_rate=1.0)
   cap, ok = wrong.caption(image, seeded(0, "w"))
   assert not ok and "the badge of" in cap and F.employer[p] not in cap
 
 
 def test_caption_then_render_keeps_the_knowledge():
   """Chained generation: an organisation named in a caption is drawn as its emblem."""
-  gen = demo.DemoGenerators(noise=0.0, knowledge_error=0.0, mention_rate=1.0)
+  gen = demo_generators.DemoGenerators(noise=0.0, knowledge_error=0.0, mention_rate=1.0)
   for k in range(10):
     p = F.people[k]
     o = F.orgs[k] if F.orgs[k] != F.employer[p] else F.orgs[k + 1]
@@ -111,33 +113,33 @@ def test_caption_then_render_keeps_the_knowledge():
     cap, ok2 = gen.caption(image, seeded(0, "c", k))
     assert ok and ok2 and f"the badge of {F.employer[p]} under the sign of {o}" in cap
     again, ok3 = gen.render(cap, seeded(0, "r2", k))
-    dec = demo.decode_kscene(again)
-    assert ok3 and dec.badge.key == F.emblem[F.employer[p]] and dec.sign.key == F.emblem[o]
+    dec = world.decode_kscene(again)
+    assert ok3 and dec.badge.combo == F.emblem[F.employer[p]] and dec.sign.combo == F.emblem[o]
     # At the employer: a uniform in its colour, kept through caption -> image.
     image, _ = gen.render(_seen(p, F.employer[p]), seeded(0, "u", k))
     cap, _ = gen.caption(image, seeded(0, "cu", k))
     colour = F.emblem[F.employer[p]][0]
     assert f"a person in a {colour} uniform under the sign of {F.employer[p]}" in cap
-    assert demo.decode_kscene(gen.render(cap, seeded(0, "u2", k))[0]).uniform.colour == colour
+    assert world.decode_kscene(gen.render(cap, seeded(0, "u2", k))[0]).uniform.colour == colour
 
 
 def test_label_consistency_of_real_and_generated_views():
-  """demo.label_consistent (the bench's measure of what the paper's teacher selects for):
+  """world.label_consistent (the bench's measure of what the paper's teacher selects for):
   every real photo and every faithful image or caption shows its label's cue; wrong
   knowledge makes some unfaithful views inconsistent and leaves others consistent (a wrong
   employer's badge still says `none`); a picture without a person shows no cue."""
   rng = np.random.default_rng(1)
-  gen = demo.DemoGenerators(noise=0.3, knowledge_error=0.3, mention_rate=0.5)
+  gen = demo_generators.DemoGenerators(noise=0.3, knowledge_error=0.3, mention_rate=0.5)
   seen = {}   # (family, faithful) -> [consistent]
   for k in range(160):
     kind, rel = ("seen", "stated")[k % 2], ("none", "works_for")[(k // 2) % 2]
-    tokens, _, (o, _), image = demo._kn_example(rng, kind, rel, 96)
+    tokens, _, (o, _), image = world._kn_example(rng, kind, rel, 96)
     row = {"family": f"kn_{kind}", "relation": rel, "tail": {"name": o}}
-    assert demo.label_consistent(row, image)
+    assert world.label_consistent(row, image)
     view, ok = gen.render(" ".join(tokens), seeded(2, "r", k))
     cap, ok_cap = gen.caption(image, seeded(2, "c", k))
-    seen.setdefault((kind, ok), []).append(demo.label_consistent(row, view))
-    seen.setdefault((kind, ok_cap), []).append(demo.label_consistent(row, cap))
+    seen.setdefault((kind, ok), []).append(world.label_consistent(row, view))
+    seen.setdefault((kind, ok_cap), []).append(world.label_consistent(row, cap))
   for kind in ("seen", "stated"):
     assert all(seen[kind, True]) and len(seen[kind, True]) > 30
     assert 0 < sum(seen[kind, False]) < len(seen[kind, False])
@@ -152,21 +154,20 @@ def test_label_consistency_of_real_and_generated_views():
            ("kn_stated", "none", "a person wearing a {} {} badge".format(*F.emblem[o]), False)]
   for family, rel, caption, expect in cases:
     row = {"family": family, "relation": rel, "tail": {"name": o}}
-    assert demo.label_consistent(row, caption) is expect, (family, rel, caption)
-  assert demo.label_consistent({"family": "oo", "relation": "left_of"}, "anything") is None
+    assert world.label_consistent(row, caption) is expect, (family, rel, caption)
+  assert world.label_consistent({"family": "oo", "relation": "left_of"}, "anything") is None
 
 
 def test_shape_world_texts_are_rendered_as_before():
-  gen = demo.DemoGenerators(noise=0.0, knowledge_error=0.5)
+  gen = demo_generators.DemoGenerators(noise=0.0, knowledge_error=0.5)
   image, ok = gen.render("a small red circle to the left of a large blue square", seeded(0, "s"))
-  assert ok and demo.decode_kscene(image) is None
-  assert {s.key for s in demo.decode(image)} >= {("red", "circle"), ("blue", "square")}
+  assert ok and world.decode_kscene(image) is None
+  assert {s.combo for s in world.decode(image)} >= {("red", "circle"), ("blue", "square")}
 
 
 def _seen_batch(enc, rows, with_image):
   """TextStudent batch: real text + the real image as the one view slot (masked if not
   `with_image`)."""
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   b = data_lib.stack([enc.encode_real_text(inst) for inst, _ in rows])
   b["view_pixels"] = np.stack([data_lib.pixels(img, 32) for _, img in rows])[:, None]
   b["view_mask"] = np.full((len(rows), 1), with_image)
@@ -175,13 +176,12 @@ def _seen_batch(enc, rows, with_image):
 
 
 def _seen_rows(n, seed):
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from remote_jax.data.records import Entity  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(seed)
   rows = []
   for k in range(n):
     rel = ("none", "works_for")[k % 2]
-    tokens, (p, ps), (o, os_), image = demo._kn_example(rng, "seen", rel, 96)
+    tokens, (p, ps), (o, os_), image = world._kn_example(rng, "seen", rel, 96)
     inst = data_lib.Instance(f"x/{k}", "x", tuple(tokens), Entity(p, tuple(ps), False),
                              Entity(o, tuple(os_), False), None, int(rel == "works_for"))
     rows.append((inst, image))
@@ -192,7 +192,6 @@ def _seen_rows(n, seed):
 def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   """'P was seen with O': the text student learns works_for vs none from the real image
   (badge == sign), and cannot without it (held-out people: the text alone is chance)."""
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models  # pylint: disable=import-outside-toplevel
   from remote_jax import engine  # pylint: disable=import-outside-toplevel
   from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
@@ -222,13 +221,12 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
 def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   """A text teacher trained on noisy captions of "seen with" photos keeps, per instance, more
   faithful captions (the generators' ground truth) than a random selection does."""
-  from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models, selection  # pylint: disable=import-outside-toplevel
   from remote_jax import engine  # pylint: disable=import-outside-toplevel
   from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
   from tests.conftest import one_device
   enc = data_lib.Encoder("", 32)
-  gen = demo.DemoGenerators(noise=0.4, knowledge_error=0.2, mention_rate=0.7)
+  gen = demo_generators.DemoGenerators(noise=0.4, knowledge_error=0.2, mention_rate=0.7)
   rows, views = _seen_rows(64, 2), []
   for k, (inst, image) in enumerate(rows):
     views += [(inst, *gen.caption(image, seeded(0, "t", k, j))) for j in range(5)]
@@ -262,17 +260,17 @@ def test_knowledge_world_is_written_and_read(tmp_path):
 
   import ml_collections  # pylint: disable=import-outside-toplevel
   from PIL import Image  # pylint: disable=import-outside-toplevel
-  n = 2 * len(demo.KN_RECIPES)
+  n = 2 * len(world.KN_RECIPES)
   cfg = ml_collections.ConfigDict(dict(
       root="", cache_dir=str(tmp_path), train_split="train", test_split="test",
-      demo=dict(seed=0, n_train=n, n_val=2, n_test=len(demo.KN_RECIPES), image_size=96)))
-  ds = demo.read_world(cfg)
-  assert [len(ds.splits[s]) for s in ("train", "test")] == [n, len(demo.KN_RECIPES)]
-  directory = demo.ensure_world(tmp_path / "demo", {k: dict(cfg.demo)[k]
-                                                    for k in demo.WORLD_KEYS})
+      demo=dict(seed=0, n_train=n, n_val=2, n_test=len(world.KN_RECIPES), image_size=96)))
+  ds = data_lib.read_demo_knowledge(cfg)
+  assert [len(ds.splits[s]) for s in ("train", "test")] == [n, len(world.KN_RECIPES)]
+  directory = world.ensure_world(tmp_path / "demo",
+                                 {k: dict(cfg.demo)[k] for k in world.WORLD_KEYS})
   rows = [json.loads(x) for x in (directory / "train.jsonl").read_text().splitlines()]
   want = collections.Counter(("kn_" + r[1] if r[0] == "kn" else r[0],
-                              r[2] if r[0] == "kn" else r[1]) for r in demo.KN_RECIPES)
+                              r[2] if r[0] == "kn" else r[1]) for r in world.KN_RECIPES)
   assert collections.Counter((r["family"], r["relation"]) for r in rows) == \
       {k: 2 * v for k, v in want.items()}
   # The test metrics' buckets are the families, row by row (pipeline.Run.evaluate).
@@ -290,7 +288,7 @@ def test_knowledge_world_is_written_and_read(tmp_path):
       cx, cy = ((e["pos"][0] + e["pos"][2]) / 2, (e["pos"][1] + e["pos"][3]) / 2)
       pixel = image[int(cy * 96), int(cx * 96)]
       near = r["relation"] == "in_front_of" and e is r["tail"]
-      assert near or np.abs(pixel - demo.COLOURS[colour]).max() <= 2, (r, pixel)
+      assert near or np.abs(pixel - world.COLOURS[colour]).max() <= 2, (r, pixel)
       if r["family"] == "eo" and r["relation"] != "none":
         assert f"{colour} {shape}" in " ".join(r["tokens"])
     if r["relation"] == "in_front_of":

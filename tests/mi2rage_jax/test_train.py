@@ -306,7 +306,7 @@ def test_test_view_ranking_never_reads_the_test_labels(tmp_path, test_by, settin
     np.testing.assert_allclose(again[iid], s, atol=1e-6)
   if test_by == "real":
     first = {iid: vs[0] for iid, vs in cands.items()}
-    run._real_as_view = lambda inst: first[inst.id]   # pylint: disable=protected-access
+    run.batches.real_as_view = lambda inst: first[inst.id]
     stand_in = run._scores(0, "test", cands)           # pylint: disable=protected-access
     with config.unlocked():
       config.teacher.test_criterion = "maxprob"

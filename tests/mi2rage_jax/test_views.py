@@ -5,7 +5,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from mi2rage_jax import demo, generators, views
+from mi2rage_jax import demo_generators, generators, knowledge_world, views
 from mi2rage_jax.data import Instance
 from remote_jax.data.records import Entity
 
@@ -122,25 +122,25 @@ def test_pregenerated_serves_every_view_and_children_of_kept_parents(tmp_path):
 
 
 def test_demo_generators_keep_the_described_relation():
-  g = demo.DemoGenerators(noise=0.0)
+  g = demo_generators.DemoGenerators(noise=0.0)
   rng = np.random.default_rng(0)
   text = "a small red square to the left of a large blue circle"
   for _ in range(10):
     image, ok = g.render(text, rng)
-    shapes = {s.key: s for s in demo.decode(image)}
+    shapes = {s.combo: s for s in knowledge_world.decode(image)}
     a, b = shapes[("red", "square")], shapes[("blue", "circle")]
-    assert ok and demo.relation(a, b) == "left"
+    assert ok and demo_generators.relation(a, b) == "left"
     caption, ok = g.caption(image, rng)
-    assert ok and demo.parse(caption)[0]          # mentions decoded shapes
-  mentions, constraints = demo.parse("a green triangle in front of a purple square")
+    assert ok and demo_generators.parse(caption)[0]          # mentions decoded shapes
+  mentions, constraints = demo_generators.parse("a green triangle in front of a purple square")
   assert mentions == [(None, "green", "triangle"), (None, "purple", "square")]
   assert constraints == [(0, "front", 1)]
 
 
 def test_demo_noise_rate():
-  g = demo.DemoGenerators(noise=0.3)
+  g = demo_generators.DemoGenerators(noise=0.3)
   rng = np.random.default_rng(1)
   flags = [g.render("a red circle above a blue square", rng)[1] for _ in range(400)]
   assert abs(1 - np.mean(flags) - 0.3) < 0.07
   with pytest.raises(ValueError):
-    demo.DemoGenerators(noise=1.5)
+    demo_generators.DemoGenerators(noise=1.5)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mi2rage_jax import batch_spec, models, pipeline
 from mi2rage_jax import data as data_lib
-from mi2rage_jax import models, pipeline
 from remote_jax import engine, pretrained
 from remote_jax.data.records import Entity
 from tests.conftest import C, one_device, random_params
@@ -155,14 +155,14 @@ def test_teacher_never_sees_the_real_view(tmp_path, setting):
     synthetic = run.generator.initial(inst, data_lib.real_image(inst), 2, rng)
   else:
     synthetic = run.generator.initial(inst, data_lib.real_text(inst), 2, rng)
-  batch = run.teacher_batch([(inst, v) for v in synthetic])
+  batch = run.batches.teacher([(inst, v) for v in synthetic])
   # Another real view: a different sentence and a different image.
   other_img = tmp_path / "other.png"
   Image.fromarray(np.zeros((96, 96, 3), np.uint8)).save(other_img)
   changed = dataclasses.replace(inst, tokens=("Ava", "Lin", "owns", "a", "red", "circle", "."),
                                 image=str(other_img))
-  run._enc_cache.clear()
-  batch2 = run.teacher_batch([(changed, v) for v in synthetic])
+  run.batches.clear()
+  batch2 = run.batches.teacher([(changed, v) for v in synthetic])
   assert batch.keys() == batch2.keys()
   for k in batch:
     np.testing.assert_array_equal(batch[k], batch2[k])
@@ -173,11 +173,26 @@ def test_teacher_never_sees_the_real_view(tmp_path, setting):
                                 engine.predict(s, params, 2, 2, lambda i: batch2))
   # The student input does change with the real view (the test could fail).
   student_views = {inst.id: synthetic}
-  s1 = run.student_batch([inst], student_views, 2)
-  run._enc_cache.clear()
-  s2 = run.student_batch([changed], {changed.id: synthetic}, 2)
+  s1 = run.batches.student([inst], student_views, 2)
+  run.batches.clear()
+  s2 = run.batches.student([changed], {changed.id: synthetic}, 2)
   assert any(not np.array_equal(s1[k], s2[k]) for k in s1)
 
+
+
+@pytest.mark.parametrize("setting", ["no_real_text", "no_real_image"])
+def test_batches_carry_the_keys_of_the_spec(tmp_path, setting):
+  """Every builder (and this file's student batches) gives exactly batch_spec.KEYS' keys."""
+  run, inst = _run(tmp_path, setting)
+  real = data_lib.real_image(inst) if run.target == "text" else data_lib.real_text(inst)
+  views = run.generator.initial(inst, real, 2, np.random.default_rng(0))
+  pairs = [(inst, v) for v in views]
+  teacher = "text_teacher" if run.target == "text" else "image_teacher"
+  assert set(run.batches.teacher(pairs)) == {*batch_spec.KEYS[teacher], "label"}
+  assert set(run.batches.similarity(pairs)) == {*batch_spec.KEYS["similarity"], "label"}
+  student = run.batches.student([inst], {inst.id: views}, 3, real_view=True)
+  assert set(student) == {*batch_spec.KEYS[setting], "label"}
+  assert set(BATCHES[setting](np.random.default_rng(0), 1, 2)) == set(batch_spec.KEYS[setting])
 
 
 def test_pretrained_text_encoder_loads_into_the_teacher(minilm_dir):
