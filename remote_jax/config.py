@@ -249,14 +249,15 @@ def kind(config):
   return "mi2rage" if "settings" in config and "teacher" in config else "remote"
 
 
-def _get(config, path):
+def get_field(config, path):
   node = config
   for key in path.split("."):
     node = node[key]
   return node
 
 
-def _set(config, path, value):
+def set_field(config, path, value):
+  """config.a.b.c = value for path "a.b.c"."""
   *parents, key = path.split(".")
   node = config
   for k in parents:
@@ -271,11 +272,11 @@ def resolve(config, overridden=()):
   derived field among them is an error naming its source, unless it agrees with it.
   """
   for target, source, how in DERIVED[kind(config)]:
-    value = how(_get(config, source))
-    if target in overridden and _get(config, target) != value:
+    value = how(get_field(config, source))
+    if target in overridden and get_field(config, target) != value:
       raise ValueError(f"--config.{target}: {target} follows {source}; set "
                        f"--config.{source} instead")
-    _set(config, target, value)
+    set_field(config, target, value)
   if kind(config) == "remote":
     check_model(config.model)
     check_padding_cut(config)

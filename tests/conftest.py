@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from remote_jax import config as config_lib
 
 
 def pytest_configure(config):
@@ -74,11 +75,7 @@ def micro_config(semantics="paper", **changes):
   cfg.moe.update(num_heads=2)
   cfg.head.hidden = (32,) if semantics == "paper" else ()
   for key, value in changes.items():
-    node = cfg
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+    config_lib.set_field(cfg, key, value)
   return cfg
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from configs import common
+from remote_jax import config as config_lib
 from remote_jax.errors import CheckpointError
 from remote_jax.models import released, remote
 from tests.conftest import FIXTURES, REPO
@@ -36,11 +37,7 @@ def fixture_config(meta, **changes):
   cfg.pool_layer = 7                     # hard-coded in the release (idx == 7)
   cfg.mot.num_heads = cfg.moe.num_heads = meta["heads"]
   for key, value in changes.items():
-    node = cfg
-    *path, last = key.split(".")
-    for part in path:
-      node = node[part]
-    node[last] = value
+    config_lib.set_field(cfg, key, value)
   return cfg
 
 
