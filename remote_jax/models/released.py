@@ -31,6 +31,7 @@ from flax.traverse_util import unflatten_dict
 from remote_jax import config as config_lib
 from remote_jax.errors import CheckpointError
 from remote_jax.models import convert
+from remote_jax.models import heads as heads_lib
 from remote_jax.models import remote as remote_lib
 from remote_jax.models.convert import COPY, FLAT, LINEAR, _dense, _norm, _patch_conv
 from remote_jax.models.encoders.bert import BertConfig
@@ -105,8 +106,13 @@ def name_map(model_cfg) -> list:
                    f"{enc}.{side}_cross_attention_weights.{level - 1}")
   names += _moe_side("moe/text", f"{enc}.vision2text_layer_agg", "text", "vision", layers + 1)
   names += _moe_side("moe/vision", f"{enc}.text2vision_layer_agg", "vision", "text", layers + 1)
-  return names + [*_dense("head/mm_linear", "mm_linear"),
-                  *_dense("head/classifier", "classifier")]
+  if not _raw_head(model_cfg):
+    names += _dense("head/mm_linear", "mm_linear")
+  return names + _dense("head/classifier", "classifier")
+
+
+def _raw_head(model_cfg) -> bool:
+  return heads_lib.raw_pairs(model_cfg.head.use_caption, model_cfg.head.without_caption)
 
 
 def _fusion_layers(model_cfg) -> range:
@@ -129,7 +135,8 @@ def ignored_patterns(model_cfg) -> list[str]:
       r"(vision_and_text|text_and_vision)_k_proj\.",               # called with None
       rf"{enc}\.(vision|text)_ot_attention\.0\.",                  # OT runs from layer 1 on
       rf"{enc}\.(vision|text)_cross_attention_weights\.0$",
-  ] + ([] if model_cfg.use_pos else [rf"{enc}\.(image_position_embeddings|layernorm)\."])
+  ] + ([] if model_cfg.use_pos else [rf"{enc}\.(image_position_embeddings|layernorm)\."]) + (
+      [r"mm_linear\."] if _raw_head(model_cfg) else [])   # use_cap=False never calls it
 
 
 def _check_reference(model_cfg):

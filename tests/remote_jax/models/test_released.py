@@ -176,12 +176,53 @@ def test_masks_on_is_caught(fx):
   assert max_diff(logits, fx.out["logits"]) > 1e-2
 
 
-def test_no_caption_path_differs_as_documented(fx, reference):
-  """docs/parity.md: without captions the release concatenates the raw features and skips
-  mm_linear; we zero an object side without its <o> marker. Recorded, not closed."""
+def _head_logits(cfg, fx, params, h_t, obj_feats, batch):
+  """RemoteModel(cfg)'s own head on given features (jitted alone: the encoders' outputs
+  do not depend on the head, so compile 1's serve every head variant)."""
+  model = remote.build(cfg, fx.meta["num_labels"], fx.vocab)
+  head = jax.jit(lambda p, h, o, b: model.apply(
+      {"params": p}, h, o, b, method=lambda m, *a: m.head(*a))[0])
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(head(params, h_t, obj_feats, batch))
+
+
+def test_no_caption_path_matches_the_released_code(fx, reference):
+  """Without captions (data.use_caption=False -> model.head.use_caption) the release
+  (use_cap=False) classifies [h_head; h_tail] of the raw features (an entity's <s> state,
+  an object's feature), without mm_linear; so does semantics=reference (without_caption
+  "raw"). The zero-side head of the caption path misses the released logits."""
   run, params = reference
-  logits, _ = run(params, fx.batch_nocap)
-  assert max_diff(logits, fx.out["logits_nocap"]) > 1e-2
+  _, out = run(params, fx.batch_nocap)
+  h_t, obj_feats = out["text"], out["vision"]
+  cfg = fixture_config(fx.meta, **{"head.use_caption": False})
+  nocap = fx.convert(cfg)   # its released mm_linear.* is ignored, not reported unexpected
+  assert set(nocap["head"]) == {"classifier"}
+  logits = _head_logits(cfg, fx, nocap, h_t, obj_feats, fx.batch_nocap)
+  diff = max_diff(logits, fx.out["logits_nocap"])
+  assert diff < 1e-5, f"no-caption logits differ by {diff:.3g}"
+  with_mm = _head_logits(fixture_config(fx.meta), fx, params, h_t, obj_feats, fx.batch_nocap)
+  assert max_diff(with_mm, fx.out["logits_nocap"]) > 1e-2   # the control: the old path
+
+
+def test_paper_head_ignores_use_caption():
+  """semantics=paper keeps mm_linear without captions: same params, same logits."""
+  rng = np.random.default_rng(0)
+  h_t = rng.normal(size=(3, 10, 64)).astype(np.float32)
+  obj_feats = rng.normal(size=(3, 4, 64)).astype(np.float32)
+  batch = {"head_marker": np.array([1, -1, 2], np.int32), "head_desc": np.array([3, -1, -1], np.int32),
+           "head_obj": np.array([-1, 0, 1], np.int32), "tail_marker": np.array([5, 6, -1], np.int32),
+           "tail_desc": np.full(3, -1, np.int32), "tail_obj": np.array([-1, 2, 3], np.int32)}
+  got = []
+  for use_caption in (True, False):
+    cfg = common.model_config("tiny", "paper")
+    cfg.head.use_caption = use_caption
+    model = remote.build(cfg, 5, 40)
+    head = lambda m, *a: m.head(*a)
+    params = model.init(jax.random.key(0), h_t, obj_feats, batch, method=head)
+    got.append((jax.tree_util.tree_map(np.shape, params), np.asarray(
+        model.apply(params, h_t, obj_feats, batch, method=head)[0])))
+  assert got[0][0] == got[1][0] and "mm_linear" in got[0][0]["params"]["head"]
+  np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 # ------------------------------------------- outside the forward pass (docs/parity.md)
@@ -322,6 +363,10 @@ def test_regenerated_fixture_matches(tmp_path):
   nobox = fixture_config(new.meta, use_pos=False)
   logits, _ = forward_fn(nobox, new)(new.convert(nobox), new.batch)
   assert max_diff(logits, new.out["logits_nobox"]) < 1e-5
+  # Without captions: the released use_cap=False head, end to end (a third compile).
+  nocap = fixture_config(new.meta, **{"head.use_caption": False})
+  logits, _ = forward_fn(nocap, new)(new.convert(nocap), new.batch_nocap)
+  assert max_diff(logits, new.out["logits_nocap"]) < 1e-5
   if new.meta["commit"] == old.meta["commit"]:   # same sources, same seeds: same fixture
     assert set(new.state) == set(old.state)
     assert max_diff(new.out["logits"], old.out["logits"]) < 1e-5
