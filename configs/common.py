@@ -68,6 +68,7 @@ def text_tower(dims, **overrides):
   # MI²RAGE, which writes it here in mi2rage_jax/train.py).
   tower = dict(dims, max_position_embeddings=512, type_vocab_size=2,
                hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+               # A local HF directory, or a hub id ("bert-base-uncased") fetched when online.
                initializer_range=0.02, pretrained_dir="",
                # The marker rows added to a pretrained vocabulary: "normal" N(0, 0.02) (the
                # released code's), "punct" copies of punctuation rows (data/tokenizer.py).
