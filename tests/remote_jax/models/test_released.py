@@ -390,24 +390,56 @@ def _mnre_marked(mnre_dir, every):
   return texts
 
 
-def _check_against_slow_bert(texts):
+def _check_against_slow_bert(pairs, lengths=(128,)):
+  """Ours vs the release's slow BertTokenizer + 12 special markers, encode_plus(text,
+  text_pair, max_length, truncation=True, padding="max_length"), at each max_length."""
   from transformers import BertTokenizer
 
   from remote_jax.data.tokenizer import MARKERS, RelationTokenizer
-  ours = RelationTokenizer(max_length=128)
-  slow = BertTokenizer(str(ours.directory / "vocab.txt"), do_lower_case=True)
-  slow.add_special_tokens({"additional_special_tokens": list(MARKERS)})
-  bad = [x for x in texts if ours.encode(x)["input_ids"].tolist() != slow.encode_plus(
-      text=x, max_length=128, truncation=True, padding="max_length")["input_ids"]]
-  assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:2]}"
+  slow = None
+  bad = []
+  for length in lengths:
+    ours = RelationTokenizer(max_length=length)
+    if slow is None:
+      slow = BertTokenizer(str(ours.directory / "vocab.txt"), do_lower_case=True)
+      slow.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    for text, pair in pairs:
+      got = ours.encode(text, pair)
+      want = slow.encode_plus(text=text, text_pair=pair, max_length=length, truncation=True,
+                              padding="max_length")
+      if any(got[k].tolist() != want[k] for k in ("input_ids", "token_type_ids",
+                                                  "attention_mask")):
+        bad.append((length, text, pair))
+  assert not bad, f"{len(bad)} of {len(pairs) * len(lengths)} differ, e.g. {bad[:2]}"
 
 
 def test_tokenizer_matches_the_slow_bert_tokenizer_on_mnre(mnre_dir):
   """The release tokenises with the slow BertTokenizer + 12 special markers; ours is the
   fast one. Every 25th MNRE-2 sentence with its markers (all of them: the slow test)."""
-  _check_against_slow_bert(_mnre_marked(mnre_dir, 25))
+  _check_against_slow_bert([(x, None) for x in _mnre_marked(mnre_dir, 25)])
 
 
 @pytest.mark.slow
 def test_tokenizer_matches_the_slow_bert_tokenizer_on_all_mnre(mnre_dir):
-  _check_against_slow_bert(_mnre_marked(mnre_dir, 1))
+  _check_against_slow_bert([(x, None) for x in _mnre_marked(mnre_dir, 1)])
+
+
+def _umre_pairs():
+  """The (marked sentence, caption segment) pairs of every UMRE fixture example, as the
+  preprocessor hands them to the tokenizer."""
+  from remote_jax.data import preprocess, umre
+  from remote_jax.data.tokenizer import RelationTokenizer
+  reader = umre.UmreReader(FIXTURES / "umre")
+  pre = preprocess.Preprocessor(RelationTokenizer(), reader.relations, num_objects=3,
+                                crop_size=4, use_caption=True, use_depth=True,
+                                depth_norm="none", modalities="both")
+  return [pre.text(s) for split in ("train", "val", "test") for s in reader.read(split)[0]]
+
+
+def test_tokenizer_matches_the_slow_bert_tokenizer_on_umre_caption_pairs():
+  """Pairs with caption segments (<k>/<o> markers), at every max_length from 5 (both
+  segments cut to one piece) to 40 (none cut) and 128: the pair truncation (longest_first,
+  a tie cuts the caption) and the token types agree."""
+  pairs = _umre_pairs()
+  assert len(pairs) == 9 and all(pair for _, pair in pairs)
+  _check_against_slow_bert(pairs, lengths=(*range(5, 41), 128))
