@@ -135,11 +135,11 @@ def make_batch(seed, captions=True):
       tail_obj[i] = (head_obj[i] + 1 + rng.integers(0, REAL_OBJECTS - 1)) % REAL_OBJECTS
     first = [CLS] + sent + [SEP]
     second = []
-    if captions:
-      for side, n in (("1", 5 + i), ("2", 4 + 2 * i)):
-        tag = "k" if kind[int(side) - 1] == "e" else "o"
-        second += [mid(f"<{tag}{side}>")] + words(n) + [mid(f"</{tag}{side}>")]
-      second += [SEP]
+    for side, n in (("1", 5 + i), ("2", 4 + 2 * i)):
+      tag = "k" if kind[int(side) - 1] == "e" else "o"
+      second += [mid(f"<{tag}{side}>")] + words(n) + [mid(f"</{tag}{side}>")]
+    # Drawn either way, so that both batches share every other field (pixels, boxes, ...).
+    second = second + [SEP] if captions else []
     row = first + second
     ids[i, :len(row)] = row
     types_[i, len(first):len(row)] = 1

@@ -68,6 +68,7 @@ def text_tower(dims, **overrides):
   # MI²RAGE, which writes it here in mi2rage_jax/train.py).
   tower = dict(dims, max_position_embeddings=512, type_vocab_size=2,
                hidden_dropout=0.1, attention_dropout=0.1, layer_norm_eps=1e-12,
+               # A local HF directory, or a hub id ("bert-base-uncased") fetched when online.
                initializer_range=0.02, pretrained_dir="",
                # The marker rows added to a pretrained vocabulary: "normal" N(0, 0.02) (the
                # released code's), "punct" copies of punctuation rows (data/tokenizer.py).
@@ -166,6 +167,11 @@ def model_config(size="tiny", semantics="paper"):
           # An object whose <o> marker is missing (no captions, truncation): the paper
           # keeps its region feature; the released code zeroes the whole side.
           object_without_marker="keep_region" if paper else "zero_side",
+          # Without captions (data.use_caption=False): "mm_linear" keeps the head, the
+          # caption marker states zero (the paper's "w/o caption"); "raw" classifies the raw
+          # [h_head; h_tail] without mm_linear (the released code's use_cap=False).
+          without_caption="mm_linear" if paper else "raw",
+          use_caption=True,   # follows data.use_caption (remote_jax/config.py: DERIVED)
       ),
       dtype="float32",
       remat=False,   # True: recompute encoder layers and OT levels in the backward pass
@@ -308,7 +314,8 @@ def remote_config(arg, dataset, default_size, **data_overrides):
   config.data.use_caption = config.data.use_caption and a.caption
   config.data.use_depth = config.data.use_depth and a.depth
   config.data.modalities = a.modalities
-  # model.vision.use_depth and image_size follow data.use_depth and crop_size: set by
+  # model.vision.use_depth, image_size and model.head.use_caption follow data.use_depth,
+  # crop_size and data.use_caption: set by
   # remote_jax.config.resolve after the command line's overrides.
   if a.protocol == "reference":
     apply_reference_protocol(config)
@@ -329,7 +336,8 @@ def apply_reference_protocol(config):
   mm_linear are never trained. Test-set "best" is reported as well (labelled).
   """
   config.optim.update(lr=1e-5, warmup_ratio=0.06, weight_decay=0.01, decay_mask="all",
-                      clip_norm=0.0, frozen_patterns=("^head/mm_linear/", "^head/classifier/"))
+                      # One pattern: without captions the released head has no mm_linear.
+                      clip_norm=0.0, frozen_patterns=("^head/(mm_linear|classifier)/",))
   config.batch_size, config.num_epochs, config.seed = 32, 30, 1234
   config.data.max_length = 256
   config.report_max_over_epochs = True

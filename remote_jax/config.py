@@ -237,6 +237,7 @@ DERIVED = {
     "remote": (
         ("model.vision.use_depth", "data.use_depth", lambda v: v),
         ("model.vision.image_size", "data.crop_size", lambda v: v),
+        ("model.head.use_caption", "data.use_caption", lambda v: v),
     ),
     "mi2rage": (
         ("data.image_size", "model.vision.image_size", lambda v: v),

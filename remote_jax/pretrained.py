@@ -1,7 +1,8 @@
-"""Pretrained encoders into a model's parameters: the converted local BERT and CLIP
-checkpoints of `model.{text,vision}.pretrained_dir`, with one fresh word-embedding row per
-marker token. Shared by REMOTE's task and MI2RAGE's teachers and students, which pass
-`load_pretrained` to `engine.build(load=...)`.
+"""Pretrained encoders into a model's parameters: the converted BERT and CLIP checkpoints
+of `model.{text,vision}.pretrained_dir` (a local directory, or a hub id fetched when online:
+convert.checkpoint_dir), with one fresh word-embedding row per marker token. Shared by
+REMOTE's task and MI2RAGE's teachers and students, which pass `load_pretrained` to
+`engine.build(load=...)`.
 """
 import logging
 

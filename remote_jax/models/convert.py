@@ -3,7 +3,8 @@
 Every tensor goes through an explicit name map (ours <- PyTorch name, with a
 layout rule), and the result is checked against `jax.eval_shape` of our
 module, so a wrong or partial checkpoint fails loudly with the full list of
-missing, unexpected and mis-shaped tensors. Nothing is written to disk.
+missing, unexpected and mis-shaped tensors. Nothing is written to disk, except that a
+path that is no directory but a hub id is fetched into the hub's cache when online.
 """
 import dataclasses
 import json
@@ -146,6 +147,38 @@ CLIP_LAYER_NAME = r"encoder\.layers\.(\d+)\."
 
 # ----------------------------------------------------------------------------
 # Reading a checkpoint directory
+
+# A Hugging Face hub id: "name" or "owner/name" (letters, digits, ".", "_", "-").
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+# What the loaders read of a checkpoint directory (BERT also reads vocab.txt).
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json",
+                "model-*.safetensors")
+
+
+def checkpoint_dir(path, files=WEIGHT_FILES) -> pathlib.Path:
+  """A local checkpoint directory for `path`: `path` itself, or, when it does not exist
+  and looks like a hub id ("bert-base-uncased", "openai/clip-vit-base-patch32"), the
+  hub snapshot of `files` (huggingface_hub.snapshot_download: the local cache, else a
+  download). Offline and not cached: a one-line error saying what to download where."""
+  path = pathlib.Path(path)
+  name = str(path)
+  if path.exists() or not HUB_ID.fullmatch(name) or ".." in name:
+    return path   # a local path: _read_config_path says what is wrong with it
+  import huggingface_hub
+  from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
+  try:
+    return pathlib.Path(huggingface_hub.snapshot_download(name, allow_patterns=list(files)))
+  except RepositoryNotFoundError:
+    raise CheckpointError(f"pretrained_dir {name!r}: no local directory {path.resolve()} and "
+                          "no hub repository of that name") from None
+  except (LocalEntryNotFoundError, OSError) as e:   # offline, or no network
+    why = ("the hub is offline (HF_HUB_OFFLINE=1)" if huggingface_hub.constants.HF_HUB_OFFLINE
+           else f"it could not be downloaded ({type(e).__name__})")
+    wanted = " ".join(f for f in files if "*" not in f and "index" not in f)
+    raise CheckpointError(
+        f"pretrained_dir {name!r} is not a local directory and {why}: on a machine with hub "
+        f"access run `huggingface-cli download {name} {wanted} --local-dir DIR`, copy DIR "
+        f"here (DIR/config.json, DIR/model.safetensors) and set pretrained_dir to it") from None
 
 
 def _read_config_path(path: pathlib.Path) -> pathlib.Path:
@@ -330,14 +363,15 @@ def _normal_rows(seed: int, shape: tuple) -> np.ndarray:
 
 def load_bert(path, num_extra_tokens: int = 0, seed: int = 0,
               extra_like: tuple[str, ...] = ()) -> tuple[BertConfig, dict]:
-  """HF BERT directory -> (config, params of `BertEncoder(config)`).
+  """HF BERT directory (or hub id, `checkpoint_dir`) -> (config, params of
+  `BertEncoder(config)`).
 
   `num_extra_tokens` rows (REMOTE's markers) are appended to the word
   embeddings, drawn from N(0, 0.02), or, with `extra_like` (one word piece of the
   checkpoint's vocab.txt per new row), copies of those pieces' rows; the returned
   config counts them.
   """
-  path = pathlib.Path(path)
+  path = checkpoint_dir(path, WEIGHT_FILES + ("vocab.txt",))
   config = _read_config(BertConfig, path)
   state, prefix = _load_state(path, "bert.", BERT_IGNORED)
   state = _legacy_norm_names(state)
@@ -364,14 +398,15 @@ def load_bert(path, num_extra_tokens: int = 0, seed: int = 0,
 def load_clip_vision(path, image_size: int | None = None, patch_size: int | None = None,
                      use_cls: bool = True, use_depth: bool = False,
                      seed: int = 0) -> tuple[CLIPVisionConfig, dict]:
-  """HF CLIPModel / CLIPVisionModel directory -> (config, params of `CLIPVisionTower`).
+  """HF CLIPModel / CLIPVisionModel directory (or hub id, `checkpoint_dir`) -> (config,
+  params of `CLIPVisionTower`).
 
   A position table that no longer fits (other image size, no CLS) is
   re-initialised N(0, 0.02) with a warning, and `depth_embedding` starts as
   the mean over input channels of the pretrained rgb patch projection: both
   as in the released REMOTE code.
   """
-  path = pathlib.Path(path)
+  path = checkpoint_dir(path)
   overrides = {"use_cls": use_cls, "use_depth": use_depth}
   overrides.update({k: v for k, v in {"image_size": image_size, "patch_size": patch_size}.items()
                     if v is not None})

@@ -18,6 +18,14 @@ paper's "w/o caption" ablation) is, by `object_without_marker`:
   state (eq. 13 without the caption part); an entity side is still zeros.
 aux["missing_marker"] (B,) flags an example with a missing primary marker.
 
+Without captions (`use_caption` False, following data.use_caption) `without_caption`
+says what the head does: "mm_linear" the above, with the marker sides that captions
+would fill at zero (the paper's "w/o caption"); "raw" the released code's `use_cap=False`
+branch: [h_head; h_tail] of the raw features (an entity's <s> state, an object's region
+feature), no mm_linear (the model then has none). There an example misses its primary
+feature when an entity has no <s> (the release stops on such an example; the side is zero
+here).
+
 The classifier is dropout -> [Dense(w) -> act -> dropout]* -> Dense(C) on
 [h_head; h_tail]: hidden=() with dropout 0 is the released single Linear;
 the paper's "MLP + dropout 0.5" is e.g. hidden=(D,), dropout=0.5. The paper
@@ -76,6 +84,12 @@ def combine_concat(module: nn.Module, pairs):
 COMBINES = {"mm_linear": combine_mm_linear, "concat": combine_concat}
 
 
+def raw_pairs(use_caption: bool, without_caption: str) -> bool:
+  """True when the head classifies the raw features without mm_linear (the released
+  use_cap=False branch); the converter drops the released mm_linear then."""
+  return not use_caption and without_caption == "raw"
+
+
 class RelationHead(nn.Module):
   """(H_T (B,L,D), obj_feats (B,K,D), batch, deterministic) -> (logits (B,C), aux)."""
   num_classes: int
@@ -84,6 +98,8 @@ class RelationHead(nn.Module):
   dropout: float
   use_desc: bool
   object_without_marker: str
+  without_caption: str
+  use_caption: bool
   # Not config fields: the released code's pair combination and activation.
   combine: str = "mm_linear"
   activation: str = "relu"
@@ -100,6 +116,10 @@ class RelationHead(nn.Module):
     if self.object_without_marker not in ("zero_side", "keep_region"):
       raise ValueError(f"model.head.object_without_marker={self.object_without_marker!r}: "
                        "allowed 'zero_side', 'keep_region'")
+    if self.without_caption not in ("mm_linear", "raw"):
+      raise ValueError(f"model.head.without_caption={self.without_caption!r}: "
+                       "allowed 'mm_linear', 'raw'")
+    raw = raw_pairs(self.use_caption, self.without_caption)
     if _is_concrete(batch):
       validate_indices(batch, h_t.shape[1], obj_feats.shape[1])
     pairs, present, keep = [], [], []
@@ -110,17 +130,25 @@ class RelationHead(nn.Module):
       h_desc = gather_rows(h_t, jnp.asarray(batch[f"{side}_desc"], jnp.int32))
       if not self.use_desc:
         h_desc = jnp.zeros_like(h_desc)
+      h_obj = gather_rows(obj_feats, obj)
+      if raw:
+        pairs.append(jnp.where((obj >= 0)[:, None], h_obj, h_marker))
+        present.append((marker >= 0) | (obj >= 0))
+        continue
       entity = jnp.concatenate([h_marker, h_desc], axis=-1)
-      region = jnp.concatenate([gather_rows(obj_feats, obj), h_marker], axis=-1)
+      region = jnp.concatenate([h_obj, h_marker], axis=-1)
       pairs.append(jnp.where((obj >= 0)[:, None], region, entity))
       present.append(marker >= 0)
       keep.append((marker >= 0) | ((obj >= 0) & (self.object_without_marker == "keep_region")))
-    pairs = jnp.stack(pairs, axis=1).astype(self.dtype)           # (B,2,2D)
     present = jnp.stack(present, axis=1)                           # (B,2)
-    sides = COMBINES[self.combine](self, pairs)
-    keep = jnp.stack(keep, axis=1)
-    sides = jnp.where(keep[..., None], sides, jnp.zeros_like(sides))
-    x = sides.reshape(sides.shape[0], -1)                          # [h_head; h_tail]
+    if raw:
+      x = jnp.concatenate(pairs, axis=-1).astype(self.dtype)      # (B,2D), no mm_linear
+    else:
+      pairs = jnp.stack(pairs, axis=1).astype(self.dtype)         # (B,2,2D)
+      sides = COMBINES[self.combine](self, pairs)
+      keep = jnp.stack(keep, axis=1)
+      sides = jnp.where(keep[..., None], sides, jnp.zeros_like(sides))
+      x = sides.reshape(sides.shape[0], -1)                        # [h_head; h_tail]
     self.sow("intermediates", "pair_features", x)
     act = ACTIVATIONS[self.activation]
     axes = ("embed", "mlp")

@@ -28,10 +28,14 @@ import re
 import numpy as np
 from flax.traverse_util import unflatten_dict
 
+from remote_jax import config as config_lib
 from remote_jax.errors import CheckpointError
 from remote_jax.models import convert
+from remote_jax.models import heads as heads_lib
 from remote_jax.models import remote as remote_lib
 from remote_jax.models.convert import COPY, FLAT, LINEAR, _dense, _norm, _patch_conv
+from remote_jax.models.encoders.bert import BertConfig
+from remote_jax.models.encoders.clip_vit import CLIPVisionConfig
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +82,8 @@ def name_map(model_cfg) -> list:
   RemoteModel(model_cfg) under semantics=reference."""
   _check_reference(model_cfg)
   enc = f"{PREFIX}encoder"
-  bert = convert.bert_name_map(remote_lib.bert_config(model_cfg, 1))
-  clip = convert.clip_name_map(remote_lib.clip_config(model_cfg))
+  bert = convert.bert_name_map(BertConfig.from_config(model_cfg.text, vocab_size=1))
+  clip = convert.clip_name_map(CLIPVisionConfig.from_config(model_cfg.vision))
   names = _rename(bert, "text", {"embeddings.": f"{PREFIX}text_embeddings.",
                                  "encoder.layer.": f"{enc}.text_layer."})
   names += _rename(clip, "vision", {"embeddings.": f"{PREFIX}vision_embeddings.",
@@ -96,14 +100,19 @@ def name_map(model_cfg) -> list:
   if model_cfg.use_pos:
     names += [*_dense("box_embed", f"{enc}.image_position_embeddings"),
               *_norm("pool_norm", f"{enc}.layernorm")]
-  for level in remote_lib.mot_levels(model_cfg.mot, layers):
+  for level in config_lib.mot_levels(model_cfg.mot, layers):
     for side in ("text", "vision"):
       names += _ot(f"mot_{side}_{level}", f"{enc}.{side}_ot_attention.{level - 1}",
                    f"{enc}.{side}_cross_attention_weights.{level - 1}")
   names += _moe_side("moe/text", f"{enc}.vision2text_layer_agg", "text", "vision", layers + 1)
   names += _moe_side("moe/vision", f"{enc}.text2vision_layer_agg", "vision", "text", layers + 1)
-  return names + [*_dense("head/mm_linear", "mm_linear"),
-                  *_dense("head/classifier", "classifier")]
+  if not _raw_head(model_cfg):
+    names += _dense("head/mm_linear", "mm_linear")
+  return names + _dense("head/classifier", "classifier")
+
+
+def _raw_head(model_cfg) -> bool:
+  return heads_lib.raw_pairs(model_cfg.head.use_caption, model_cfg.head.without_caption)
 
 
 def _fusion_layers(model_cfg) -> range:
@@ -126,7 +135,8 @@ def ignored_patterns(model_cfg) -> list[str]:
       r"(vision_and_text|text_and_vision)_k_proj\.",               # called with None
       rf"{enc}\.(vision|text)_ot_attention\.0\.",                  # OT runs from layer 1 on
       rf"{enc}\.(vision|text)_cross_attention_weights\.0$",
-  ] + ([] if model_cfg.use_pos else [rf"{enc}\.(image_position_embeddings|layernorm)\."])
+  ] + ([] if model_cfg.use_pos else [rf"{enc}\.(image_position_embeddings|layernorm)\."]) + (
+      [r"mm_linear\."] if _raw_head(model_cfg) else [])   # use_cap=False never calls it
 
 
 def _check_reference(model_cfg):

@@ -81,6 +81,7 @@ class RemoteModel(nn.Module):
         num_classes=self.num_classes, hidden=tuple(cfg.head.hidden),
         dropout=cfg.head.dropout, use_desc=cfg.head.use_desc,
         object_without_marker=cfg.head.object_without_marker,
+        without_caption=cfg.head.without_caption, use_caption=cfg.head.use_caption,
         dtype=self.dtype, name="head")
     if cfg.depth_summary == "post_norm" and cfg.vision.use_depth and not cfg.co_encoder:
       # [mean, max] of an object's depth crop -> model width.

@@ -216,6 +216,82 @@ def test_missing_directory_config_and_weights(bert_dir, tmp_path):
     single_line_error(tmp_path / "empty", "only pytorch_model.bin .* convert it to model.safetensors")
 
 
+@pytest.fixture
+def no_hub(monkeypatch, tmp_path):
+  """The hub offline (HF_HUB_OFFLINE=1) with an empty cache."""
+  from huggingface_hub import constants
+  monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+  monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
+  return constants
+
+
+@pytest.mark.parametrize("load,hub_id,files", [
+    (load_bert, "bert-base-uncased", "config.json model.safetensors vocab.txt"),
+    (load_clip_vision, "openai/clip-vit-base-patch32", "config.json model.safetensors")])
+def test_hub_id_offline_says_what_to_download_where(no_hub, load, hub_id, files):
+  with pytest.raises(CheckpointError) as e:
+    load(hub_id)
+  msg = str(e.value)
+  assert "\n" not in msg
+  assert f"pretrained_dir {hub_id!r} is not a local directory and the hub is offline " \
+         "(HF_HUB_OFFLINE=1)" in msg
+  assert f"huggingface-cli download {hub_id} {files} --local-dir DIR" in msg
+  assert "(DIR/config.json, DIR/model.safetensors) and set pretrained_dir to it" in msg
+
+
+def test_hub_id_without_network_says_the_download_failed(no_hub, monkeypatch):
+  import huggingface_hub
+  from huggingface_hub.errors import LocalEntryNotFoundError
+
+  def no_network(*args, **kwargs):
+    raise LocalEntryNotFoundError("An error happened while trying to locate the files")
+  monkeypatch.setattr(no_hub, "HF_HUB_OFFLINE", False)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", no_network)
+  with pytest.raises(CheckpointError, match=r"could not be downloaded \(LocalEntryNotFound"
+                     r"Error\): on a machine with hub access run `huggingface-cli download "
+                     r"bert-base-uncased config.json"):
+    load_bert("bert-base-uncased")
+
+
+@pytest.mark.parametrize("path", ["../bert-base-uncased", "runs/a/bert", "/no/such/bert"])
+def test_a_local_path_that_is_no_hub_id_keeps_its_error(no_hub, path):
+  with pytest.raises(CheckpointError, match="no checkpoint directory at .*huggingface-cli "
+                     "download REPO"):
+    load_bert(path)
+
+
+def test_hub_id_online_is_fetched_and_converted(bert_dir, tmp_path, monkeypatch):
+  """snapshot_download (here a stand-in writing the tiny checkpoint, as the hub would: only
+  the allowed files) gives the directory the real converter reads."""
+  import fnmatch
+  import shutil
+
+  import huggingface_hub
+  calls = []
+
+  def snapshot_download(repo_id, allow_patterns):
+    calls.append((repo_id, allow_patterns))
+    out = tmp_path / "snapshot"
+    out.mkdir()
+    for f in bert_dir.iterdir():
+      if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+        shutil.copy(f, out / f.name)
+    (out / "vocab.txt").write_text("\n".join(f"w{i}" for i in range(99)))
+    return str(out)
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+  config, params = load_bert("google/tiny-bert", num_extra_tokens=2, extra_like=("w3", "w7"))
+  assert calls == [("google/tiny-bert", ["config.json", "model.safetensors",
+                                         "model.safetensors.index.json", "model-*.safetensors",
+                                         "vocab.txt"])]
+  want_config, want = load_bert(bert_dir)
+  assert config.vocab_size == want_config.vocab_size + 2
+  table = params["embeddings"]["word_embeddings"]["embedding"]
+  np.testing.assert_array_equal(table[-2:], table[[3, 7]])
+  params["embeddings"]["word_embeddings"]["embedding"] = table[:-2]
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(want)):
+    np.testing.assert_array_equal(a, b)
+
+
 def test_marker_rows_are_appended(minilm_dir):
   config, params = load_bert(minilm_dir, num_extra_tokens=12, seed=3)
   old = load_file(str(minilm_dir / "model.safetensors"))["embeddings.word_embeddings.weight"]

@@ -27,7 +27,8 @@ MISSING = [False, False, False, False, True, True]
 
 def make_head(**fields):
   """A head with the released code's settings unless `fields` say otherwise."""
-  config = dict(hidden=(), dropout=0.0, use_desc=True, object_without_marker="zero_side")
+  config = dict(hidden=(), dropout=0.0, use_desc=True, object_without_marker="zero_side",
+                without_caption="raw", use_caption=True)
   return RelationHead(C, **{**config, **fields})
 
 
@@ -105,6 +106,35 @@ def test_keep_region_object_without_marker(combine):
   bad = make_head(object_without_marker="drop")
   with pytest.raises(ValueError, match="object_without_marker='drop'.*keep_region"):
     init(bad, h_t, objs, batch)
+
+
+def test_raw_pairs_without_captions():
+  """The released use_cap=False branch: [h_head; h_tail] of an entity's marker state or an
+  object's feature, no mm_linear; without_caption="mm_linear" (the paper) or captions on
+  keep the mm_linear head."""
+  h_t, objs, batch = make_inputs()
+  head = make_head(use_caption=False)
+  params = init(head, h_t, objs, batch)
+  p = nn.meta.unbox(params)["params"]
+  assert set(p) == {"classifier"}
+  logits, aux = head.apply(params, h_t, objs, batch)
+  side = lambda b, s: (objs[b, batch[f"{s}_obj"][b]] if batch[f"{s}_obj"][b] >= 0 else
+                       h_t[b, batch[f"{s}_marker"][b]] if batch[f"{s}_marker"][b] >= 0 else
+                       np.zeros(D, np.float32))
+  x = np.stack([np.concatenate([side(b, "head"), side(b, "tail")]) for b in range(B)])
+  want = x @ np.asarray(p["classifier"]["kernel"]) + np.asarray(p["classifier"]["bias"])
+  np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
+  # Row 4's object head lost its <o1> but keeps its feature; row 5's entity has no <s1>.
+  np.testing.assert_array_equal(aux["missing_marker"], [False] * 5 + [True])
+  for fields in (dict(use_caption=True), dict(use_caption=False, without_caption="mm_linear")):
+    mm = make_head(**fields)
+    got = init(mm, h_t, objs, batch)
+    assert "mm_linear" in got["params"]
+    np.testing.assert_allclose(mm.apply(got, h_t, objs, batch)[0],
+                               numpy_logits(got, h_t, objs, batch, True, "mm_linear"),
+                               rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="without_caption='drop'.*'raw'"):
+    init(make_head(without_caption="drop"), h_t, objs, batch)
 
 
 def test_missing_marker_side_is_zero():

@@ -173,12 +173,53 @@ def test_masks_on_is_caught(fx):
   assert max_diff(logits, fx.out["logits"]) > 1e-2
 
 
-def test_no_caption_path_differs_as_documented(fx, reference):
-  """docs/parity.md: without captions the release concatenates the raw features and skips
-  mm_linear; we zero an object side without its <o> marker. Recorded, not closed."""
+def _head_logits(cfg, fx, params, h_t, obj_feats, batch):
+  """RemoteModel(cfg)'s own head on given features (jitted alone: the encoders' outputs
+  do not depend on the head, so compile 1's serve every head variant)."""
+  model = remote.build(cfg, fx.meta["num_labels"], fx.vocab)
+  head = jax.jit(lambda p, h, o, b: model.apply(
+      {"params": p}, h, o, b, method=lambda m, *a: m.head(*a))[0])
+  with jax.default_matmul_precision("highest"):
+    return np.asarray(head(params, h_t, obj_feats, batch))
+
+
+def test_no_caption_path_matches_the_released_code(fx, reference):
+  """Without captions (data.use_caption=False -> model.head.use_caption) the release
+  (use_cap=False) classifies [h_head; h_tail] of the raw features (an entity's <s> state,
+  an object's feature), without mm_linear; so does semantics=reference (without_caption
+  "raw"). The zero-side head of the caption path misses the released logits."""
   run, params = reference
-  logits, _ = run(params, fx.batch_nocap)
-  assert max_diff(logits, fx.out["logits_nocap"]) > 1e-2
+  _, out = run(params, fx.batch_nocap)
+  h_t, obj_feats = out["text"], out["vision"]
+  cfg = fixture_config(fx.meta, **{"head.use_caption": False})
+  nocap = fx.convert(cfg)   # its released mm_linear.* is ignored, not reported unexpected
+  assert set(nocap["head"]) == {"classifier"}
+  logits = _head_logits(cfg, fx, nocap, h_t, obj_feats, fx.batch_nocap)
+  diff = max_diff(logits, fx.out["logits_nocap"])
+  assert diff < 1e-5, f"no-caption logits differ by {diff:.3g}"
+  with_mm = _head_logits(fixture_config(fx.meta), fx, params, h_t, obj_feats, fx.batch_nocap)
+  assert max_diff(with_mm, fx.out["logits_nocap"]) > 1e-2   # the control: the old path
+
+
+def test_paper_head_ignores_use_caption():
+  """semantics=paper keeps mm_linear without captions: same params, same logits."""
+  rng = np.random.default_rng(0)
+  h_t = rng.normal(size=(3, 10, 64)).astype(np.float32)
+  obj_feats = rng.normal(size=(3, 4, 64)).astype(np.float32)
+  batch = {"head_marker": np.array([1, -1, 2], np.int32), "head_desc": np.array([3, -1, -1], np.int32),
+           "head_obj": np.array([-1, 0, 1], np.int32), "tail_marker": np.array([5, 6, -1], np.int32),
+           "tail_desc": np.full(3, -1, np.int32), "tail_obj": np.array([-1, 2, 3], np.int32)}
+  got = []
+  for use_caption in (True, False):
+    cfg = common.model_config("tiny", "paper")
+    cfg.head.use_caption = use_caption
+    model = remote.build(cfg, 5, 40)
+    head = lambda m, *a: m.head(*a)
+    params = model.init(jax.random.key(0), h_t, obj_feats, batch, method=head)
+    got.append((jax.tree_util.tree_map(np.shape, params), np.asarray(
+        model.apply(params, h_t, obj_feats, batch, method=head)[0])))
+  assert got[0][0] == got[1][0] and "mm_linear" in got[0][0]["params"]["head"]
+  np.testing.assert_array_equal(got[0][1], got[1][1])
 
 
 # ------------------------------------------- outside the forward pass (docs/parity.md)
@@ -319,6 +360,10 @@ def test_regenerated_fixture_matches(tmp_path):
   nobox = fixture_config(new.meta, use_pos=False)
   logits, _ = forward_fn(nobox, new)(new.convert(nobox), new.batch)
   assert max_diff(logits, new.out["logits_nobox"]) < 1e-5
+  # Without captions: the released use_cap=False head, end to end (a third compile).
+  nocap = fixture_config(new.meta, **{"head.use_caption": False})
+  logits, _ = forward_fn(nocap, new)(new.convert(nocap), new.batch_nocap)
+  assert max_diff(logits, new.out["logits_nocap"]) < 1e-5
   if new.meta["commit"] == old.meta["commit"]:   # same sources, same seeds: same fixture
     assert set(new.state) == set(old.state)
     assert max_diff(new.out["logits"], old.out["logits"]) < 1e-5
@@ -342,24 +387,56 @@ def _mnre_marked(mnre_dir, every):
   return texts
 
 
-def _check_against_slow_bert(texts):
+def _check_against_slow_bert(pairs, lengths=(128,)):
+  """Ours vs the release's slow BertTokenizer + 12 special markers, encode_plus(text,
+  text_pair, max_length, truncation=True, padding="max_length"), at each max_length."""
   from transformers import BertTokenizer
 
   from remote_jax.data.tokenizer import MARKERS, RelationTokenizer
-  ours = RelationTokenizer(max_length=128)
-  slow = BertTokenizer(str(ours.directory / "vocab.txt"), do_lower_case=True)
-  slow.add_special_tokens({"additional_special_tokens": list(MARKERS)})
-  bad = [x for x in texts if ours.encode(x)["input_ids"].tolist() != slow.encode_plus(
-      text=x, max_length=128, truncation=True, padding="max_length")["input_ids"]]
-  assert not bad, f"{len(bad)} of {len(texts)} differ, e.g. {bad[:2]}"
+  slow = None
+  bad = []
+  for length in lengths:
+    ours = RelationTokenizer(max_length=length)
+    if slow is None:
+      slow = BertTokenizer(str(ours.directory / "vocab.txt"), do_lower_case=True)
+      slow.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    for text, pair in pairs:
+      got = ours.encode(text, pair)
+      want = slow.encode_plus(text=text, text_pair=pair, max_length=length, truncation=True,
+                              padding="max_length")
+      if any(got[k].tolist() != want[k] for k in ("input_ids", "token_type_ids",
+                                                  "attention_mask")):
+        bad.append((length, text, pair))
+  assert not bad, f"{len(bad)} of {len(pairs) * len(lengths)} differ, e.g. {bad[:2]}"
 
 
 def test_tokenizer_matches_the_slow_bert_tokenizer_on_mnre(mnre_dir):
   """The release tokenises with the slow BertTokenizer + 12 special markers; ours is the
   fast one. Every 25th MNRE-2 sentence with its markers (all of them: the slow test)."""
-  _check_against_slow_bert(_mnre_marked(mnre_dir, 25))
+  _check_against_slow_bert([(x, None) for x in _mnre_marked(mnre_dir, 25)])
 
 
 @pytest.mark.slow
 def test_tokenizer_matches_the_slow_bert_tokenizer_on_all_mnre(mnre_dir):
-  _check_against_slow_bert(_mnre_marked(mnre_dir, 1))
+  _check_against_slow_bert([(x, None) for x in _mnre_marked(mnre_dir, 1)])
+
+
+def _umre_pairs():
+  """The (marked sentence, caption segment) pairs of every UMRE fixture example, as the
+  preprocessor hands them to the tokenizer."""
+  from remote_jax.data import preprocess, umre
+  from remote_jax.data.tokenizer import RelationTokenizer
+  reader = umre.UmreReader(FIXTURES / "umre")
+  pre = preprocess.Preprocessor(RelationTokenizer(), reader.relations, num_objects=3,
+                                crop_size=4, use_caption=True, use_depth=True,
+                                depth_norm="none", modalities="both")
+  return [pre.text(s) for split in ("train", "val", "test") for s in reader.read(split)[0]]
+
+
+def test_tokenizer_matches_the_slow_bert_tokenizer_on_umre_caption_pairs():
+  """Pairs with caption segments (<k>/<o> markers), at every max_length from 5 (both
+  segments cut to one piece) to 40 (none cut) and 128: the pair truncation (longest_first,
+  a tie cuts the caption) and the token types agree."""
+  pairs = _umre_pairs()
+  assert len(pairs) == 9 and all(pair for _, pair in pairs)
+  _check_against_slow_bert(pairs, lengths=(*range(5, 41), 128))
