@@ -156,7 +156,7 @@ def test_a_test_criterion_that_reads_labels_is_refused(tmp_path):
 
 
 def test_fit_resumes_after_an_interruption(tmp_path):
-  """fit (remote_jax.trainer's) killed mid-run and called again equals an uninterrupted
+  """fit (remote_jax.engine's) killed mid-run and called again equals an uninterrupted
   run; a finished run is restored, not retrained."""
   model = models.build_teacher("text", model_cfg(), C)
   rng = np.random.default_rng(0)
