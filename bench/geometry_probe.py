@@ -19,7 +19,7 @@ def features(s, params, split, limit):
   """(object features (N, D), targets (N, 3): centre x, centre y, mean crop depth)."""
   import jax
 
-  from remote_jax import trainer
+  from remote_jax import task
   from remote_jax.data import pipeline
 
   @jax.jit
@@ -27,12 +27,12 @@ def features(s, params, split, limit):
     _, state = s.model.apply({"params": p}, batch, mutable=["intermediates"])
     return state["intermediates"]["object_features"][0]
 
-  ds = pipeline.build_dataset(s.config.data, trainer.SPLITS[split],
+  ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
   xs, ys, n = [], [], 0
   for batch in ds:
-    feats = np.asarray(objects(params, trainer.model_batch(batch)))
+    feats = np.asarray(objects(params, task.model_batch(batch)))
     keep = np.asarray(batch["obj_mask"]) & np.asarray(batch["mask"])[:, None]
     boxes = np.asarray(batch["obj_boxes"])
     depth = np.asarray(batch["obj_depth"]).mean(axis=(2, 3, 4))
@@ -64,9 +64,9 @@ def main():
   ap.add_argument("--examples", type=int, default=1500, help="examples per split at most")
   a = ap.parse_args()
   from bench import load_config
-  from remote_jax import trainer
+  from remote_jax import task
   config = load_config(a.config)
-  s, state, step = trainer.restore(config, a.workdir)
+  s, state, step = task.restore(config, a.workdir)
   out = {"workdir": a.workdir, "step": int(step)}
   for name, params in (("trained", state.eval_params), ("init", s.state.params)):
     x_tr, y_tr = features(s, params, "train", a.examples)

@@ -20,7 +20,12 @@ peak row has their best rate too (`<dtype>_model_shapes`) and each row also gets
 `fraction_of_model_shape_peak`, the stricter figure. On a GPU or TPU, `mfu`
 divides by the chip's spec-sheet dense bf16 peak (SPEC_BF16_TFLOPS) as well.
 `--xla-cpu` picks the run's
-XLA:CPU flag preset (remote_jax/xla_cpu.py; the trainer's default is "auto").
+XLA:CPU flag preset (remote_jax/xla_cpu.py; training's default is "auto").
+
+The step is the engine's (`engine.build` with REMOTE's loss and the default config.optim,
+on one device), compiled from abstract shapes before the state exists, as training does;
+the vocabulary is the tokenizer's (config.model.text's plus the markers) and the head has
+`--classes` outputs.
 """
 import argparse
 import json
@@ -66,8 +71,8 @@ def peak_rss_gib():
 
 
 def batch_for(meta, batch, rng):
-  from remote_jax import trainer
-  b = trainer.dummy_batch(meta, batch)
+  from remote_jax import task
+  b = task.dummy_batch(meta, batch)
   L, K = meta["max_length"], meta["num_objects"]
   b["input_ids"] = rng.integers(1000, 30000, (batch, L)).astype(np.int32)
   b["attention_mask"][:, int(L * 0.8):] = 0
@@ -78,7 +83,7 @@ def batch_for(meta, batch, rng):
   b["head_marker"][:], b["tail_marker"][:] = 1, 5
   b["head_desc"][:] = L // 2
   b["tail_obj"][: batch // 2] = 0
-  b["label"] = rng.integers(0, 8, batch).astype(np.int32)
+  b["label"] = rng.integers(0, min(8, meta["num_classes"]), batch).astype(np.int32)
   return b
 
 
@@ -108,13 +113,13 @@ def child(one, preset):
 
 
 def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, mot, diff,
-            solver="", xla_cpu="auto", profile=""):
+            solver="", xla_cpu="auto", profile="", classes=28):
   import flax.linen as nn
   import jax
-  import optax
 
   from configs import common
-  from remote_jax import trainer
+  from remote_jax import engine, sharding, task
+  from remote_jax.data.tokenizer import MARKERS
   from remote_jax.models import remote
 
   cfg = common.model_config(size, semantics)
@@ -128,48 +133,42 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
     cfg.mot.diff = diff
   if solver:
     cfg.mot.solver = solver
-  meta = dict(max_length=length, num_objects=objects, crop_size=crop)
+  meta = dict(max_length=length, num_objects=objects, crop_size=crop, num_classes=classes,
+              vocab_size=cfg.text.vocab_size + len(MARKERS))   # the tokenizer's
   rng = np.random.default_rng(0)
   b = batch_for(meta, batch, rng)
-  model = remote.build(cfg, 28, 30534)
-  tx = optax.adamw(1e-5, weight_decay=0.01)
+  model = remote.build(cfg, meta["num_classes"], meta["vocab_size"])
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
   rss = {}   # the process's peak RSS after each phase: where the peak comes from
 
-  def make_state(params):
-    return trainer.TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
-                              opt_state=tx.init(params))
-
-  # Compile from abstract shapes before any array exists, as a trainer can:
-  # the compiler's own memory then does not stack on parameters and Adam state.
+  # Compile from abstract shapes before any array exists, as training does: the
+  # compiler's own memory then does not stack on parameters and Adam state.
   init = lambda: nn.meta.unbox(model.init({"params": jax.random.key(0)}, b)["params"])
   abstract_params = jax.eval_shape(init)
-  step_fn = jax.jit(trainer.make_train_step(model, tx), donate_argnums=(0,))
   fwd = jax.jit(lambda p, x: model.apply({"params": p}, x)[0])
   t0 = time.perf_counter()
-  compiled = step_fn.lower(jax.eval_shape(make_state, abstract_params), b,
-                           jax.random.key(1)).compile()
-  compile_s = time.perf_counter() - t0
+  fwd_c = fwd.lower(abstract_params, b).compile()
+  fwd_compile_s = time.perf_counter() - t0
+  rss["compile_forward"] = peak_rss_gib()
+  release_freed_heap()
+
+  t0 = time.perf_counter()
+  s = engine.build(model, b, common.optim_config(), steps + 1, mesh, loss_fn=task.remote_loss,
+                   eval_fn=task.make_eval_step,
+                   compile_batch=task.abstract_batch(meta, batch, sharding.batch_sharding(mesh)))
+  jax.block_until_ready(s.state)
+  compile_s = s.train_step.compile_s
+  init_s = time.perf_counter() - t0 - compile_s   # the state's init (and the optimizer's)
+  compiled = s.train_step.compiled(b)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(s.state.params))
+  rss["build"] = peak_rss_gib()   # the train step's compilation, then the state
+  release_freed_heap()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   mem = compiled.memory_analysis()   # XLA's buffer plan for one step
   step_gib = {k: round(getattr(mem, f"{k}_size_in_bytes") / 2 ** 30, 2)
               for k in ("argument", "output", "temp")} if mem else {}
-  t0 = time.perf_counter()
-  fwd_c = fwd.lower(abstract_params, b).compile()
-  fwd_compile_s = time.perf_counter() - t0
-  rss["compile"] = peak_rss_gib()
-  release_freed_heap()
-
-  t0 = time.perf_counter()
-  params = jax.jit(init)()
-  jax.block_until_ready(params)
-  init_s = time.perf_counter() - t0
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  state = make_state(params)
-  del params   # donated with the state below
-  rss["init"] = peak_rss_gib()
-  release_freed_heap()
 
   def timeit(fn, n):
     out, times = None, []
@@ -180,7 +179,8 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       times.append(time.perf_counter() - t)
     return out, times
 
-  holder = [state]
+  holder = [s.state]   # donated by each step
+  del s
 
   def one_step():
     holder[0], m = compiled(holder[0], b, jax.random.key(1))
@@ -201,7 +201,8 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
       size=size, semantics=semantics, mot=cfg.mot.variant, diff=cfg.mot.diff,
       solver=cfg.mot.solver, remat=remat, dtype=dtype, xla_cpu=xla_cpu,
       xla_flags=os.environ.get("XLA_FLAGS", ""),
-      batch=batch, tokens=length, objects=objects, crop=crop, params_m=round(n_params / 1e6, 2),
+      batch=batch, tokens=length, objects=objects, crop=crop, classes=classes,
+      params_m=round(n_params / 1e6, 2),
       init_s=round(init_s, 2), compile_train_s=round(compile_s, 2),
       compile_forward_s=round(fwd_compile_s, 2),
       forward_s=round(float(np.median(fwd_times[1:])), 4), train_step_s=round(step_s, 4),
@@ -220,6 +221,7 @@ def main():
   ap.add_argument("--batch", type=int, default=0, help="0: 8 for tiny, 32 for base")
   ap.add_argument("--length", type=int, default=0, help="0: 48 for tiny, 128 for base")
   ap.add_argument("--objects", type=int, default=12)
+  ap.add_argument("--classes", type=int, default=28, help="the head's outputs (UMRE: 28)")
   ap.add_argument("--steps", type=int, default=3)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--remat", action="store_true")
@@ -252,7 +254,7 @@ def main():
                  length=args.length or (48 if size == "tiny" else 128),
                  objects=args.objects, crop=32 if size == "tiny" else 64, steps=args.steps,
                  dtype=args.dtype, remat=args.remat, mot=args.mot, diff=args.diff,
-                 solver=args.solver, xla_cpu=args.xla_cpu,
+                 solver=args.solver, xla_cpu=args.xla_cpu, classes=args.classes,
                  profile=f"{args.profile}/{size}_{semantics}" if args.profile else "")
       row = child(one, args.xla_cpu)
       if row.get("achieved_gflops"):

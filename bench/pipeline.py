@@ -29,7 +29,7 @@ def main():
 
   import jax
 
-  from remote_jax import sharding, trainer
+  from remote_jax import sharding, task
   from remote_jax.data import pipeline
   config = load_config(a.config)
   if a.root:
@@ -45,8 +45,8 @@ def main():
     next(it)
   pipe_s = time.perf_counter() - t0
 
-  s = trainer.setup(config, total_steps=a.steps + 1)
-  batch = sharding.global_batch(trainer.model_batch(first), s.mesh)
+  s = task.setup(config, total_steps=a.steps + 1)
+  batch = sharding.global_batch(task.model_batch(first), s.mesh)
   state, rng = s.state, jax.random.key(0)
   t0 = time.perf_counter()
   state, m = s.train_step(state, batch, rng)

@@ -8,7 +8,7 @@ r"""Device scaling: the trainer's sharded train step over 1, 2, 4, 8 devices.
 Prints one JSON object per device count. Each count runs in its own process
 (XLA fixes the device list when its backend starts): on the CPU with
 `--xla_force_host_platform_device_count=N`, on GPUs with CUDA_VISIBLE_DEVICES
-naming the first N. The step is `trainer.setup`'s, exactly what training
+naming the first N. The step is `task.setup`'s, exactly what training
 runs: the mesh from config.mesh, the state laid out by the sharding rules,
 explicit in/out shardings, donated state, one real demo batch.
 
@@ -62,7 +62,7 @@ def state_mib_on_first_device(state):
 def run_one(config_arg, n, batch, mode, sharding_name, dtype, steps, xla_cpu):
   import jax
 
-  from remote_jax import sharding, trainer
+  from remote_jax import sharding, task
   from remote_jax.data import pipeline
   xla_cpu_presets.apply(xla_cpu)   # before the backend starts
   jax.config.update("jax_threefry_partitionable", True)
@@ -79,12 +79,12 @@ def run_one(config_arg, n, batch, mode, sharding_name, dtype, steps, xla_cpu):
     config.mesh = [("data", n)] if sharding_name == "dp" else [("fsdp", n)]
     config.model.dtype = dtype
   t0 = time.perf_counter()
-  s = trainer.setup(config, total_steps=1000)
+  s = task.setup(config, total_steps=1000)
   setup_s = time.perf_counter() - t0
-  ds = pipeline.build_dataset(config.data, trainer.SPLITS["train"], batch_size=global_batch,
+  ds = pipeline.build_dataset(config.data, task.SPLITS["train"], batch_size=global_batch,
                               shuffle=True, seed=0, num_epochs=None, drop_remainder=True)
   local = next(iter(ds))
-  b = sharding.global_batch(trainer.model_batch(local), s.mesh)
+  b = sharding.global_batch(task.model_batch(local), s.mesh)
   rng = jax.random.key(0)
   state = s.state
   t0 = time.perf_counter()

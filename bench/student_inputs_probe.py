@@ -29,7 +29,7 @@ def main():
 
   from mi2rage_jax import data as data_lib
   from mi2rage_jax import pipeline
-  from remote_jax import metrics, trainer
+  from remote_jax import engine, metrics
   wd = pathlib.Path(a.workdir)
   cfg = ml_collections.ConfigDict(json.loads((wd / "config.json").read_text()))
   ds = data_lib.load(cfg.data)
@@ -46,9 +46,9 @@ def main():
   labels = np.asarray([i.label for i in insts])
 
   def logits(views, slots, real):
-    return trainer.predict(state, params, len(insts), int(cfg.student.eval_batch_size),
-                           lambda idx: run.student_batch([insts[k] for k in idx], views,
-                                                         slots, real))
+    return engine.predict(state, params, len(insts), int(cfg.student.eval_batch_size),
+                          lambda idx: run.student_batch([insts[k] for k in idx], views,
+                                                        slots, real))
 
   empty = {i.id: [] for i in insts}
   preds = {"real image alone": logits(empty, 1, True).argmax(-1),

@@ -31,7 +31,7 @@ def probe(arg, overrides, type_id, steps, batch_size, seed):
   import jax
 
   from configs import demo
-  from remote_jax import trainer
+  from remote_jax import task
   cfg = demo.get_config(arg or None)
   for item in overrides:   # field=value, value parsed as JSON when it is JSON (true, 3, 0.5)
     key, value = item.split("=", 1)
@@ -43,7 +43,7 @@ def probe(arg, overrides, type_id, steps, batch_size, seed):
       node[leaf] = json.loads(value)
     except json.JSONDecodeError:
       node[leaf] = value
-  s = trainer.setup(cfg, total_steps=steps)
+  s = task.setup(cfg, total_steps=steps)
   train = load(cfg, "train", cfg.data.demo.n_train, type_id)
   test = load(cfg, "test", cfg.data.demo.n_test, type_id)
   state, rng = s.state, jax.random.key(seed + 1)
@@ -51,13 +51,13 @@ def probe(arg, overrides, type_id, steps, batch_size, seed):
   eval_n = min(len(train["label"]), len(test["label"]), cfg.eval_batch_size)
 
   def accuracy(b):
-    out, _ = s.eval_step(state.eval_params, trainer.model_batch({k: v[:eval_n] for k, v in b.items()}))
+    out, _ = s.eval_step(state.eval_params, task.model_batch({k: v[:eval_n] for k, v in b.items()}))
     return float((np.asarray(out["logits"]).argmax(-1) == b["label"][:eval_n]).mean())
 
   curve, t0 = [], time.perf_counter()
   for i in range(steps):
     idx = draw.choice(len(train["label"]), batch_size, replace=False)
-    state, m = s.train_step(state, trainer.model_batch({k: v[idx] for k, v in train.items()}),
+    state, m = s.train_step(state, task.model_batch({k: v[idx] for k, v in train.items()}),
                             rng)
     if (i + 1) % 100 == 0 or i + 1 == steps:
       curve.append(dict(step=i + 1, loss=round(float(m["loss"]), 4),

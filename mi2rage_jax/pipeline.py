@@ -58,7 +58,7 @@ from mi2rage_jax import generators as gen_lib
 from mi2rage_jax import models, selection
 from mi2rage_jax import views as views_lib
 from mi2rage_jax.models.similarity import SimilarityModel
-from remote_jax import distributed, sharding, trainer
+from remote_jax import distributed, engine, pretrained, sharding
 from remote_jax import metrics as metrics_lib
 from remote_jax.writers import to_json
 
@@ -303,14 +303,12 @@ class Run:
     return [(insts[iid], v) for iid, vs in cands.items() for v in vs]
 
   def _setup(self, model, init_batch, optim_cfg, steps, seed):
-    """The engine's Setup (remote_jax.trainer.build) on the config's mesh, with the
+    """The engine's Setup (remote_jax.engine.build) on the config's mesh, with the
     pretrained encoders of config.model loaded."""
-    s = trainer.build(model, init_batch, self.optim(optim_cfg), steps, self.mesh,
-                      rules=self.cfg.sharding, seed=seed)
-    s.state = trainer.with_ema(s.state.replace(params=trainer.load_pretrained(
-        s.state.params, self.cfg.model, int(self.cfg.seed), use_cls=True, use_depth=False)),
-        self.optim(optim_cfg)["ema"])
-    return s
+    load = lambda params: pretrained.load_pretrained(params, self.cfg.model, int(self.cfg.seed),
+                                                     use_cls=True, use_depth=False)
+    return engine.build(model, init_batch, self.optim(optim_cfg), steps, self.mesh,
+                        rules=self.cfg.sharding, seed=seed, load=load)
 
   def _fit(self, s, rows, batch_size, make, steps, seed, tag, name):
     """Trains on batches of `batch_size` rows drawn from range(rows) (with replacement
@@ -318,7 +316,7 @@ class Run:
     def draw(rng):
       return rng.choice(rows, batch_size, replace=rows < batch_size)
 
-    return trainer.fit(s, draw, make, steps, seed, self.workdir / "ckpt" / tag,
+    return engine.fit(s, draw, make, steps, seed, self.workdir / "ckpt" / tag,
                        ckpt_every=int(self.cfg.ckpt_every), writer=self.writer,
                        name=f"{self.setting}/{name}")
 
@@ -413,13 +411,13 @@ class Run:
     if kind == "similarity":
       s, params = teachers[0]
       scores = s.jit_eval(lambda p, b: s.model.apply({"params": p}, b, method="pair_scores"))
-      flat = -trainer.predict(s, params, len(pairs), bs,   # most similar first
+      flat = -engine.predict(s, params, len(pairs), bs,   # most similar first
                               lambda idx: self.similarity_batch([pairs[k] for k in idx]),
                               scores)
     else:
       def logits_of(s_params, rows):
         s, params = s_params
-        return trainer.predict(s, params, len(rows), bs,
+        return engine.predict(s, params, len(rows), bs,
                                lambda idx: self.teacher_batch([pairs[rows[k]] for k in idx]))
 
       if len(teachers) == 1:
@@ -440,7 +438,7 @@ class Run:
         real = [(insts[iid], self._real_as_view(insts[iid])) for iid in cands]
         def real_batch(idx):
           return self.teacher_batch([real[k] for k in idx])
-        real_logits = np.mean([trainer.predict(s, params, len(real), bs, real_batch)
+        real_logits = np.mean([engine.predict(s, params, len(real), bs, real_batch)
                                for s, params in teachers], 0)
         flat = selection.loss_score(logits, np.repeat(real_logits.argmax(-1), counts))
       else:
@@ -562,7 +560,7 @@ class Run:
     views = self.final_views(self.test_split, n)
     real = bool(scfg.append_real) and not self.unimodal and self._has_real_target()
     slots = self._slots(n, real)
-    logits = trainer.predict(s, params, len(insts), int(scfg.eval_batch_size),
+    logits = engine.predict(s, params, len(insts), int(scfg.eval_batch_size),
                              lambda idx: self.student_batch([insts[k] for k in idx], views,
                                                             slots, real))
     preds = logits.argmax(-1)

@@ -6,7 +6,7 @@ A rerun skips finished stages and resumes an interrupted one. Ablations are
 config args (`configs/mi2rage_demo.py:teacher=random,rounds=0`). `--seeds 0,1,2`
 runs each seed in DIR/seed_N and writes DIR/seeds_summary.json (mean, std); the
 harness (flags, XLA preset, jax.distributed, one-line errors) is remote_jax.cli's,
-and teachers and students train on remote_jax.trainer's engine (config.mesh).
+and teachers and students train on remote_jax.engine (config.mesh).
 `--eval_views 1,2,4` also evaluates the trained students with those numbers of
 test-time views (results/test_ntr*_nte*.json).
 """

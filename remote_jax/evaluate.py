@@ -20,14 +20,11 @@ _SPLIT = flags.DEFINE_string("split", "test", "Split to score (train, dev, test)
 
 def main(argv):
   del argv
-  from remote_jax import distributed, errors, metrics, trainer, writers
-  writers.setup_cli_logging()
-  with errors.user_errors():
-    path = _CHECKPOINT.value or _WORKDIR.value
-    s, state, step = trainer.restore(_CONFIG.value, path)
-    res = trainer.evaluate(s, state.eval_params, _SPLIT.value)
+  from remote_jax import distributed, metrics, task
+  with task.restored(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value) as (s, state, step, path):
+    res = task.evaluate(s, state.eval_params, _SPLIT.value)
     out = {"checkpoint": str(path), "step": step, "split": _SPLIT.value,
-           **metrics.scalar_metrics(trainer.loggable(res), prefix=_SPLIT.value)}
+           **metrics.scalar_metrics(task.loggable(res), prefix=_SPLIT.value)}
     if distributed.is_main():
       json.dump(out, sys.stdout, indent=2)
       print()

@@ -31,9 +31,9 @@ configs/common.py:optim_config):
   layer_decay_pattern  regex with one optional group, the layer index
   ema            decay of a moving average of the parameters kept beside them (0: off;
                  e.g. 0.99 averages about the last 100 steps). Evaluation, best-dev
-                 selection, predictions and plots then use the average (trainer.TrainState
+                 selection, predictions and plots then use the average (engine.TrainState
                  .eval_params); training goes on from the parameters. Not an optax
-                 transform: the train step keeps it (trainer.make_train_step). The decay
+                 transform: the train step keeps it (engine.make_train_step). The decay
                  is warmed up, min(ema, (1+t)/(10+t)), so it reaches `ema` only after
                  about 9/(1-ema) steps (0.995: 1,790); it counts micro-batches, not
                  updates, under grad_accum.

@@ -18,8 +18,8 @@ _OUT = flags.DEFINE_string("out", "", "Output JSONL (default: workdir/prediction
 
 def write_predictions(s, params, split, out_path):
   """Every process scores its shard; process 0 writes all rows. Returns the count."""
-  from remote_jax import distributed, trainer
-  res = trainer.evaluate(s, params, split, collect=True)
+  from remote_jax import distributed, task
+  res = task.evaluate(s, params, split, collect=True)
   col = res["collected"]
   names = s.meta["relations"]
   if not distributed.is_main():
@@ -41,11 +41,8 @@ def main(argv):
   del argv
   import pathlib
 
-  from remote_jax import distributed, errors, trainer, writers
-  writers.setup_cli_logging()
-  with errors.user_errors():
-    path = _CHECKPOINT.value or _WORKDIR.value
-    s, state, _ = trainer.restore(_CONFIG.value, path)
+  from remote_jax import distributed, task
+  with task.restored(_CONFIG.value, _CHECKPOINT.value, _WORKDIR.value) as (s, state, _, _):
     out = _OUT.value or str(pathlib.Path(_WORKDIR.value or ".") /
                             f"predictions_{_SPLIT.value}.jsonl")
     n = write_predictions(s, state.eval_params, _SPLIT.value, out)

@@ -1,6 +1,6 @@
 r"""Trains REMOTE: `python -m remote_jax.train --config configs/demo.py --workdir runs/demo`.
 
-Only composes: flags -> config -> distributed init -> trainer (the harness is
+Only composes: flags -> config -> distributed init -> task (the harness is
 remote_jax.cli's, shared with mi2rage_jax.train). Ablations are config args
 (`--config configs/umre.py:mot=xattn,moe=off`) or field overrides
 (`--config.optim.lr=2e-5`). Several seeds: `--seeds 0,1,2` runs each in
@@ -22,18 +22,18 @@ def _aggregate(summaries):
 
 
 def _train(config, workdir):
-  from remote_jax import trainer
-  return trainer.train_and_evaluate(config, workdir)
+  from remote_jax import task
+  return task.train_and_evaluate(config, workdir)
 
 
 def _report(summary, config):
-  from remote_jax import trainer
-  return trainer.format_summary(summary, config)
+  from remote_jax import task
+  return task.format_summary(summary, config)
 
 
 def _report_seeds(agg):
-  from remote_jax import trainer
-  return trainer.format_seed_summary(agg)
+  from remote_jax import task
+  return task.format_seed_summary(agg)
 
 
 main = cli.train_main(_train, _report, _aggregate, _report_seeds,

@@ -83,10 +83,10 @@ def micro_config(semantics="paper", **changes):
 
 
 def make_batch(seed=0, b=2):
-  from remote_jax import trainer
+  from remote_jax import task
   rng = np.random.default_rng(seed)
   meta = dict(max_length=L, num_objects=K, crop_size=S)
-  batch = trainer.dummy_batch(meta, b)
+  batch = task.dummy_batch(meta, b)
   batch["input_ids"] = rng.integers(100, 2000, (b, L)).astype(np.int32)
   batch["attention_mask"][:, L - 4:] = 0          # padded text
   batch["obj_pixels"] = rng.normal(size=batch["obj_pixels"].shape).astype(np.float32)
@@ -146,8 +146,8 @@ def one_device(model, batch, steps=1, optim=None, seed=0):
   """The engine's Setup of `model` on a one-device mesh (the tests' 8 CPU devices would
   make small batches too small to split)."""
   from configs import common
-  from remote_jax import sharding, trainer
+  from remote_jax import engine, sharding
   mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
   first = jax.tree.map(lambda x: x[:1], batch)   # init needs shapes only
-  return trainer.build(model, first, common.optim_config(**(optim or dict(lr=1e-3))), steps,
-                       mesh, seed=seed)
+  return engine.build(model, first, common.optim_config(**(optim or dict(lr=1e-3))), steps,
+                      mesh, seed=seed)

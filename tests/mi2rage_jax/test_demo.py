@@ -194,7 +194,7 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   (badge == sign), and cannot without it (held-out people: the text alone is chance)."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models  # pylint: disable=import-outside-toplevel
-  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  from remote_jax import engine  # pylint: disable=import-outside-toplevel
   from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
   from tests.conftest import one_device
   enc = data_lib.Encoder("", 24)
@@ -205,12 +205,12 @@ def test_student_learns_the_hidden_fact_from_real_images(tmp_path, with_image):
   train_b = _seen_batch(enc, train, with_image)
 
   s = one_device(model, train_b, 50, dict(lr=3e-3, warmup_ratio=0.1))
-  params = trainer.fit(s, lambda rng: rng.choice(len(train), 32),
-                       lambda idx: {k: v[idx] for k, v in train_b.items()}, 50, 0,
-                       tmp_path / "ckpt")
+  params = engine.fit(s, lambda rng: rng.choice(len(train), 32),
+                      lambda idx: {k: v[idx] for k, v in train_b.items()}, 50, 0,
+                      tmp_path / "ckpt")
   test_b = _seen_batch(enc, test, with_image)
-  logits = trainer.predict(s, params, len(test), 32,
-                           lambda idx: {k: v[idx] for k, v in test_b.items()})
+  logits = engine.predict(s, params, len(test), 32,
+                          lambda idx: {k: v[idx] for k, v in test_b.items()})
   acc = float((logits.argmax(-1) == test_b["label"]).mean())
   print(f"with_image={with_image} acc={acc:.3f}")
   if with_image:
@@ -224,7 +224,7 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   faithful captions (the generators' ground truth) than a random selection does."""
   from mi2rage_jax import data as data_lib  # pylint: disable=import-outside-toplevel
   from mi2rage_jax import models, selection  # pylint: disable=import-outside-toplevel
-  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  from remote_jax import engine  # pylint: disable=import-outside-toplevel
   from tests.conftest import mi2rage_model_cfg as model_cfg  # pylint: disable=import-outside-toplevel
   from tests.conftest import one_device
   enc = data_lib.Encoder("", 32)
@@ -237,10 +237,10 @@ def test_teacher_selection_raises_the_faithful_fraction(tmp_path):
   model = models.build_teacher("text", model_cfg(vocab=enc.vocab_size), 2)
 
   s = one_device(model, b, 120, dict(lr=2e-3, warmup_ratio=0.1))
-  params = trainer.fit(s, lambda rng: rng.choice(len(views), 32),
-                       lambda idx: {k: v[idx] for k, v in b.items()}, 120, 0, tmp_path / "ckpt")
-  logits = trainer.predict(s, params, len(views), 64,
-                           lambda idx: {k: v[idx] for k, v in b.items()})
+  params = engine.fit(s, lambda rng: rng.choice(len(views), 32),
+                      lambda idx: {k: v[idx] for k, v in b.items()}, 120, 0, tmp_path / "ckpt")
+  logits = engine.predict(s, params, len(views), 64,
+                          lambda idx: {k: v[idx] for k, v in b.items()})
   loss = selection.loss_score(logits, b["label"]).reshape(len(rows), 5)
   ok = np.asarray([f for _, _, f in views]).reshape(len(rows), 5)
   kept = selection.select_fraction(dict(enumerate(loss)), 0.6)

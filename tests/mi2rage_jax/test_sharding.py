@@ -1,4 +1,4 @@
-"""MI2RAGE trains on REMOTE's engine, sharded: a teacher fitted (remote_jax.trainer.fit,
+"""MI2RAGE trains on REMOTE's engine, sharded: a teacher fitted (remote_jax.engine.fit,
 dropout on, checkpointed) data-parallel or FSDP over 2 of the 8 CPU devices, or by two
 processes joined by jax.distributed, equals the one-device fit, and so do its predictions;
 FSDP rules split the students' encoders and cross-attention.
@@ -20,7 +20,7 @@ import pytest
 
 from configs import common
 from mi2rage_jax import models
-from remote_jax import distributed, sharding, trainer
+from remote_jax import distributed, engine, sharding
 from tests.conftest import FAST_COMPILE, REPO, C
 from tests.conftest import mi2rage_model_cfg as model_cfg
 from tests.mi2rage_jax.models.test_models import BATCHES
@@ -64,11 +64,11 @@ class Losses:
 def fit(mesh, rules, ckpt_dir):
   """(losses, params, logits) of the text teacher fitted for STEPS steps on `mesh`."""
   model = models.build_teacher("text", model_cfg(), C)
-  s = trainer.build(model, _make([0]), OPTIM, STEPS, mesh, rules=rules, seed=0)
+  s = engine.build(model, _make([0]), OPTIM, STEPS, mesh, rules=rules, seed=0)
   writer = Losses()
-  params = trainer.fit(s, lambda rng: rng.choice(ROWS, BATCH), _make, STEPS, 1, ckpt_dir,
-                       ckpt_every=2, writer=writer, log_every=1)
-  logits = trainer.predict(s, params, ROWS - 1, BATCH, _make)   # the last batch is padded
+  params = engine.fit(s, lambda rng: rng.choice(ROWS, BATCH), _make, STEPS, 1, ckpt_dir,
+                      ckpt_every=2, writer=writer, log_every=1)
+  logits = engine.predict(s, params, ROWS - 1, BATCH, _make)   # the last batch is padded
   # Gathered to every process (FSDP params are split across devices).
   params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(params)
   return writer.losses, jax.tree.map(np.asarray, params), logits
@@ -100,12 +100,12 @@ def test_fsdp_really_splits_the_student():
   model = models.build_student("no_real_text", model_cfg(), C)
   batch = BATCHES["no_real_text"](np.random.default_rng(0), 1, VIEWS)
   mesh = sharding.make_mesh([("fsdp", 2)], devices=jax.devices()[:2])
-  s = trainer.build(model, batch, OPTIM, STEPS, mesh, rules="fsdp")
+  s = engine.build(model, batch, OPTIM, STEPS, mesh, rules="fsdp")
   split = [jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(s.state.params)
            if not x.sharding.is_fully_replicated]
   assert any("cross" in p for p in split) and any("vision" in p for p in split), split
   with pytest.raises(ValueError, match="multiple of the mesh"):
-    trainer.predict(s, s.state.params, 3, 3, lambda idx: batch)
+    engine.predict(s, s.state.params, 3, 3, lambda idx: batch)
 
 
 def _worker(ckpt_dir):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from mi2rage_jax import models
-from remote_jax import trainer
+from remote_jax import engine
 from tests.conftest import FAST_COMPILE, REPO, C, one_device
 from tests.conftest import mi2rage_model_cfg as model_cfg
 
@@ -185,8 +185,8 @@ def test_fit_resumes_after_an_interruption(tmp_path):
     return make(idx)
 
   def fit(directory, make, ckpt_every=2):
-    return trainer.fit(one_device(model, data, 5, optim), draw, make, 5, 0, tmp_path / directory,
-                       ckpt_every=ckpt_every)
+    return engine.fit(one_device(model, data, 5, optim), draw, make, 5, 0, tmp_path / directory,
+                      ckpt_every=ckpt_every)
 
   with pytest.raises(Interrupt):
     fit("a", failing)

@@ -174,14 +174,14 @@ def test_bucket_scores_equal_the_subset_scored_by_hand():
 
 
 def test_summaries_print_the_buckets():
-  from remote_jax import trainer  # pylint: disable=import-outside-toplevel
+  from remote_jax import task  # pylint: disable=import-outside-toplevel
   scores = dict(acc=50.0, precision=40.0, recall=30.0, f1=34.0, n=8, gold_pos=3)
   res = {**scores, "per_type": {"e-o": scores}, "buckets": {"compositional": scores}}
   best = {"step": 10, "epoch": 1.0, **metrics.scalar_metrics(res, prefix="test")}
   config = type("C", (), {"data": type("D", (), {"name": "demo"})})
-  rows = trainer.format_summary({"best_dev": best}, config).splitlines()
+  rows = task.format_summary({"best_dev": best}, config).splitlines()
   assert rows[-2].split()[:2] == ["test", "e-o"]
   assert rows[-1].split() == ["test", "compositional", "50.00", "40.00", "30.00", "34.00"]
   agg = metrics.seed_summary([best, best])
-  last = trainer.format_seed_summary(agg).splitlines()[-1]
+  last = task.format_seed_summary(agg).splitlines()[-1]
   assert last.split() == ["test/compositional/f1", "34.00", "+-", "0.00", "(n=2)"]

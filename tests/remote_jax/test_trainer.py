@@ -1,8 +1,8 @@
-"""The real REMOTE train step (trainer.make_train_step on the micro paper model,
+"""The real REMOTE train step (engine.make_train_step on the micro paper model,
 OT + MMoE + head, dropout on) sharded over 8 CPU devices equals the 1-device
 step, and an 8-device FSDP checkpoint resumes on 1 device to the same loss.
 
-The jit wiring mirrors trainer.setup (create_sharded_state, explicit in/out
+The jit wiring mirrors task.setup (create_sharded_state, explicit in/out
 shardings, donated state); setup itself needs a dataset builder. Dropout stays
 on: the step folds the rng with the step and jax_threefry_partitionable makes
 the dropout masks independent of the sharding.
@@ -17,7 +17,7 @@ import numpy as np
 import optax
 import pytest
 
-from remote_jax import checkpoint, sharding, trainer
+from remote_jax import checkpoint, engine, sharding, task
 from remote_jax.models import remote
 from tests.conftest import C, make_batch, micro_config
 
@@ -41,17 +41,17 @@ def batch(seed):
   parts = [make_batch(seed=4 * seed + i) for i in range(4)]
   out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
   out["label"] = np.arange(8, dtype=np.int32) % C
-  return trainer.model_batch(out)
+  return task.model_batch(out)
 
 
 def init_fn(rng):
   params = MODEL.init({"params": rng, "dropout": rng}, batch(0))["params"]
-  return trainer.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                            opt_state=TX.init(nn.meta.unbox(params)))
+  return engine.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                           opt_state=TX.init(nn.meta.unbox(params)))
 
 
 class Run:
-  """One layout: mesh, sharded state, jitted step (as trainer.setup builds them)."""
+  """One layout: mesh, sharded state, jitted step (as task.setup builds them)."""
 
   def __init__(self, name):
     rules, mesh_config = LAYOUTS[name]
@@ -61,7 +61,7 @@ class Run:
       self.state, self.sh = sharding.create_sharded_state(
           init_fn, jax.random.key(0), self.mesh, rules)
     self.step = jax.jit(
-        trainer.make_train_step(MODEL, TX), donate_argnums=(0,),
+        engine.make_train_step(MODEL, TX, task.remote_loss), donate_argnums=(0,),
         in_shardings=(self.sh, sharding.batch_sharding(self.mesh),
                       sharding.replicated(self.mesh)),
         out_shardings=(self.sh, sharding.replicated(self.mesh)),
@@ -185,12 +185,12 @@ def test_cutting_padding_is_refused_where_the_model_attends_it():
   from configs import mnre_text
   config = mnre_text.get_config()
   config.data.pad_to_multiple_of = 8
-  trainer.check_padding_cut(config)   # the paper's masks: cutting changes nothing
+  task.check_padding_cut(config)   # the paper's masks: cutting changes nothing
   released = mnre_text.get_config("semantics=reference")
   released.data.pad_to_multiple_of = 8
   with pytest.raises(ValueError, match=r"model.respect_masks=False, model.mot.mask=False: "
                      r"this model attends padding .* --config.data.pad_to_multiple_of=0"):
-    trainer.check_padding_cut(released)
+    task.check_padding_cut(released)
 
 
 class _BagOfTokens(nn.Module):
@@ -215,8 +215,8 @@ def test_compiled_step_compiles_once_per_cut_length():
 
   def losses(batches):
     from configs import common
-    s = trainer.build(_BagOfTokens(), full, common.optim_config(lr=1e-2), 4, mesh,
-                      loss_fn=trainer.classifier_loss, compile_batch=abstract)
+    s = engine.build(_BagOfTokens(), full, common.optim_config(lr=1e-2), 4, mesh,
+                     loss_fn=engine.classifier_loss, compile_batch=abstract)
     state, out = s.state, []
     for b in batches:
       state, m = s.train_step(state, sharding.global_batch(b, mesh), jax.random.key(0))
@@ -239,8 +239,8 @@ def test_parameter_average_follows_the_warmed_up_decay_and_is_what_is_evaluated(
            attention_mask=np.ones((4, 8), np.int32), label=np.arange(4, dtype=np.int32) % 3)
 
   def run(ema):
-    s = trainer.build(_BagOfTokens(), b, common.optim_config(lr=1e-1, ema=ema), 5, mesh,
-                      loss_fn=trainer.classifier_loss)
+    s = engine.build(_BagOfTokens(), b, common.optim_config(lr=1e-1, ema=ema), 5, mesh,
+                     loss_fn=engine.classifier_loss)
     host = lambda tree: jax.tree.map(np.asarray, tree)   # the step donates the state
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                             s.state)
@@ -253,7 +253,7 @@ def test_parameter_average_follows_the_warmed_up_decay_and_is_what_is_evaluated(
   _, plain, trajectory = run(0.0)
   # Without it the state (so the checkpoint tree) is the one of before the average existed:
   # older checkpoints still restore.
-  assert type(plain) is trainer.TrainState and plain.eval_params is plain.params
+  assert type(plain) is engine.TrainState and plain.eval_params is plain.params
   assert [f.name for f in dataclasses.fields(plain)] == ["step", "params", "opt_state"]
   abstract, state, _ = run(0.5)
   expected = trajectory[0]
@@ -272,3 +272,56 @@ def test_parameter_average_follows_the_warmed_up_decay_and_is_what_is_evaluated(
   ckpt.close()
   for got, want in zip(jax.tree.leaves(back.eval_params), jax.tree.leaves(expected)):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_build_loads_the_weights_and_restarts_the_average_at_them():
+  """build(load=...): the loaded parameters replace the initial ones, and the average
+  (optim.ema > 0) starts at them (a copy: the step donates both); without the average the
+  state stays the plain TrainState."""
+  from configs import common
+  mesh = sharding.make_mesh([("data", 1)], devices=jax.devices()[:1])
+  b = dict(input_ids=np.ones((2, 4), np.int32), attention_mask=np.ones((2, 4), np.int32),
+           label=np.zeros(2, np.int32))
+
+  def build(ema, load=None):
+    return engine.build(_BagOfTokens(), b, common.optim_config(ema=ema), 3, mesh, load=load)
+
+  init = jax.tree.map(np.asarray, build(0.5).state.params)
+  s = build(0.5, load=lambda params: jax.tree.map(lambda x: x + 1.0, params))
+  for got, avg, want in zip(*map(jax.tree.leaves, (s.state.params, s.state.ema, init))):
+    np.testing.assert_array_equal(got, want + 1.0)
+    np.testing.assert_array_equal(avg, want + 1.0)
+    assert avg.unsafe_buffer_pointer() != got.unsafe_buffer_pointer()
+  plain = build(0.0, load=lambda params: params).state
+  assert type(plain) is engine.TrainState
+
+
+def _imports(path):
+  """The modules `path` imports anywhere (top level or inside functions)."""
+  import ast
+  out = set()
+  for node in ast.walk(ast.parse(path.read_text())):
+    if isinstance(node, ast.Import):
+      out.update(a.name for a in node.names)
+    elif isinstance(node, ast.ImportFrom) and node.module:
+      out.update([node.module] + [f"{node.module}.{a.name}" for a in node.names])
+  return out
+
+
+def test_the_engine_knows_no_model_and_no_data():
+  """engine.py, and every module of ours it reaches, imports nothing from remote_jax.models,
+  remote_jax.data or mi2rage_jax, not even lazily inside a function."""
+  import pathlib
+  root = pathlib.Path(engine.__file__).parents[1]
+  seen, todo = set(), ["remote_jax.engine"]
+  while todo:
+    module = todo.pop()
+    if module in seen:
+      continue
+    seen.add(module)
+    path = root / (module.replace(".", "/") + ".py")
+    if path.exists():
+      todo += [m for m in _imports(path) if m.startswith(("remote_jax", "mi2rage_jax"))]
+  bad = sorted(m for m in seen if m.startswith(("remote_jax.models", "remote_jax.data",
+                                                "mi2rage_jax")))
+  assert "remote_jax.sharding" in seen and not bad, bad

@@ -9,7 +9,7 @@ from PIL import Image
 
 from mi2rage_jax import data as data_lib
 from mi2rage_jax import models, pipeline
-from remote_jax import trainer
+from remote_jax import engine, pretrained
 from remote_jax.data.records import Entity
 from tests.conftest import C, one_device, random_params
 from tests.conftest import mi2rage_model_cfg as model_cfg
@@ -169,8 +169,8 @@ def test_teacher_never_sees_the_real_view(tmp_path, setting):
   model = run.teacher_model()
   params = random_params(model, batch)
   s = one_device(model, batch)
-  np.testing.assert_array_equal(trainer.predict(s, params, 2, 2, lambda i: batch),
-                                trainer.predict(s, params, 2, 2, lambda i: batch2))
+  np.testing.assert_array_equal(engine.predict(s, params, 2, 2, lambda i: batch),
+                                engine.predict(s, params, 2, 2, lambda i: batch2))
   # The student input does change with the real view (the test could fail).
   student_views = {inst.id: synthetic}
   s1 = run.student_batch([inst], student_views, 2)
@@ -189,10 +189,10 @@ def test_pretrained_text_encoder_loads_into_the_teacher(minilm_dir):
   batch = dict(input_ids=ids, token_type_ids=ids, attention_mask=np.ones_like(ids),
                subj_pos=np.zeros(2, np.int32), obj_pos=np.ones(2, np.int32))
   params = random_params(model, batch)
-  loaded = trainer.load_pretrained(params, cfg, 0)
+  loaded = pretrained.load_pretrained(params, cfg, 0)
   word = loaded["text"]["embeddings"]["word_embeddings"]["embedding"]
   assert word.shape == (30534, 384) and np.abs(word - params["text"]["embeddings"][
       "word_embeddings"]["embedding"]).max() > 0.1
   cfg.text.vocab_size = 30540       # a vocabulary that is not the checkpoint's + markers
   with pytest.raises(ValueError, match="do not fit"):
-    trainer.load_pretrained(random_params(models.build_teacher("text", cfg, C), batch), cfg, 0)
+    pretrained.load_pretrained(random_params(models.build_teacher("text", cfg, C), batch), cfg, 0)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from configs import common
-from remote_jax import trainer
+from remote_jax import task
 from remote_jax.data import batch_spec, pipeline
 from tests.conftest import FIXTURES, REPO
 
@@ -49,9 +49,9 @@ def test_pipeline_batches_are_the_contract(data):
 
 def test_init_and_compile_batches_are_the_contract(data):
   _, meta, _ = data
-  dummy = trainer.dummy_batch(meta, B)
+  dummy = task.dummy_batch(meta, B)
   assert shapes(dummy) == spec(batch_spec.MODEL_FIELDS)
-  abstract = trainer.abstract_batch(meta, B, None)
+  abstract = task.abstract_batch(meta, B, None)
   assert shapes(abstract) == spec(batch_spec.MODEL_FIELDS)
   # The model reads every field but `index` (predictions only), and nothing else.
   assert set(batch_spec.FIELDS) - set(dummy) == {"index"}
