@@ -19,6 +19,7 @@ from ott.solvers.linear import sinkhorn as ott_sinkhorn
 from ott.solvers.quadratic import gromov_wasserstein
 from ott.tools import sinkhorn_divergence
 
+from bench import ot_probe
 from configs import common
 from remote_jax.models import remote
 from remote_jax.models.fusion import FUSIONS, make_fusion, sinkhorn
@@ -173,31 +174,35 @@ def direct_fgw(x, y, penalty, epsilon, iters, outer):
 
 
 def test_fgw_plan_and_gradient_match_a_direct_ott_solve():
-  cfg = {"fused_penalty": 0.5, "outer_iters": 2}
-  blk, params, fwd = block("fgw", **cfg)
-  q, qm, s, sm, w = inputs()
-  out, diag, plan = fwd(params, q, qm, s, sm)
-  i = 0                                                     # the padded example
-  x, y = q[i][qm[i]], s[i][sm[i]]
-  pw = jnp.asarray(np.random.default_rng(1).normal(size=(x.shape[0], y.shape[0])), jnp.float32)
-  direct = lambda x, y: direct_fgw(x, y, 0.5, 0.1, 10, 2)
-  want = direct(x, y)
-  got = np.asarray(plan[i])[np.ix_(np.asarray(qm[i]), np.asarray(sm[i]))]
-  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
-  assert float(diag["uniform_tv"]) > 0.05                   # a real plan, not uniform
-  # Gradient of <plan, W> w.r.t. the points: padded call (block arithmetic) vs direct.
   from remote_jax.models.fusion import fgw, ot
+  _, params, fwd = block("fgw", fused_penalty=0.5, outer_iters=2)
+  q, qm, s, sm, _ = inputs()
+  _, diag, plan = fwd(params, q, qm, s, sm)
+  i = 0                                                     # the padded example
   mq, ms = np.asarray(qm[i]), np.asarray(sm[i])
-  padded = lambda q, s: jnp.sum(fgw.fgw_plan(
-      ot.masked(q, mq, 1.0), ot.masked(s, ms, 1.0), ot.weights(mq), ot.weights(ms),
-      cost="cosine", epsilon=0.1, iters=10, outer_iters=2, fused_penalty=0.5)[np.ix_(mq, ms)]
-      * pw)
-  gq, gs = jax.jit(jax.grad(padded, argnums=(0, 1)))(q[i], s[i])
-  hx, hy = jax.jit(jax.grad(lambda x, y: jnp.sum(direct(x, y) * pw), argnums=(0, 1)))(x, y)
+  x, y = q[i][mq], s[i][ms]
+  pw = jnp.asarray(np.random.default_rng(1).normal(size=(x.shape[0], y.shape[0])), jnp.float32)
+
+  @jax.jit
+  def direct(x, y):   # plan and the gradient of <plan, pw>, on the valid points alone
+    p, vjp = jax.vjp(lambda x, y: direct_fgw(x, y, 0.5, 0.1, 10, 2), x, y)
+    return p, vjp(pw)
+
+  @jax.jit
+  def padded(q, s):   # the block's arithmetic on the padded example
+    p, vjp = jax.vjp(lambda q, s: fgw.fgw_plan(
+        ot.masked(q, mq, 1.0), ot.masked(s, ms, 1.0), ot.weights(mq), ot.weights(ms),
+        cost="cosine", epsilon=0.1, iters=10, outer_iters=2, fused_penalty=0.5), q, s)
+    return p, vjp(jnp.zeros((N, M)).at[np.ix_(mq, ms)].set(pw))
+
+  want, (hx, hy) = direct(x, y)
+  np.testing.assert_allclose(np.asarray(plan[i])[np.ix_(mq, ms)], want, rtol=1e-4, atol=1e-7)
+  assert float(diag["uniform_tv"]) > 0.05                   # a real plan, not uniform
+  got, (gq, gs) = padded(q[i], s[i])
+  np.testing.assert_allclose(np.asarray(got)[np.ix_(mq, ms)], want, rtol=1e-4, atol=1e-7)
   np.testing.assert_allclose(np.asarray(gq)[mq], hx, rtol=1e-3, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gs)[ms], hy, rtol=1e-3, atol=1e-5)
-  assert np.all(np.asarray(gq)[~mq] == 0)
-  assert np.abs(np.asarray(hx)).max() > 0
+  assert np.all(np.asarray(gq)[~mq] == 0) and np.abs(np.asarray(hx)).max() > 0
 
 
 def test_fgw_is_balanced_only():
@@ -212,9 +217,9 @@ def test_sdiv_matches_ott_and_has_gradient_into_both_sides():
   np.testing.assert_array_equal(out, q)                     # fuses nothing
   kw = {"min_iterations": 9, "max_iterations": 10, "threshold": -1.0, "inner_iterations": 2,
         "implicit_diff": None}
-  want = np.mean([float(sinkhorn_divergence.sinkdiv(
-      q[i][qm[i]], s[i][sm[i]], cost_fn=sinkhorn.COSTS["cosine"](), epsilon=0.1,
-      solve_kwargs=kw)[0]) for i in range(B)])
+  direct = jax.jit(lambda x, y: sinkhorn_divergence.sinkdiv(
+      x, y, cost_fn=sinkhorn.COSTS["cosine"](), epsilon=0.1, solve_kwargs=kw)[0])
+  want = np.mean([float(direct(q[i][qm[i]], s[i][sm[i]])) for i in range(B)])
   np.testing.assert_allclose(float(diag["sinkhorn_divergence"]), want, rtol=1e-4)
   np.testing.assert_allclose(float(diag["aux_loss"]), 0.3 * want, rtol=1e-4)
   loss = lambda q, s: blk.apply(params, q, qm, s, sm)[1]["aux_loss"]
@@ -229,7 +234,8 @@ def test_sdiv_matches_ott_and_has_gradient_into_both_sides():
 def test_micro_model_sdiv_aux_loss_reaches_the_encoders():
   """One micro-model step: sdiv's loss joins aux_loss and its gradient reaches both
   towers (the model sums diag["aux_loss"] over levels and modalities)."""
-  cfg = micro_config(**{"mot.variant": "sdiv", "moe.variant": "off", "mot.levels": "2"})
+  cfg = micro_config(**{"mot.variant": "sdiv", "moe.variant": "off", "mot.levels": "1",
+                        "mot.iters": 2})
   batch = make_batch()
   model = remote.build(cfg, C, 2100)
   params = random_params(model, batch, std=0.02)
@@ -242,9 +248,22 @@ def test_micro_model_sdiv_aux_loss_reaches_the_encoders():
     return jax.value_and_grad(aux_loss, has_aux=True)(p)
 
   (value, ot), grads = step(params)
-  parts = [float(ot[k]["sinkhorn_divergence"]) for k in ("text_2", "vision_2")]
+  parts = [float(ot[k]["sinkhorn_divergence"]) for k in ("text_1", "vision_1")]
   np.testing.assert_allclose(float(value), cfg.mot.loss_weight * sum(parts), rtol=1e-5)
   assert all("aux_loss" not in d for d in ot.values())
   for tower in ("text", "vision"):
     norm = sum(float(jnp.abs(g).sum()) for g in jax.tree.leaves(grads[tower]))
     assert np.isfinite(norm) and norm > 0, tower
+
+
+def test_probe_switches():
+  """bench/ot_probe.py: alpha = 1 returns the query; the gradient share is the relative
+  distance of the detached gradient, per encoder and child module."""
+  _, params, fwd = block("ot_paper")
+  q, qm, s, sm, _ = inputs()
+  out, _, _ = fwd(ot_probe.alpha_one(params), q, qm, s, sm)
+  np.testing.assert_array_equal(out, q)
+  full = {"text": {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}, "vision": {"c": jnp.ones(1)}}
+  det = {"text": {"a": jnp.array([3.0, 0.0]), "b": jnp.array([0.0])}, "vision": {"c": jnp.ones(1)}}
+  assert ot_probe.grad_share(full, det) == {"text": 0.8, "text/a": 0.8, "text/b": 0.0,
+                                            "vision": 0.0, "vision/c": 0.0}
