@@ -46,6 +46,8 @@ def fgw_plan(x, y, a, b, *, cost, epsilon, iters, outer_iters, fused_penalty):
 
 
 class FusedGW(ot.OTPaper):
+  # Defaults only because fields after OTPaper's defaulted param_dtype need one;
+  # `build` always sets them from the config.
   fused_penalty: float = 1.0
   outer_iters: int = 5
 
