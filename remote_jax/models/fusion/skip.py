@@ -5,7 +5,8 @@ position i. The source is the lower levels concatenated (remote.py `_fuse`), eac
 as the query, so source token j sits at position j % n; for vision with
 vision_scope="object" the model fuses per object, so the position is within the object.
 Written as ot_paper with a fixed plan (row i: mass a_i spread over {j : j % n == i}), so the
-parameters (alpha_logit), gate and diagnostics are ot_paper's.
+parameters (alpha_logit), gate and diagnostics are ot_paper's (its column marginals are
+not b, so marginal_error is not ~0; same_position_mass is 1).
 """
 import jax.numpy as jnp
 
