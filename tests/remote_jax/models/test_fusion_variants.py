@@ -267,3 +267,19 @@ def test_probe_switches():
   det = {"text": {"a": jnp.array([3.0, 0.0]), "b": jnp.array([0.0])}, "vision": {"c": jnp.ones(1)}}
   assert ot_probe.grad_share(full, det) == {"text": 0.8, "text/a": 0.8, "text/b": 0.0,
                                             "vision": 0.0, "vision/c": 0.0}
+
+
+def test_plan_stats_on_a_hand_made_plan():
+  # n=2 query tokens, m=4 source tokens (two levels); row 0 all on its own position in
+  # level 0; row 1 split over positions 1 and 3 (both its position) and 2 (not).
+  plan = jnp.array([[0.5, 0.0, 0.0, 0.0], [0.0, 0.25, 0.125, 0.125]])
+  a, b = jnp.full(2, 0.5), jnp.full(4, 0.25)
+  valid_r, valid_c = jnp.ones(2, bool), jnp.ones(4, bool)
+  st = sinkhorn.plan_stats(plan, a, b, valid_r, valid_c)
+  np.testing.assert_allclose(st["same_position_mass"], (1.0 + 0.75) / 2, rtol=1e-6)
+  h1 = -(0.5 * np.log(0.5) + 2 * 0.25 * np.log(0.25)) / np.log(4)
+  np.testing.assert_allclose(st["row_entropy"], (0.0 + h1) / 2, rtol=1e-6)
+  np.testing.assert_allclose(st["uniform_tv"], 0.5 * np.sum(np.abs(np.asarray(plan) - 1 / 8)),
+                             rtol=1e-6)
+  assert "same_position_mass" not in sinkhorn.plan_stats(plan[:, :3], a, b[:3], valid_r,
+                                                         valid_c[:3])
