@@ -14,7 +14,8 @@ uniform, skip, detached, fgw). On the same parameters it reports, for `--split`:
 - "grad_through_plan": per encoder (and per encoder child module), |g_full - g_detached| /
   |g_full| of the training loss's gradient over `--grad_batches` train batches, where
   g_detached is the gradient of the same parameters under mot=detached (the plan under
-  stop_gradient): the share of the encoder gradient that flows through the plan.
+  stop_gradient): the share of the encoder gradient that flows through the plan (ot_paper
+  checkpoints only; null otherwise).
 """
 import json
 import sys
@@ -77,8 +78,7 @@ def scores(res, split):
 
 
 def probe(config, s, params, split, grad_batches):
-  from remote_jax import sharding, task
-  from remote_jax.data import pipeline
+  from remote_jax import task
   variant = config.model.mot.variant
   if variant not in PLAN_VARIANTS:
     raise ValueError(f"model.mot.variant={variant!r}: the probe needs a plan variant "
@@ -91,6 +91,16 @@ def probe(config, s, params, split, grad_batches):
   s_uni = task.setup(with_variant(config, "uniform"))
   out["scores"]["uniform_plan"] = scores(task.evaluate(s_uni, params, split), split)
 
+  # Only ot_paper's plan has a detached twin (detached = ot_paper's plan under stop_gradient);
+  # uniform, skip and detached send nothing through the plan by construction.
+  out["grad_through_plan"] = (grad_through_plan(config, s, params, grad_batches)
+                              if variant == "ot_paper" else None)
+  return out
+
+
+def grad_through_plan(config, s, params, grad_batches):
+  from remote_jax import sharding, task
+  from remote_jax.data import pipeline
   s_det = task.setup(with_variant(config, "detached"))
   rng = jax.random.key(0)
 
@@ -108,8 +118,7 @@ def probe(config, s, params, split, grad_batches):
     batch = sharding.global_batch(task.model_batch(batch), s.mesh)
     shares.append(grad_share(jax.device_get(g_full_fn(params, batch)),
                              jax.device_get(g_det_fn(params, batch))))
-  out["grad_through_plan"] = {k: float(np.mean([d[k] for d in shares])) for k in shares[0]}
-  return out
+  return {k: float(np.mean([d[k] for d in shares])) for k in shares[0]}
 
 
 def main(argv):
