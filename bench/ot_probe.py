@@ -65,6 +65,15 @@ def grad_share(full, detached):
   return out
 
 
+def per_level(ot):
+  """task.evaluate's flat {"text_3/plan_entropy": x} -> {"text_3": {"plan_entropy": x}}."""
+  out = {}
+  for key, value in ot.items():
+    level, _, name = key.partition("/")
+    out.setdefault(level, {})[name] = value
+  return out
+
+
 def with_variant(config, variant):
   config = config.copy_and_resolve_references()
   with config.unlocked():
@@ -87,7 +96,7 @@ def probe(config, s, params, split, grad_batches):
   out = {"variant": variant, "split": split,
          "scores": {"trained": scores(trained, split),
                     "alpha_one": scores(task.evaluate(s, alpha_one(params), split), split)},
-         "ot": trained["ot"]}
+         "ot": per_level(trained["ot"])}
   s_uni = task.setup(with_variant(config, "uniform"))
   out["scores"]["uniform_plan"] = scores(task.evaluate(s_uni, params, split), split)
 

@@ -265,6 +265,8 @@ def test_probe_switches():
   np.testing.assert_array_equal(out, q)
   full = {"text": {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}, "vision": {"c": jnp.ones(1)}}
   det = {"text": {"a": jnp.array([3.0, 0.0]), "b": jnp.array([0.0])}, "vision": {"c": jnp.ones(1)}}
+  assert ot_probe.per_level({"text_1/a": 1.0, "text_1/b": 2.0, "vision_2/a": 3.0}) == {
+      "text_1": {"a": 1.0, "b": 2.0}, "vision_2": {"a": 3.0}}
   assert ot_probe.grad_share(full, det) == {"text": 0.8, "text/a": 0.8, "text/b": 0.0,
                                             "vision": 0.0, "vision/c": 0.0}
 
