@@ -88,6 +88,7 @@ def model_config(size="tiny", semantics="paper"):
 
   Every ablation of the paper (tables 3-5) is one field here:
     mot.variant: ot_paper | ot_reference | xattn | none           (table 3: MOT, CA, w/o MOT)
+                 uniform | skip | detached | fgw | sdiv          (docs/ot_variants.md)
     moe.variant: paper | reference | off; moe.experts: "T,V,T2V,V2T" subsets (table 5)
     use_pos / data.use_caption / vision.use_depth                  (table 4: P, C, D)
   """
@@ -140,6 +141,9 @@ def model_config(size="tiny", semantics="paper"):
           num_heads=text["num_heads"],        # xattn's heads (12 at 768, as released)
           alpha_init=0.5,
           residual_init=1.0,
+          fused_penalty=1.0,                  # fgw: weight of the query-source cost
+          outer_iters=5,                      # fgw: GW linearisations
+          loss_weight=0.1,                    # sdiv: Sinkhorn divergence weight (0: off)
           mask=paper,
           # object: eq. 5's F_V^l in R^{2u x d}, one transport problem per object;
           # image: all objects' tokens of an image in one problem (the released code).
@@ -284,7 +288,7 @@ def train_config(**overrides):
 ARG_SPEC = dict(
     semantics="paper",   # paper | reference (the released code's behaviour)
     size="",             # tiny | small | minilm | base ("" = the config's own)
-    mot="",              # ot_paper | ot_reference | xattn | none | <research variant>
+    mot="",              # a fusion: ot_paper | xattn | none | uniform | ... (fusion.FUSIONS)
     moe="",              # paper | reference | off
     experts="",          # e.g. "T,V,T2V,V2T" or "T2V,V2T" (table 5)
     pos=True,            # table 4: box position feature

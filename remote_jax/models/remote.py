@@ -223,9 +223,13 @@ class RemoteModel(nn.Module):
     self.sow("intermediates", "object_features", obj_feats)
     logits, head_aux = self.head(h_t, obj_feats, batch,
                                  deterministic=deterministic)
+    # A fusion block's diag["aux_loss"] (sdiv's divergence) joins the MMoE's.
+    aux_loss = moe_aux.get("aux_loss", jnp.zeros((), jnp.float32))
+    for diag in ot_diag.values():
+      if "aux_loss" in diag:
+        aux_loss = aux_loss + diag.pop("aux_loss")
     aux = dict(router=moe_aux.get("router"), ot=ot_diag,
-               missing_marker=head_aux["missing_marker"],
-               aux_loss=moe_aux.get("aux_loss", jnp.zeros((), jnp.float32)))
+               missing_marker=head_aux["missing_marker"], aux_loss=aux_loss)
     return logits.astype(jnp.float32), aux
 
 

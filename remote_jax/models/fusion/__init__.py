@@ -9,8 +9,15 @@ dict; each variant reads the keys it needs and ignores the rest.
   eps_init/eps_decay, diff, solver).
 - ot_reference: the released code's degenerate-in-practice OT residual.
 - xattn: the cross-attention ablation. none: identity.
+- Controls that share ot_paper's parameters (issue 34): uniform (the uniform plan),
+  skip (a same-position skip from the lower levels), detached (the plan under
+  stop_gradient). Research variants: fgw (fused Gromov-Wasserstein), sdiv (no fusion; a
+  Sinkhorn-divergence training loss). docs/ot_variants.md says what each isolates and how
+  to add one.
+
+A block may return `diag["aux_loss"]` (a scalar): the model adds it to the training loss.
 """
-from remote_jax.models.fusion import none, ot, xattn
+from remote_jax.models.fusion import detached, fgw, none, ot, sdiv, skip, uniform, xattn
 from remote_jax.models.fusion.none import FIELD
 
 FUSIONS = {
@@ -18,6 +25,11 @@ FUSIONS = {
     "ot_reference": ot.build_reference,
     "xattn": xattn.build,
     "none": none.build,
+    "uniform": uniform.build,
+    "skip": skip.build,
+    "detached": detached.build,
+    "fgw": fgw.build,
+    "sdiv": sdiv.build,
 }
 
 

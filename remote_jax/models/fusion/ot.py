@@ -27,7 +27,10 @@ from remote_jax.models.fusion.none import FIELD, batch_mean, prepare
 from remote_jax.models.layers import TorchDense, layer_norm
 
 SOLVERS = ("ott", "jax")
-DIAG_KEYS = ("gate_mean", "marginal_error", "plan_entropy", "uniform_deviation")
+# Every plan block's diagnostics (sinkhorn.plan_stats and the gate); same_position_mass
+# only where the source is whole levels of the query's length (m % n == 0).
+DIAG_KEYS = ("gate_mean", "marginal_error", "plan_entropy", "row_entropy", "uniform_deviation",
+             "uniform_tv", "transport_norm_ratio")
 DIFFS = ("unrolled", "implicit")
 
 
@@ -48,7 +51,7 @@ def _finite_grads(fn):
   return wrapped
 
 
-def _weights(mask, pad_weight=0.0):
+def weights(mask, pad_weight=0.0):
   """Uniform weights on valid points, `pad_weight` (relative) on padding. A side
   with no valid point gets a dummy uniform problem whose result is discarded."""
   w = jnp.where(mask, 1.0, pad_weight)
@@ -56,7 +59,13 @@ def _weights(mask, pad_weight=0.0):
   return w / jnp.sum(w, -1, keepdims=True)
 
 
-def _masked(x, mask, fill):
+def marginals(mask):
+  """Uniform weights on the valid points, exactly 0 on padding (all 0 where none is)."""
+  return weights(mask) * mask
+
+
+def masked(x, mask, fill):
+  """Padded points replaced by `fill` (a constant vector keeps costs NaN-free)."""
   return jnp.where(mask[..., None], x, fill)
 
 
@@ -109,6 +118,18 @@ class OTPaper(nn.Module):
         fn = _finite_grads(fn)
     return jax.vmap(fn)(x, y, a, b)
 
+  def plan(self, x, y, query_mask, source_mask):
+    """(B,n,m) plan, zero off the valid block. The variants (uniform, skip, detached,
+    fgw) replace this method and keep everything else, parameters included."""
+    # Where ott NaNs on exact zero weights, padding gets a tiny one (see
+    # sinkhorn.PAD_WEIGHT); its plan entries are zeroed below either way.
+    ott, implicit = self.solver == "ott", self.diff == "implicit"
+    pad_a, pad_b = (sinkhorn.PAD_WEIGHT if ott and (implicit or tau < 1.0) else 0.0
+                    for tau in (self.tau_a, self.tau_b))
+    plan = self._plans(masked(x, query_mask, 1.0), masked(y, source_mask, 1.0),
+                       weights(query_mask, pad_a), weights(source_mask, pad_b))
+    return jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+
   @nn.compact
   def __call__(self, query, query_mask, source, source_mask, deterministic=True):
     x, query_mask, y, source_mask = prepare(self, query, query_mask, source, source_mask)
@@ -118,25 +139,28 @@ class OTPaper(nn.Module):
         (self.dim,), self.param_dtype)
     if self.is_initializing():   # init needs only the parameter: skip tracing Sinkhorn
       return query, dict.fromkeys(DIAG_KEYS, jnp.zeros((), jnp.float32))
-    # Where ott NaNs on exact zero weights, padding gets a tiny one (see
-    # sinkhorn.PAD_WEIGHT); its plan entries are zeroed below either way.
-    ott, implicit = self.solver == "ott", self.diff == "implicit"
-    pad_a, pad_b = (sinkhorn.PAD_WEIGHT if ott and (implicit or tau < 1.0) else 0.0
-                    for tau in (self.tau_a, self.tau_b))
     with jax.default_matmul_precision("highest"):
-      plan = self._plans(_masked(x, query_mask, 1.0), _masked(y, source_mask, 1.0),
-                         _weights(query_mask, pad_a), _weights(source_mask, pad_b))
-      plan = jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+      plan = self.plan(x, y, query_mask, source_mask)
       mass = jnp.sum(plan, -1, keepdims=True)
       moved = jnp.einsum("bnm,bmd->bnd", plan, y)
       moved = moved / jnp.where(mass > 0, mass, 1.0)   # barycentre: rows sum to 1
     alpha = jax.nn.sigmoid(alpha_logit.astype(jnp.float32))
-    fused = alpha * x + (1.0 - alpha) * moved
+    kept, moved = alpha * x, (1.0 - alpha) * moved
     row_ok = query_mask & (mass[..., 0] > 0)
-    out = jnp.where(row_ok[..., None], fused.astype(query.dtype), query)
-    diag = _sow_and_diag(self, plan, _weights(query_mask) * query_mask,
-                         _weights(source_mask) * source_mask, query_mask, source_mask, alpha)
+    out = jnp.where(row_ok[..., None], (kept + moved).astype(query.dtype), query)
+    diag = _sow_and_diag(self, plan, marginals(query_mask),
+                         marginals(source_mask), query_mask, source_mask, alpha)
+    diag["transport_norm_ratio"] = norm_ratio(moved, kept, row_ok)
     return out, diag
+
+
+def norm_ratio(moved, kept, row_ok):
+  """Mean over the rows that fuse of |moved| / |kept| (the transported term's norm
+  against the kept term's), no gradient."""
+  moved, kept = jax.lax.stop_gradient(moved), jax.lax.stop_gradient(kept)
+  ratio = jnp.linalg.norm(moved, axis=-1) / jnp.maximum(jnp.linalg.norm(kept, axis=-1), 1e-12)
+  rows = row_ok.astype(jnp.float32)
+  return (jnp.sum(ratio * rows) / jnp.maximum(jnp.sum(rows), 1.0)).astype(jnp.float32)
 
 
 class OTReference(nn.Module):
@@ -172,7 +196,7 @@ class OTReference(nn.Module):
       q, k = project(x, "q"), project(y, "k")
     if self.is_initializing():   # parameters exist now; skip the solve
       return query, dict.fromkeys(DIAG_KEYS, jnp.zeros((), jnp.float32))
-    a, b = _weights(query_mask) * query_mask, _weights(source_mask) * source_mask
+    a, b = marginals(query_mask), marginals(source_mask)
     with jax.default_matmul_precision("highest"):
       cost = jax.vmap(sinkhorn.safe_cdist)(q, k)
       solve = functools.partial(sinkhorn.released_plan, epsilon=self.epsilon, iters=self.iters)
@@ -187,15 +211,15 @@ class OTReference(nn.Module):
     return out, _sow_and_diag(self, plan, a, b, query_mask, source_mask, w)
 
 
-def build_paper(cfg, dim, name):
-  """ot_paper. The values (and why: epsilon 0.1, unrolled differentiation, ...) are in
-  configs/common.py:model_config."""
+def paper_fields(cfg, dim, name):
+  """OTPaper's fields from config.model.mot: what ot_paper and the variants that share its
+  parameters (uniform, skip, detached, fgw) read."""
   solver = config_lib.choice(cfg, "solver", SOLVERS)
   diff = config_lib.choice(cfg, "diff", DIFFS)
   if solver == "jax" and diff == "implicit":
     raise ValueError(f"{FIELD}.diff='implicit' needs {FIELD}.solver='ott' "
                      f"(the plain-JAX solver is differentiated by unrolling)")
-  return OTPaper(
+  return dict(
       dim=dim,
       epsilon=config_lib.number(cfg, "epsilon", lo=0.0, lo_open=True),
       iters=config_lib.number(cfg, "iters", lo=1, integer=True),
@@ -209,6 +233,12 @@ def build_paper(cfg, dim, name):
       alpha_init=config_lib.number(cfg, "alpha_init", lo=0.0, hi=1.0, lo_open=True, hi_open=True),
       mask=config_lib.flag(cfg, "mask"),
       name=name)
+
+
+def build_paper(cfg, dim, name):
+  """ot_paper. The values (and why: epsilon 0.1, unrolled differentiation, ...) are in
+  configs/common.py:model_config."""
+  return OTPaper(**paper_fields(cfg, dim, name))
 
 
 def build_reference(cfg, dim, name):

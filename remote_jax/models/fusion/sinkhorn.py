@@ -257,21 +257,47 @@ def plan_stats(plan, a, b, row_valid, col_valid):
 
   marginal_error: L1 of row + column marginal violations on valid points.
   plan_entropy: H(P) / log(n_valid * m_valid); 1 means uniform.
+  row_entropy: mean over valid rows of H(row / row sum) / log(m_valid); 1 means each
+    query token spreads evenly over the valid source tokens.
   uniform_deviation: max over valid entries of |P * n_valid * m_valid - 1|.
+  uniform_tv: total variation between P / sum(P) and the uniform plan on the valid
+    block, in [0, 1]; 0 means uniform.
+  same_position_mass (only where m % n == 0, i.e. the source is whole levels of the
+    query's length): mean over valid rows of the row-normalised mass on source tokens at
+    the query token's position (j % n == i); a uniform plan gives 1/n_valid.
   ok: the example has a valid query and a valid source point.
   The plan is used as is (not renormalised: an fp32 sum would add ~1e-6 noise),
-  so for unbalanced plans the last two also reflect the total mass.
+  so for unbalanced plans uniform_deviation and plan_entropy also reflect the total mass.
   """
   plan = jax.lax.stop_gradient(plan)
+  n, m = plan.shape
   n_v = jnp.sum(row_valid).astype(plan.dtype)
   m_v = jnp.sum(col_valid).astype(plan.dtype)
   marginal = (jnp.sum(jnp.where(row_valid, jnp.abs(plan.sum(1) - a), 0.0))
               + jnp.sum(jnp.where(col_valid, jnp.abs(plan.sum(0) - b), 0.0)))
-  pos = plan > 0
-  entropy = -jnp.sum(jnp.where(pos, plan * jnp.log(jnp.where(pos, plan, 1.0)), 0.0))
+  entropy = _entropy(plan, None)
   nm = n_v * m_v
   entropy = jnp.where(nm > 1, entropy / jnp.log(jnp.maximum(nm, 2.0)), 1.0)
   valid = row_valid[:, None] & col_valid[None, :]
   deviation = jnp.max(jnp.where(valid, jnp.abs(plan * nm - 1.0), 0.0))
-  return {"marginal_error": marginal, "plan_entropy": entropy,
-              "uniform_deviation": deviation, "ok": (n_v > 0) & (m_v > 0)}
+  total = jnp.sum(plan)
+  tv = 0.5 * jnp.sum(jnp.where(valid, jnp.abs(plan / jnp.where(total > 0, total, 1.0)
+                                              - 1.0 / jnp.maximum(nm, 1.0)), 0.0))
+  row_sum = jnp.sum(plan, 1, keepdims=True)
+  rows = plan / jnp.where(row_sum > 0, row_sum, 1.0)
+  fused = row_valid & (row_sum[:, 0] > 0)
+  count = jnp.maximum(jnp.sum(fused), 1).astype(plan.dtype)
+  row_entropy = jnp.where(m_v > 1, _entropy(rows, 1) / jnp.log(jnp.maximum(m_v, 2.0)), 1.0)
+  stats = {"marginal_error": marginal, "plan_entropy": entropy,
+           "row_entropy": jnp.sum(jnp.where(fused, row_entropy, 0.0)) / count,
+           "uniform_deviation": deviation, "uniform_tv": tv,
+           "ok": (n_v > 0) & (m_v > 0)}
+  if m % n == 0:
+    same = jnp.sum(rows * (jnp.arange(m)[None, :] % n == jnp.arange(n)[:, None]), 1)
+    stats["same_position_mass"] = jnp.sum(jnp.where(fused, same, 0.0)) / count
+  return stats
+
+
+def _entropy(p, axis):
+  pos = p > 0
+  return -jnp.sum(jnp.where(pos, p * jnp.log(jnp.where(pos, p, 1.0)), 0.0), axis)
