@@ -115,6 +115,9 @@ def test_evaluate_from_checkpoint(env, full_run):
   shared = [k for k in scores if k in summary["last"]]
   assert {"test/f1", "test/acc", "test/precision"} <= set(shared)
   assert 0 < summary["wall_s"] < 600   # the run's own time, for the results tables
+  # The train step's compile apart from the steps' time (bench/ot_study.py's columns).
+  assert 0 < summary["compile_s"] < summary["wall_s"]
+  assert 0 < summary["step_ms"] * 6 < 1e3 * summary["wall_s"]
   for key in shared:
     assert scores[key] == pytest.approx(summary["last"][key], abs=1e-6), key
 
