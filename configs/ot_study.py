@@ -1,0 +1,21 @@
+r"""The OT study's config (bench/ot_study.py, issue 34): the demo world and model of
+configs/demo.py, trained 4 epochs instead of 8 and without the end-of-run plots.
+
+  python -m bench.ot_study --config ot_study.py --variants none,ot_paper,uniform,xattn \
+      --seeds 0-4 --out runs/ot_study
+
+Smaller so that 8 variants x 5 seeds fit in 90 minutes on the project's 2-core machine
+(docs/benchmarks.md, "OT study", says how that was estimated): a run's cost is its steps
+and its evaluations (dev and test, 1,500 examples each, once per epoch), so halving the
+epochs about halves it. The comparison is then made at 748 steps, before the demo's
+best-dev step (the last of 8 epochs), on the same seeds for every variant.
+"""
+from configs import demo
+
+
+def get_config(arg=None):
+  config = demo.get_config(arg)
+  config.num_epochs = 4
+  # The study reads summary.json and metrics.jsonl only; the plots' extra test pass costs.
+  config.plots = False
+  return config
