@@ -224,6 +224,7 @@ def plot(rows, path):
                   capsize=3, ms=4)
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=45, ha="right",
                   fontsize=7)
+    ax.set_xlim(-0.5, len(rows) - 0.25)
     ax.set_title(key.removeprefix("test/").removesuffix("/f1").replace("f1", "all"), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
   axes[0][0].set_ylabel("test F1 at best dev (seeds; mean, 95% CI)")
@@ -298,7 +299,12 @@ def run_study(jobs, out, runner=train_subprocess, parallel=2, log=print):
   """Runs the jobs not finished before (a line with status ok in OUT/results.jsonl, or a
   summary.json in the run's directory), `parallel` at a time; each finished or failed run
   is appended to OUT/results.jsonl as it ends, and the file is rewritten with one line
-  per run at the end. -> the jobs' records, in the jobs' order."""
+  per run at the end. -> the jobs' records, in the jobs' order.
+
+  Seed by seed: every variant's first seed comes early (paired comparisons from the
+  first finished seeds; no two seeds of a variant compile its steps at once, the later
+  read them from the compilation cache). The first run trains alone: it writes the
+  data set the others read."""
   out = pathlib.Path(out)
   out.mkdir(parents=True, exist_ok=True)
   path = out / "results.jsonl"
@@ -335,8 +341,11 @@ def run_study(jobs, out, runner=train_subprocess, parallel=2, log=print):
     else:
       todo.append(job)
   log(f"{len(jobs) - len(todo)} of {len(jobs)} runs finished before; training {len(todo)}")
+  todo.sort(key=lambda job: job.seed)
+  for job in todo[:1]:
+    run(job)
   with concurrent.futures.ThreadPoolExecutor(max(parallel, 1)) as pool:
-    list(pool.map(run, todo))
+    list(pool.map(run, todo[1:]))
   path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
   return [done[job.key] for job in jobs]
 

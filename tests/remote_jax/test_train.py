@@ -187,7 +187,7 @@ def test_demo_learns_well_above_chance(env, tmp_path):
                 f"--config.data.cache_dir={env[1]}")
   assert out.returncode == 0, out.stderr[-3000:]
   best = json.loads((tmp_path / "summary.json").read_text())["best_dev"]
-  # Seeds 0 and 1 of bench/demo_ablation.py: test F1 90.0 / 93.9, o-o 82.5 / 84.9, e-o
+  # Seeds 0 and 1 of the demo ablation (bench/ot_study.py): test F1 90.0 / 93.9, o-o 82.5 / 84.9, e-o
   # 87.8 / 97.1, compositional 88.5 / 96.7 (docs/benchmarks.md); chance is 0 (all `none`).
   assert best["test/f1"] > 85.0, best
   for bucket in ("e-e", "o-o", "e-o", "compositional"):
