@@ -166,6 +166,13 @@ def test_an_unknown_variant_stops_the_study_before_training(tmp_path, capsys):
   assert not (tmp_path / "results.jsonl").exists()
 
 
+def test_the_study_config_is_the_demo_with_fewer_epochs():
+  from remote_jax import cli
+  demo, study = cli.load_config("demo.py").to_dict(), cli.load_config("ot_study.py").to_dict()
+  assert {k for k in demo if demo[k] != study[k]} == {"num_epochs", "plots"}
+  assert (study["num_epochs"], study["plots"]) == (demo["num_epochs"] // 2, False)
+
+
 @pytest.mark.slow
 def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
   # Two variants, one seed, demo.py:runlocal on a 48-example world: every output exists
