@@ -391,7 +391,8 @@ def make_jobs(config, variants, seeds, extra, overrides, out, fusions):
   """The study's jobs, after checking every variant's config loads (a bad name or arg
   fails here, before anything trains)."""
   from remote_jax import cli
-  specs = [variant_spec(t, fusions) for t in variants]
+  # `none` and `mot=none` are one variant: trained once.
+  specs = list({spec[0]: spec for spec in (variant_spec(t, fusions) for t in variants)}.values())
   jobs = []
   for name, arg, fields in specs:
     value = config_value(config, arg, extra)

@@ -144,7 +144,7 @@ def test_seeds_variants_and_configs(tmp_path):
   with pytest.raises(ValueError, match="'a' is not N or N-M"):
     ot_study.parse_seeds("0,a")
   fusions = {"none": None, "ot_paper": None, "xattn": None}
-  jobs = ot_study.make_jobs("ot_study.py", ["xattn", "mot=none", "box=pre_norm"], [0, 3],
+  jobs = ot_study.make_jobs("ot_study.py", ["xattn", "mot=none", "box=pre_norm", "none"], [0, 3],
                             "moe=off", ("--config.num_epochs=1",), tmp_path, fusions)
   assert [(j.variant, j.seed) for j in jobs] == [("xattn", 0), ("xattn", 3), ("none", 0),
                                                  ("none", 3), ("box=pre_norm", 0),
