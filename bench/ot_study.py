@@ -110,7 +110,8 @@ def mean_std(values):
 def summarise(records, variants, baselines=BASELINES):
   """One row per variant (in order) from the finished runs' records: each metric's mean,
   std and per-seed values, the paired differences against each baseline present, step ms
-  (mean), compile s and peak MB (max over seeds), and the plan diagnostics per level."""
+  and CPU s (mean), compile s and peak MB (max over seeds), and the plan diagnostics per
+  level. Missing or null values are left out."""
   ok = [r for r in records if r.get("status") == "ok"]
   by_variant = {v: {r["seed"]: r for r in ok if r["variant"] == v} for v in variants}
   rows = []
@@ -120,7 +121,8 @@ def summarise(records, variants, baselines=BASELINES):
            "failed": {r["seed"]: r["error"] for r in records
                       if r["variant"] == v and r.get("status") == "failed"}}
     for key in METRIC_KEYS:
-      per_seed = {s: r["metrics"][key] for s, r in runs.items() if key in r.get("metrics", {})}
+      per_seed = {s: r["metrics"][key] for s, r in runs.items()
+                  if r.get("metrics", {}).get(key) is not None}
       if per_seed:
         row[key] = {**mean_std(list(per_seed.values())), "values": per_seed}
     row["vs"] = {}
@@ -129,7 +131,7 @@ def summarise(records, variants, baselines=BASELINES):
         row["vs"][base] = {
             key: paired_difference(row[key]["values"], {
                 s: r["metrics"][key] for s, r in by_variant[base].items()
-                if key in r.get("metrics", {})})
+                if r.get("metrics", {}).get(key) is not None})
             for key in F1_KEYS if key in row}
     for field, reduce in (("step_ms", np.mean), ("compile_s", np.max), ("peak_mb", np.max),
                           ("cpu_s", np.mean)):
@@ -138,6 +140,8 @@ def summarise(records, variants, baselines=BASELINES):
     diags = {}
     for r in runs.values():
       for name, value in r.get("ot", {}).items():
+        if value is None:   # non-finite, written as null
+          continue
         level, _, diag = name.rpartition("/")
         diags.setdefault(level, {}).setdefault(diag, []).append(value)
     row["ot"] = {lvl: {d: mean_std(vals) for d, vals in ds.items()} for lvl, ds in diags.items()}

@@ -88,9 +88,12 @@ def test_summary_rows_and_table():
 
 
 def test_a_variant_without_baselines_or_a_second_seed_says_na():
-  rows = ot_study.summarise([record("xattn", 0, 90.0)], ["xattn"])
-  assert rows[0]["vs"] == {}
-  assert "| `xattn` | 1 | 90.00 | 100.00 |" in ot_study.format_table(rows)
+  nan_diag = record("xattn", 1, 95.0, ot={"text_1/gate_mean": None})
+  nan_diag["metrics"]["test/f1"] = None
+  rows = ot_study.summarise([record("xattn", 0, 90.0), nan_diag], ["xattn"])
+  assert rows[0]["vs"] == {} and rows[0]["ot"] == {}
+  assert rows[0]["test/f1"]["n"] == 1 and rows[0]["test/e-o/f1"]["n"] == 2
+  assert "| `xattn` | 2 | 90.00 | 100.00 ± 0.00 |" in ot_study.format_table(rows)
   rows = ot_study.summarise([record("none", 0, 90.0), record("xattn", 0, 91.0)],
                             ["none", "xattn"])
   assert "| +1.00 (n=1) | n/a |" in ot_study.format_table(rows)
