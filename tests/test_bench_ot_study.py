@@ -33,6 +33,8 @@ def test_the_difference_is_paired_by_seed():
   # Differences of both signs: the interval holds 0.
   d = ot_study.paired_difference({0: 1.0, 1: 3.0, 2: 2.0}, {0: 2.0, 1: 2.0, 2: 2.0})
   assert d["ci"][0] < 0 < d["ci"][1] and d["separated"] is False
+  # Differences of one sign, however small, are always separated (docs/benchmarks.md).
+  assert ot_study.paired_difference({0: 0.01, 1: 5.0}, {0: 0.0, 1: 0.0})["separated"] is True
   # One common seed: a difference but no interval.
   d = ot_study.paired_difference({0: 91.0}, {0: 90.0, 1: 80.0})
   assert d["mean"] == pytest.approx(1.0) and d["ci"] is None and d["separated"] is None
