@@ -149,11 +149,12 @@ class CompiledPerShape:
   """A jitted train step compiled ahead once per batch shape: the first (`batch`, abstract)
   before the state exists, so the compiler's freed heap goes back to the OS and its
   transient memory does not stack on the state; the shorter batches of
-  `data.pad_to_multiple_of` when first met. `compile_s`: the last compilation's seconds."""
+  `data.pad_to_multiple_of` when first met. `compile_s`: the last compilation's seconds;
+  `total_compile_s`: all of them."""
 
   def __init__(self, jitted, abstract_state, batch):
     self._jitted, self._state, self._compiled = jitted, abstract_state, {}
-    self.compile_s = 0.0
+    self.compile_s = self.total_compile_s = 0.0
     self.compiled(batch)
 
   def compiled(self, batch):
@@ -162,6 +163,7 @@ class CompiledPerShape:
       t0 = time.perf_counter()
       self._compiled[key] = self._jitted.lower(self._state, batch, jax.random.key(0)).compile()
       self.compile_s = time.perf_counter() - t0
+      self.total_compile_s += self.compile_s
       tokens = batch.get("input_ids")
       log.info("compiled the train step in %.1f s%s", self.compile_s,
                "" if tokens is None else f" (input_ids {tuple(tokens.shape)})")
@@ -237,14 +239,16 @@ def train_steps(s: Setup, state, next_batch, total_steps, rng, *, writer=None, s
   """Runs `s.train_step` from `state.step` to `total_steps`; returns the state.
 
   `next_batch(step)` gives this process's rows of the global batch of (0-based) `step`.
-  Every `log_every` steps (and at the last) the mean metrics, with the learning rate
-  and examples/s, go to `writer` under `split`; a non-finite loss or gradient norm
-  raises there. `after_step(step, state)` (checkpoints, evaluation) may return True to
-  stop early.
+  Every `log_every` steps (and at the last) the mean metrics, with the learning rate,
+  examples/s since the start (`after_step`'s time included) and `step_ms` (this window's
+  milliseconds per step, `after_step`'s time excluded), go to `writer` under `split`; a
+  non-finite loss or gradient norm raises there. `after_step(step, state)` (checkpoints,
+  evaluation) may return True to stop early.
   """
   step = int(state.step)
   progress = writers.Progress(total_steps, initial=step, desc=split, log_every=log_every)
   t0, examples, pending = time.perf_counter(), 0, []
+  window_start, hook_s = t0, 0.0
   try:
     while step < total_steps:
       batch = sharding.global_batch(next_batch(step), s.mesh)
@@ -254,19 +258,27 @@ def train_steps(s: Setup, state, next_batch, total_steps, rng, *, writer=None, s
       examples += n
       pending.append(m)
       if step % log_every == 0 or step == total_steps:
+        window = len(pending)
         pending = jax.device_get(pending)
         mean = {k: float(np.mean([x[k] for x in pending])) for k in pending[0]}
         pending = []
         metrics_lib.check_finite(step, loss=mean["loss"], grad_norm=mean["grad_norm"])
         mean["lr"] = float(s.schedule(step))
-        mean["examples_per_s"] = examples / max(time.perf_counter() - t0, 1e-9)
+        now = time.perf_counter()
+        mean["examples_per_s"] = examples / max(now - t0, 1e-9)
+        mean["step_ms"] = 1e3 * (now - window_start - hook_s) / window
+        window_start, hook_s = now, 0.0
         if writer is not None:
           writer.write(step, mean, split=split)
         progress.update(step, examples=n, loss=mean["loss"])
       else:
         progress.update(step, examples=n)
-      if after_step is not None and after_step(step, state):
-        break
+      if after_step is not None:
+        t_hook = time.perf_counter()
+        stop = after_step(step, state)
+        hook_s += time.perf_counter() - t_hook
+        if stop:
+          break
   finally:
     progress.close()
   return state

@@ -242,6 +242,8 @@ def train_and_evaluate(config, workdir):
   summary = summarise(config, history)
   # This process's time from start to the last evaluation (a resumed run: since the restart).
   summary["wall_s"] = round(time.perf_counter() - t_start, 1)
+  if main:
+    summary.update(train_timing(s.train_step, writers.read_metrics(workdir, split="train")))
   writer.write(step, summary, split="summary")
   writer.close()
   if main:
@@ -250,6 +252,19 @@ def train_and_evaluate(config, workdir):
     make_plots(s, state.eval_params, workdir, draw=main)
   ckpt.close()
   return summary
+
+
+def train_timing(train_step, records):
+  """{"compile_s": the train step's ahead-of-time compilations, "step_ms": the median of the
+  logged windows' milliseconds per step (evaluation excluded), the first window (warm-up)
+  left out when there are others}, of what exists."""
+  timing = {}
+  if hasattr(train_step, "total_compile_s"):
+    timing["compile_s"] = round(train_step.total_compile_s, 2)
+  windows = [r["step_ms"] for r in records if r.get("step_ms") is not None]
+  if windows:
+    timing["step_ms"] = round(float(np.median(windows[1:] or windows)), 2)
+  return timing
 
 
 def loggable(res):
