@@ -24,7 +24,7 @@ XLA:CPU flag preset (remote_jax/xla_cpu.py; training's default is "auto").
 
 The step is the engine's (`engine.build` with REMOTE's loss and the default config.optim,
 on one device), compiled from abstract shapes before the state exists, as training does;
-the vocabulary is the tokenizer's (config.model.text's plus the markers) and the head has
+the vocabulary is the default tokenizer's (with the markers) and the head has
 `--classes` outputs.
 """
 import argparse
@@ -119,7 +119,7 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
 
   from configs import common
   from remote_jax import engine, sharding, task
-  from remote_jax.data.tokenizer import MARKERS
+  from remote_jax.data.tokenizer import RelationTokenizer
   from remote_jax.models import remote
 
   cfg = common.model_config(size, semantics)
@@ -134,7 +134,7 @@ def run_one(size, semantics, batch, length, objects, crop, steps, dtype, remat, 
   if solver:
     cfg.mot.solver = solver
   meta = dict(max_length=length, num_objects=objects, crop_size=crop, num_classes=classes,
-              vocab_size=cfg.text.vocab_size + len(MARKERS))   # the tokenizer's
+              vocab_size=RelationTokenizer().vocab_size)   # the data's tokenizer, + markers
   rng = np.random.default_rng(0)
   b = batch_for(meta, batch, rng)
   model = remote.build(cfg, meta["num_classes"], meta["vocab_size"])

@@ -27,12 +27,6 @@ from absl import flags
 
 from remote_jax import cli
 
-_CONFIG = cli.define_config_flag()
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding ckpt/.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint path (default: workdir).")
-_SPLIT = flags.DEFINE_string("split", "test", "Split to score (dev, test).")
-_GRAD_BATCHES = flags.DEFINE_integer("grad_batches", 4, "Train batches for grad_through_plan.")
-
 PLAN_VARIANTS = ("ot_paper", "uniform", "skip", "detached", "fgw")
 ENCODERS = ("text", "vision")
 
@@ -142,4 +136,10 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags only when run: the tests import this module beside other CLIs' flags.
+  _CONFIG = cli.define_config_flag()
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory holding ckpt/.")
+  _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Checkpoint path (default: workdir).")
+  _SPLIT = flags.DEFINE_string("split", "test", "Split to score (dev, test).")
+  _GRAD_BATCHES = flags.DEFINE_integer("grad_batches", 4, "Train batches for grad_through_plan.")
   cli.run(main)

@@ -7,7 +7,7 @@ r"""The OT study: fusion variants x seeds, trained alike and compared on the sam
 A variant is a `model.mot` value (a key of remote_jax.models.fusion.FUSIONS, also
 written `mot=NAME`) or one of the named ablations in ABLATIONS (`full`, `moe=off`,
 `box=pre_norm`, ...). Each (variant, seed) trains `remote_jax.train --config
-CONFIG:ARGS` in a child process (`--parallel` at a time) in OUT/runs/VARIANT[__EXTRA]/seed_N;
+CONFIG:ARGS` in a child process (`--parallel` at a time) in OUT/runs/VARIANT[__EXTRA]__HASH/seed_N (HASH: of the config, args and overrides);
 `--extra` is appended to every variant's config args, and any other flag
 (`--config.num_epochs=4`) goes to every run. Unknown variants stop the study before
 anything trains.
@@ -28,6 +28,7 @@ to OUT/table.md, OUT/plots/ot_study.png and printed as one JSON object.
 import argparse
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
@@ -401,7 +402,11 @@ def make_jobs(config, variants, seeds, extra, overrides, out, fusions):
   for name, arg, fields in specs:
     value = config_value(config, arg, extra)
     cli.load_config(value)
-    run_dir = pathlib.Path(out) / "runs" / (slug(name) + (f"__{slug(extra)}" if extra else ""))
+    # The directory names the variant and hashes what it trains (config, args, overrides):
+    # a rerun with another config or --config.x never picks up this one's runs.
+    key = hashlib.sha1(json.dumps([value, *fields, *overrides]).encode()).hexdigest()[:8]
+    run_dir = pathlib.Path(out) / "runs" / (
+        slug(name) + (f"__{slug(extra)}" if extra else "") + f"__{key}")
     jobs += [Job(name, s, value, (*fields, *overrides), run_dir / f"seed_{s}") for s in seeds]
   return jobs
 

@@ -93,7 +93,6 @@ def agree_score(logits, labels=None, groups=None):
 
 SCORES = {"loss": loss_score, "maxprob": maxprob_score, "entropy": entropy_score,
           "agree": agree_score}
-LABEL_FREE = ("maxprob", "entropy", "agree")
 
 
 def score(criterion, logits, labels=None, groups=None):

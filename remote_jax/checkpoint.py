@@ -238,7 +238,7 @@ def resume_source(workdir: str | os.PathLike | None, resume: str | None = None) 
   A preempted run restarted with the same workdir thus always continues from
   its own last step, even if its config also names `resume`. A named `resume`
   path that does not exist is an error, not a silent fall-through to scratch.
-  (Pretrained encoders are not a start: the trainer loads them into a scratch
+  (Pretrained encoders are not a start: the engine's build loads them into a scratch
   start, from config.model.{text,vision}.pretrained_dir.)
   """
   if workdir is not None:

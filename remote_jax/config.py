@@ -188,17 +188,15 @@ def check_padding_cut(config):
                      "set --config.data.pad_to_multiple_of=0 or mask the padding")
 
 
-def marker_pieces(text_config):
-  """The word pieces whose rows the marker rows copy (model.text.marker_init); () for
-  "normal" (N(0, 0.02))."""
-  from remote_jax.data.tokenizer import PUNCT_MARKERS
-  inits = {"normal": (), "punct": PUNCT_MARKERS}
+MARKER_INITS = ("normal", "punct")   # model.text.marker_init (pretrained.marker_pieces)
+
+
+def check_marker_init(text_config):
   init = text_config["marker_init"]
-  if init not in inits:
-    pieces = " ".join(dict.fromkeys(PUNCT_MARKERS))
+  if init not in MARKER_INITS:
     raise ValueError(f"model.text.marker_init={init!r}: allowed 'normal' (N(0, 0.02), the "
-                     f"released code's) or 'punct' (copies of the rows of {pieces})")
-  return inits[init]
+                     "released code's) or 'punct' (copies of the rows of punctuation pieces, "
+                     "data/tokenizer.py PUNCT_MARKERS)")
 
 
 # MI²RAGE's teacher kinds and test-time criteria (mi2rage_jax/pipeline.py, selection.py).
@@ -281,7 +279,7 @@ def resolve(config, overridden=()):
   if kind(config) == "remote":
     check_model(config.model)
     check_padding_cut(config)
-    marker_pieces(config.model.text)
+    check_marker_init(config.model.text)
     optim_settings(config.optim)
   else:
     check_mi2rage(config)

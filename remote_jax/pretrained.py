@@ -11,10 +11,17 @@ import jax
 import jax.numpy as jnp
 
 from remote_jax import config as config_lib
-from remote_jax.data.tokenizer import MARKERS
+from remote_jax.data.tokenizer import MARKERS, PUNCT_MARKERS
 from remote_jax.models import convert
 
 log = logging.getLogger(__name__)
+
+
+def marker_pieces(text_config):
+  """The word pieces whose rows the marker rows copy (model.text.marker_init, checked by
+  config.check_marker_init); () for "normal" (N(0, 0.02))."""
+  config_lib.check_marker_init(text_config)
+  return {"normal": (), "punct": PUNCT_MARKERS}[text_config["marker_init"]]
 
 
 def load_pretrained(params, model_config, seed, **vision):
@@ -29,7 +36,7 @@ def load_pretrained(params, model_config, seed, **vision):
   vision_dir = model_config.vision.get("pretrained_dir", "")
   if text_dir and "text" in params:
     _, text = convert.load_bert(text_dir, num_extra_tokens=len(MARKERS), seed=seed,
-                                extra_like=config_lib.marker_pieces(model_config.text))
+                                extra_like=marker_pieces(model_config.text))
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:

@@ -5,7 +5,7 @@ docs/design.md (`nn.with_logical_partitioning`); this file maps them onto a
 mesh with axes `data`, `fsdp` and `tensor`. `config.mesh` sizes the mesh and
 `config.sharding` ("dp" | "fsdp" | "fsdp_tp") picks the rule set.
 
-Intended use in the trainer (jit with explicit shardings, donated state):
+Intended use in the engine (engine.build) (jit with explicit shardings, donated state):
 
   mesh = sharding.make_mesh(config.mesh)
   state, state_sh = sharding.create_sharded_state(init_fn, rng, mesh, config.sharding)

@@ -114,7 +114,7 @@ def release_freed_heap():
 
   glibc keeps the memory that XLA's compiler freed mapped in the process, so
   buffers allocated afterwards stack on top of it instead of reusing it; the
-  trainer and bench/model_step.py call this after compiling the train step.
+  engine (CompiledPerShape) and bench/model_step.py call this after compiling the train step.
   """
   import ctypes
   try:

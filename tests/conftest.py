@@ -43,7 +43,8 @@ def pytest_configure(config):
 # order, so both workers finish together instead of one running a long end-to-end file
 # alone at the end (its default order is by number of tests).
 LONGEST_FIRST = ("remote_jax/test_train.py", "remote_jax/models/test_remote.py",
-                 "mi2rage_jax/test_train.py", "remote_jax/models/test_fusion_paths.py",
+                 "mi2rage_jax/test_train.py", "remote_jax/models/test_fusion_variants.py",
+                 "remote_jax/models/test_released.py", "remote_jax/models/test_fusion_paths.py",
                  "remote_jax/models/test_precision.py", "mi2rage_jax/test_sharding.py",
                  "mi2rage_jax/test_demo.py", "remote_jax/models/test_fusion.py",
                  "remote_jax/models/test_moe.py")

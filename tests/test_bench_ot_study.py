@@ -1,7 +1,6 @@
 """bench/ot_study.py: paired bootstrap statistics, the table, skip-on-rerun and failure
 recording (a fake runner, no training), and one tiny real study (slow)."""
 import json
-import os
 import pathlib
 
 import pytest
@@ -155,10 +154,17 @@ def test_seeds_variants_and_configs(tmp_path):
                                                  ("none", 3), ("box=pre_norm", 0),
                                                  ("box=pre_norm", 3)]
   assert jobs[0].config == "ot_study.py:mot=xattn,moe=off"
-  assert jobs[1].workdir == tmp_path / "runs" / "xattn__moe-off" / "seed_3"
+  assert jobs[1].workdir.parent.parent == tmp_path / "runs" and jobs[1].workdir.name == "seed_3"
+  assert jobs[1].workdir.parent.name.startswith("xattn__moe-off__")
   assert jobs[4].config == "ot_study.py:moe=off"
   assert jobs[4].overrides == ("--config.model.box_position=pre_norm", "--config.num_epochs=1")
-  assert jobs[4].workdir.parent.name == "box-pre_norm__moe-off"
+  assert jobs[4].workdir.parent.name.startswith("box-pre_norm__moe-off__")
+  # Another config or override: other directories, so a rerun never reuses these runs.
+  other = ot_study.make_jobs("ot_study.py", ["xattn"], [0], "moe=off",
+                             ("--config.num_epochs=2",), tmp_path, fusions)
+  again = ot_study.make_jobs("ot_study.py", ["xattn"], [0], "moe=off",
+                             ("--config.num_epochs=1",), tmp_path, fusions)
+  assert other[0].workdir != jobs[0].workdir == again[0].workdir
   assert "--config.seed=3" in ot_study.train_command(jobs[1])
 
 
@@ -201,4 +207,4 @@ def test_a_tiny_study_end_to_end(tmp_path, monkeypatch, capsys):
   assert any(k.endswith("/plan_entropy") for k in ot), ot
   assert pathlib.Path(summary["plot"]).stat().st_size > 0
   assert "| `ot_paper` | 1 |" in (tmp_path / "table.md").read_text()
-  assert os.path.exists(tmp_path / "runs" / "none" / "seed_0" / "summary.json")
+  assert len(list((tmp_path / "runs").glob("none__*/seed_0/summary.json"))) == 1

@@ -110,3 +110,12 @@ def test_pca_keeps_top_directions_and_variance():
   x = rng.normal(size=(5000, 6)) * np.array([10.0, 5.0, 1.0, 0.1, 0.1, 0.1])
   z = diversity.pca(x, 2)
   np.testing.assert_allclose(z.var(0), [100.0, 25.0], rtol=0.05)
+
+
+def test_every_test_criterion_is_a_label_free_score():
+  """config.TEST_CRITERIA (what resolve accepts for teacher.test_criterion) names scores
+  that exist, and none reads the label; "real" is the pipeline's (the teacher's reading of
+  the real view), not a score."""
+  from remote_jax import config as config_lib
+  scores = set(config_lib.TEST_CRITERIA) - {"real"}
+  assert scores and scores <= set(selection.SCORES) and "loss" not in scores

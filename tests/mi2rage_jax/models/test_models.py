@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from configs import common
 from mi2rage_jax import batch_spec, models, pipeline
 from mi2rage_jax import data as data_lib
 from remote_jax import engine, pretrained
@@ -132,7 +133,7 @@ def _run(tmp_path, setting):
       generator=dict(name="demo", noise=0.0, image_size=96, max_pairs=3, stores={},
                      knowledge=False, knowledge_error=0.0, mention_rate=1.0),
       ccg=dict(rounds=0, n_initial=2, children=1, keep_fraction=0.6),
-      teacher=dict(kind="trained"), student=dict(unimodal=False),
+      teacher=dict(common.MI2RAGE_TEACHER, kind="trained"), student=dict(unimodal=False),
       model=model_cfg()))
   img = tmp_path / "real.png"
   Image.fromarray(np.full((96, 96, 3), 200, np.uint8)).save(img)

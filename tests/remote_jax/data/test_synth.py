@@ -242,10 +242,10 @@ def test_demo_registry_writes_once(tmp_path):
   small = dict(n_train=30, n_val=9, n_test=9, image_size=48)
   cfg = common.data_config("demo", root=str(tmp_path / "demo")).to_dict()
   cfg["demo"] = dict(common.DEMO_WORLD, seed=1, **small)
-  reader = DATASETS["demo"](cfg)
+  reader = DATASETS["demo"].make(cfg)
   assert (reader.root / "DONE").exists()
   stamp = (reader.root / "train_set.json").stat().st_mtime_ns
-  assert DATASETS["demo"](cfg).root == reader.root
+  assert DATASETS["demo"].make(cfg).root == reader.root
   assert (reader.root / "train_set.json").stat().st_mtime_ns == stamp
   assert json.loads((reader.root / "DONE").read_text())["seed"] == 1
   other = DATASETS["demo"](dict(cfg, demo=dict(cfg["demo"], seed=2)))
