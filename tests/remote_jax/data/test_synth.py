@@ -248,7 +248,7 @@ def test_demo_registry_writes_once(tmp_path):
   assert DATASETS["demo"].make(cfg).root == reader.root
   assert (reader.root / "train_set.json").stat().st_mtime_ns == stamp
   assert json.loads((reader.root / "DONE").read_text())["seed"] == 1
-  other = DATASETS["demo"](dict(cfg, demo=dict(cfg["demo"], seed=2)))
+  other = DATASETS["demo"].make(dict(cfg, demo=dict(cfg["demo"], seed=2)))
   assert other.root != reader.root
   with pytest.raises(ValueError, match=r"data\.demo: missing \['caption_absent'\]"):
-    DATASETS["demo"](dict(cfg, demo=dict(seed=2, **small)))
+    DATASETS["demo"].make(dict(cfg, demo=dict(seed=2, **small)))
