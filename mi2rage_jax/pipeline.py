@@ -80,6 +80,10 @@ class Run(stages.TeacherStages, stages.StudentStages, stages.DiversityStage):
     if setting == "no_real_text" and not dataset.has_images:
       raise ValueError("setting no_real_text needs real images; this dataset has none "
                        "(text-only data works with no_real_image)")
+    if cfg.teacher.test_criterion == "real" and not dataset.has_images:
+      raise ValueError("teacher.test_criterion='real' ranks test views against the teacher's "
+                       "reading of the real image; this dataset has none: set "
+                       "--config.teacher.test_criterion to maxprob, entropy or agree")
     self.generator = None if self.unimodal else gen_lib.build(cfg.generator, self.target)
     self.batches = batches_lib.Batches(encoder, setting, self.target, self.unimodal,
                                        cfg.data.image_size)

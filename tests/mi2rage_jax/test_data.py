@@ -144,6 +144,7 @@ def _text_only_config(tmp_path):
   config.generator = dict(name="pregenerated", stores=stores)
   config.model.vision.image_size = 16
   config.data.image_size = 16
+  config.teacher.test_criterion = "maxprob"   # the demo's "real" needs real images
   # The tests' 8 CPU devices: the smallest batch (4) splits over data, tensor holds the rest.
   config.mesh = [("data", 4), ("tensor", 2)]
   return config
@@ -159,6 +160,13 @@ def test_text_only_data_with_pregenerated_views(tmp_path):
   sel = json.loads((tmp_path / "run" / "no_real_image" / "selections" /
                     "test_round0.json").read_text())
   assert sel["criterion"] == "maxprob" and len(sel["instances"]["test/0"]["kept"]) == 3
+
+
+def test_text_only_data_refuses_ranking_test_views_by_the_real_image(tmp_path):
+  config = _text_only_config(tmp_path)
+  config.teacher.test_criterion = "real"
+  with pytest.raises(ValueError, match="test_criterion='real' .* this dataset has none"):
+    train.run(config, tmp_path / "run")
 
 
 def test_text_only_data_refuses_the_no_real_text_setting(tmp_path):
