@@ -18,7 +18,7 @@ import os
 
 import jax
 
-from remote_jax import config as config_lib
+from remote_jax.config import distributed_field as _field
 
 log = logging.getLogger(__name__)
 
@@ -51,16 +51,16 @@ def maybe_initialize(config=None):
   enabled = os.environ.get(ENV_ENABLED, "").lower()
   if enabled in ("0", "false", "off"):
     return
-  enabled = enabled in ("1", "true", "on") or config_lib.distributed_field(config, "enabled") is True
-  coordinator = config_lib.distributed_field(config, "coordinator_address") or os.environ.get(ENV_COORDINATOR)
+  enabled = enabled in ("1", "true", "on") or _field(config, "enabled") is True
+  coordinator = _field(config, "coordinator_address") or os.environ.get(ENV_COORDINATOR)
   kwargs = {}
-  timeout = config_lib.distributed_field(config, "initialization_timeout")
+  timeout = _field(config, "initialization_timeout")
   if timeout is not None:
     kwargs["initialization_timeout"] = int(timeout)
   if coordinator:
     # 0 processes is configs/common.py's "unset".
-    num_processes = _int(config_lib.distributed_field(config, "num_processes") or os.environ.get(ENV_NUM_PROCESSES))
-    process_id = config_lib.distributed_field(config, "process_id")
+    num_processes = _int(_field(config, "num_processes") or os.environ.get(ENV_NUM_PROCESSES))
+    process_id = _field(config, "process_id")
     process_id = _int(os.environ.get(ENV_PROCESS_ID) if process_id is None else process_id)
     if num_processes is None or process_id is None:
       raise ValueError(f"coordinator {coordinator} given but not the process count and id: set "

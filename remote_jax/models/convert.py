@@ -45,7 +45,7 @@ def _linear(n_in: int) -> Rule:
               lambda x, s: x.T.reshape(s))
 
 
-def _patch_conv(in_channels: int) -> Rule:
+def patch_conv(in_channels: int) -> Rule:
   """Conv2d weight (out, in, kh, kw) -> (kh*kw*in, out), flattened like `patchify`."""
   def torch_shape(s):
     side = math.isqrt(s[0] // in_channels)
@@ -60,11 +60,11 @@ FROM_HEADS = _linear(2)   # attention output: (heads, kv, D)
 LINEAR = _linear(1)
 
 
-def _dense(ours: str, theirs: str, rule: Rule = LINEAR) -> list:
+def dense_names(ours: str, theirs: str, rule: Rule = LINEAR) -> list:
   return [(f"{ours}/kernel", f"{theirs}.weight", rule), (f"{ours}/bias", f"{theirs}.bias", FLAT)]
 
 
-def _norm(ours: str, theirs: str) -> list:
+def norm_names(ours: str, theirs: str) -> list:
   return [(f"{ours}/scale", f"{theirs}.weight", FLAT), (f"{ours}/bias", f"{theirs}.bias", FLAT)]
 
 
@@ -78,43 +78,43 @@ def bert_name_map(config: BertConfig) -> list:
       ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", COPY),
       ("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight",
        COPY),
-      *_norm("embeddings/layer_norm", "embeddings.LayerNorm"),
+      *norm_names("embeddings/layer_norm", "embeddings.LayerNorm"),
   ]
   for i in range(config.num_layers):
     ours, theirs = f"layers_{i}", f"encoder.layer.{i}"
     names += [
-        *_dense(f"{ours}/query", f"{theirs}.attention.self.query", TO_HEADS),
-        *_dense(f"{ours}/key", f"{theirs}.attention.self.key", TO_HEADS),
-        *_dense(f"{ours}/value", f"{theirs}.attention.self.value", TO_HEADS),
-        *_dense(f"{ours}/attention_output", f"{theirs}.attention.output.dense", FROM_HEADS),
-        *_norm(f"{ours}/attention_norm", f"{theirs}.attention.output.LayerNorm"),
-        *_dense(f"{ours}/intermediate", f"{theirs}.intermediate.dense"),
-        *_dense(f"{ours}/output", f"{theirs}.output.dense"),
-        *_norm(f"{ours}/output_norm", f"{theirs}.output.LayerNorm"),
+        *dense_names(f"{ours}/query", f"{theirs}.attention.self.query", TO_HEADS),
+        *dense_names(f"{ours}/key", f"{theirs}.attention.self.key", TO_HEADS),
+        *dense_names(f"{ours}/value", f"{theirs}.attention.self.value", TO_HEADS),
+        *dense_names(f"{ours}/attention_output", f"{theirs}.attention.output.dense", FROM_HEADS),
+        *norm_names(f"{ours}/attention_norm", f"{theirs}.attention.output.LayerNorm"),
+        *dense_names(f"{ours}/intermediate", f"{theirs}.intermediate.dense"),
+        *dense_names(f"{ours}/output", f"{theirs}.output.dense"),
+        *norm_names(f"{ours}/output_norm", f"{theirs}.output.LayerNorm"),
     ]
   return names
 
 
 def clip_name_map(config: CLIPVisionConfig) -> list:
   names = [
-      ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", _patch_conv(3)),
+      ("embeddings/patch_embedding/kernel", "embeddings.patch_embedding.weight", patch_conv(3)),
       ("embeddings/position_embedding/embedding", "embeddings.position_embedding.weight", COPY),
-      *_norm("pre_layrnorm", "pre_layrnorm"),
+      *norm_names("pre_layrnorm", "pre_layrnorm"),
   ]
   if config.use_cls:  # without CLS neither the token nor the pooler exists
     names += [("embeddings/class_embedding", "embeddings.class_embedding", COPY),
-              *_norm("post_layernorm", "post_layernorm")]
+              *norm_names("post_layernorm", "post_layernorm")]
   for i in range(config.num_layers):
     ours, theirs = f"layers_{i}", f"encoder.layers.{i}"
     names += [
-        *_dense(f"{ours}/q_proj", f"{theirs}.self_attn.q_proj", TO_HEADS),
-        *_dense(f"{ours}/k_proj", f"{theirs}.self_attn.k_proj", TO_HEADS),
-        *_dense(f"{ours}/v_proj", f"{theirs}.self_attn.v_proj", TO_HEADS),
-        *_dense(f"{ours}/out_proj", f"{theirs}.self_attn.out_proj", FROM_HEADS),
-        *_norm(f"{ours}/layer_norm1", f"{theirs}.layer_norm1"),
-        *_dense(f"{ours}/fc1", f"{theirs}.mlp.fc1"),
-        *_dense(f"{ours}/fc2", f"{theirs}.mlp.fc2"),
-        *_norm(f"{ours}/layer_norm2", f"{theirs}.layer_norm2"),
+        *dense_names(f"{ours}/q_proj", f"{theirs}.self_attn.q_proj", TO_HEADS),
+        *dense_names(f"{ours}/k_proj", f"{theirs}.self_attn.k_proj", TO_HEADS),
+        *dense_names(f"{ours}/v_proj", f"{theirs}.self_attn.v_proj", TO_HEADS),
+        *dense_names(f"{ours}/out_proj", f"{theirs}.self_attn.out_proj", FROM_HEADS),
+        *norm_names(f"{ours}/layer_norm1", f"{theirs}.layer_norm1"),
+        *dense_names(f"{ours}/fc1", f"{theirs}.mlp.fc1"),
+        *dense_names(f"{ours}/fc2", f"{theirs}.mlp.fc2"),
+        *norm_names(f"{ours}/layer_norm2", f"{theirs}.layer_norm2"),
     ]
   return names
 
@@ -207,7 +207,7 @@ def _read_config(cls, path: pathlib.Path, **overrides):
   return _as_checkpoint_error(cls.from_hf, _read_config_path(path), **overrides)
 
 
-def _to_numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
   return np.asarray(x.float().numpy() if x.is_floating_point() else x.numpy())
 
 
@@ -229,12 +229,12 @@ def read_state_dict(path: pathlib.Path) -> dict[str, np.ndarray]:
           "model.safetensors (with torch: `safetensors.torch.save_file(torch.load(f), "
           "'model.safetensors')`) or install torch") from None
     state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
-    return {k: _to_numpy(v) for k, v in state.items()}
+    return {k: to_numpy(v) for k, v in state.items()}
   raise CheckpointError(f"{path} has no weights: expected model.safetensors, "
                         "model.safetensors.index.json or pytorch_model.bin")
 
 
-def _strip_prefix(state: dict, prefix: str) -> tuple[dict, str]:
+def strip_prefix(state: dict, prefix: str) -> tuple[dict, str]:
   """Drops `prefix` when the checkpoint uses it (e.g. BertForMaskedLM's "bert.")."""
   if not any(k.startswith(prefix) for k in state):
     return state, ""
@@ -263,7 +263,7 @@ def expected_shapes(module: nn.Module, *inputs) -> dict[str, tuple]:
 
 
 @dataclasses.dataclass
-class _Problems:
+class Problems:
   missing: list = dataclasses.field(default_factory=list)
   unexpected: list = dataclasses.field(default_factory=list)
   misshaped: list = dataclasses.field(default_factory=list)
@@ -271,15 +271,21 @@ class _Problems:
   def __bool__(self):
     return bool(self.missing or self.unexpected or self.misshaped)
 
+  def lines(self) -> list[str]:
+    """One indented line per problem, for a CheckpointError."""
+    return ([f"  missing: {m}" for m in self.missing]
+            + [f"  unexpected: {u}" for u in self.unexpected]
+            + [f"  mis-shaped: {m}" for m in self.misshaped])
 
-def _convert(state: dict, names: list, expected: dict, prefix: str,
-             lenient: Iterable[str] = ()) -> tuple[dict, _Problems]:
+
+def convert_tensors(state: dict, names: list, expected: dict, prefix: str,
+                    lenient: Iterable[str] = ()) -> tuple[dict, Problems]:
   """Applies the name map. Paths in `lenient` skip a mis-shaped tensor (returned
   absent) instead of reporting it: the caller re-initialises them."""
   stray = {ours for ours, _, _ in names} - set(expected)
   if stray:  # our map and our module disagree: a bug here, not in the file
     raise AssertionError(f"name map entries the module lacks: {sorted(stray)}")
-  flat, problems = {}, _Problems()
+  flat, problems = {}, Problems()
   for ours, theirs, rule in names:
     want = rule.torch_shape(expected[ours])
     if theirs not in state:
@@ -308,29 +314,32 @@ def _config_mismatch(config, state: dict, probes: list, layer_name: str) -> list
           for field, key, value in found if getattr(config, field) != value]
 
 
-def _raise_problems(path, what: str, problems: _Problems, mismatch: list[str],
+def _raise_problems(path, what: str, problems: Problems, mismatch: list[str],
                     config_label: str = "config.json"):
-  lines = [f"checkpoint {path} does not fit {what}:"]
-  lines += [f"  missing: {m}" for m in problems.missing]
-  lines += [f"  unexpected: {u}" for u in problems.unexpected]
-  lines += [f"  mis-shaped: {m}" for m in problems.misshaped]
+  lines = [f"checkpoint {path} does not fit {what}:", *problems.lines()]
   if mismatch:
     lines.append(f"  {config_label} ({path / 'config.json'}) does not match the weights: "
                  + "; ".join(mismatch))
   raise CheckpointError("\n".join(lines))
 
 
-def _load_state(path, prefix: str, ignored: list[str]) -> tuple[dict, str]:
-  state, prefix = _strip_prefix(read_state_dict(path), prefix)
+def drop_ignored(state: dict, ignored: list[str]) -> tuple[dict, list[str]]:
+  """`state` without the tensors whose names match a pattern of `ignored`, and their names."""
   pattern = re.compile("|".join(ignored))
   dropped = sorted(k for k in state if pattern.match(k))
+  return {k: v for k, v in state.items() if k not in dropped}, dropped
+
+
+def _load_state(path, prefix: str, ignored: list[str]) -> tuple[dict, str]:
+  state, prefix = strip_prefix(read_state_dict(path), prefix)
+  state, dropped = drop_ignored(state, ignored)
   if dropped:
     log.debug("%s: ignoring %d tensors not used by the encoder: %s", path, len(dropped),
               ", ".join(dropped))
-  return {k: v for k, v in state.items() if k not in dropped}, prefix
+  return state, prefix
 
 
-def _check_tree(path, params: dict, expected: dict):
+def check_tree(path, params: dict, expected: dict):
   got = _flat_shapes(params)
   if got != expected:
     raise AssertionError(f"{path}: converted tree differs from the module: "
@@ -377,7 +386,7 @@ def load_bert(path, num_extra_tokens: int = 0, seed: int = 0,
   state = _legacy_norm_names(state)
   ids = jnp.zeros((1, 1), jnp.int32)
   expected = expected_shapes(BertEncoder(config), ids, ids, ids, True)
-  flat, problems = _convert(state, bert_name_map(config), expected, prefix)
+  flat, problems = convert_tensors(state, bert_name_map(config), expected, prefix)
   if problems:
     _raise_problems(path, "BertEncoder", problems,
                     _config_mismatch(config, state, BERT_PROBES, BERT_LAYER_NAME))
@@ -391,7 +400,7 @@ def load_bert(path, num_extra_tokens: int = 0, seed: int = 0,
     config = dataclasses.replace(config, vocab_size=config.vocab_size + num_extra_tokens)
     expected = expected_shapes(BertEncoder(config), ids, ids, ids, True)
   params = unflatten_dict(flat, sep="/")
-  _check_tree(path, params, expected)
+  check_tree(path, params, expected)
   return config, params
 
 
@@ -419,7 +428,7 @@ def load_clip_vision(path, image_size: int | None = None, patch_size: int | None
   expected = expected_shapes(CLIPVisionTower(config), *inputs)
   positions = "embeddings/position_embedding/embedding"
   names = clip_name_map(config)
-  flat, problems = _convert(state, names, expected, prefix, lenient=[positions])
+  flat, problems = convert_tensors(state, names, expected, prefix, lenient=[positions])
   if problems:
     _raise_problems(path, "CLIPVisionTower", problems,
                     _config_mismatch(config, state, CLIP_PROBES, CLIP_LAYER_NAME),
@@ -435,5 +444,5 @@ def load_clip_vision(path, image_size: int | None = None, patch_size: int | None
     flat["embeddings/depth_embedding/kernel"] = (
         rgb.reshape(-1, 3, config.hidden_size).mean(axis=1))
   params = unflatten_dict(flat, sep="/")
-  _check_tree(path, params, expected)
+  check_tree(path, params, expected)
   return config, params

@@ -33,7 +33,7 @@ from remote_jax.errors import CheckpointError
 from remote_jax.models import convert
 from remote_jax.models import heads as heads_lib
 from remote_jax.models import remote as remote_lib
-from remote_jax.models.convert import COPY, FLAT, LINEAR, _dense, _norm, _patch_conv
+from remote_jax.models.convert import COPY, FLAT, LINEAR, dense_names, norm_names, patch_conv
 from remote_jax.models.encoders.bert import BertConfig
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig
 
@@ -55,10 +55,10 @@ def _rename(names: list, ours: str, theirs: dict) -> list:
 
 
 def _ot(ours: str, theirs: str, weight: str) -> list:
-  return [*_dense(f"{ours}/q_proj", f"{theirs}.query_proj.0"),
-          *_norm(f"{ours}/q_norm", f"{theirs}.query_proj.1"),
-          *_dense(f"{ours}/k_proj", f"{theirs}.key_proj.0"),
-          *_norm(f"{ours}/k_norm", f"{theirs}.key_proj.1"),
+  return [*dense_names(f"{ours}/q_proj", f"{theirs}.query_proj.0"),
+          *norm_names(f"{ours}/q_norm", f"{theirs}.query_proj.1"),
+          *dense_names(f"{ours}/k_proj", f"{theirs}.key_proj.0"),
+          *norm_names(f"{ours}/k_norm", f"{theirs}.key_proj.1"),
           (f"{ours}/w", weight, COPY)]
 
 
@@ -66,15 +66,15 @@ def _moe_side(ours: str, theirs: str, q: str, kv: str, levels: int) -> list:
   names = []
   for j in range(levels):
     att = f"{theirs}.cross_modal_att_layer.{j}"
-    names += [*_dense(f"{ours}/attn_{j}/query", f"{att}.self_attn.{q}_q_proj"),
-              *_dense(f"{ours}/attn_{j}/key", f"{att}.self_attn.{kv}_k_proj"),
-              *_dense(f"{ours}/attn_{j}/value", f"{att}.self_attn.{kv}_v_proj"),
-              *_dense(f"{ours}/attn_{j}/out", f"{att}.self_attn.out_proj"),
-              *_norm(f"{ours}/norm_{j}", f"{att}.layer_norm1")]
+    names += [*dense_names(f"{ours}/attn_{j}/query", f"{att}.self_attn.{q}_q_proj"),
+              *dense_names(f"{ours}/attn_{j}/key", f"{att}.self_attn.{kv}_k_proj"),
+              *dense_names(f"{ours}/attn_{j}/value", f"{att}.self_attn.{kv}_v_proj"),
+              *dense_names(f"{ours}/attn_{j}/out", f"{att}.self_attn.out_proj"),
+              *norm_names(f"{ours}/norm_{j}", f"{att}.layer_norm1")]
   agg = f"{theirs}.moe_layer_wise_agg"
   return names + [(f"{ours}/expert_in", f"{agg}.experts1", COPY),
                   (f"{ours}/expert_out", f"{agg}.experts2", COPY),
-                  *_dense(f"{ours}/router", f"{agg}.expert_router")]
+                  *dense_names(f"{ours}/router", f"{agg}.expert_router")]
 
 
 def name_map(model_cfg) -> list:
@@ -91,15 +91,15 @@ def name_map(model_cfg) -> list:
                                     "encoder.layers.": f"{enc}.vision_layers."})
   if model_cfg.vision.use_depth:
     names.append(("vision/embeddings/depth_embedding/kernel",
-                  f"{PREFIX}vision_embeddings.depth_embedding.weight", _patch_conv(1)))
+                  f"{PREFIX}vision_embeddings.depth_embedding.weight", patch_conv(1)))
   layers = model_cfg.text.num_layers
   names += [(f"text/layers_{i}/fusion_dense/{k}",
              f"{enc}.text_layer.{i}.intermediate.fusion_dense.{t}", r)
             for i in _fusion_layers(model_cfg)
             for k, t, r in (("kernel", "weight", LINEAR), ("bias", "bias", FLAT))]
   if model_cfg.use_pos:
-    names += [*_dense("box_embed", f"{enc}.image_position_embeddings"),
-              *_norm("pool_norm", f"{enc}.layernorm")]
+    names += [*dense_names("box_embed", f"{enc}.image_position_embeddings"),
+              *norm_names("pool_norm", f"{enc}.layernorm")]
   for level in config_lib.mot_levels(model_cfg.mot, layers):
     for side in ("text", "vision"):
       names += _ot(f"mot_{side}_{level}", f"{enc}.{side}_ot_attention.{level - 1}",
@@ -107,8 +107,8 @@ def name_map(model_cfg) -> list:
   names += _moe_side("moe/text", f"{enc}.vision2text_layer_agg", "text", "vision", layers + 1)
   names += _moe_side("moe/vision", f"{enc}.text2vision_layer_agg", "vision", "text", layers + 1)
   if not _raw_head(model_cfg):
-    names += _dense("head/mm_linear", "mm_linear")
-  return names + _dense("head/classifier", "classifier")
+    names += dense_names("head/mm_linear", "mm_linear")
+  return names + dense_names("head/classifier", "classifier")
 
 
 def _raw_head(model_cfg) -> bool:
@@ -162,7 +162,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
         "(np.savez(out, **{k: v.numpy() for k, v in torch.load(f).items()})) and pass the "
         ".npz") from None
   state = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: convert._to_numpy(v) for k, v in state.items()}
+  return {k: convert.to_numpy(v) for k, v in state.items()}
 
 
 def example_batch(model_cfg, max_length: int, num_objects: int, batch_size: int = 1) -> dict:
@@ -181,30 +181,25 @@ def convert_state(state: dict, model_cfg, num_classes: int, vocab_size: int, *,
   tensor. `max_length` / `num_objects` only shape the dummy batch of eval_shape.
   """
   names = name_map(model_cfg)
-  state, _ = convert._strip_prefix(state, "module.")   # saved from nn.DataParallel
-  pattern = re.compile("|".join(ignored_patterns(model_cfg)))
-  dropped = sorted(k for k in state if pattern.match(k))
+  state, _ = convert.strip_prefix(state, "module.")   # saved from nn.DataParallel
+  state, dropped = convert.drop_ignored(state, ignored_patterns(model_cfg))
   if dropped:
     log.info("%s: ignoring %d released tensors no computation reads: %s", where,
              len(dropped), ", ".join(dropped))
-  state = {k: v for k, v in state.items() if k not in dropped}
   model = remote_lib.build(model_cfg, num_classes, vocab_size)
   expected = convert.expected_shapes(
       model, example_batch(model_cfg, max_length, num_objects), True)
-  flat, problems = convert._convert(state, names, expected, "")
+  flat, problems = convert.convert_tensors(state, names, expected, "")
   problems.missing += [f"(ours) {k} {v}: not in the name map" for k, v in expected.items()
                        if k not in flat and k not in {o for o, _, _ in names}]
   if problems:
     lines = [f"released weights {where} do not fit RemoteModel (semantics=reference, "
              f"width {model_cfg.text.hidden_size}, {model_cfg.text.num_layers} layers, "
-             f"vocab {vocab_size}, {num_classes} classes):"]
-    lines += [f"  missing: {m}" for m in problems.missing]
-    lines += [f"  unexpected: {u}" for u in problems.unexpected]
-    lines += [f"  mis-shaped: {m}" for m in problems.misshaped]
+             f"vocab {vocab_size}, {num_classes} classes):", *problems.lines()]
     raise CheckpointError("\n".join(lines))
   # np.ascontiguousarray in _convert makes the scalar OT weights 1-d: back to ().
   params = unflatten_dict({k: v.reshape(expected[k]) for k, v in flat.items()}, sep="/")
-  convert._check_tree(where, params, expected)
+  convert.check_tree(where, params, expected)
   return params
 
 

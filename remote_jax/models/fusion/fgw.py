@@ -19,8 +19,6 @@ while loop and reverse-mode differentiation raises, so no other setting is offer
 """
 import functools
 
-import jax
-import jax.numpy as jnp
 from ott.geometry import geometry
 from ott.problems.quadratic import quadratic_problem
 from ott.solvers.linear import sinkhorn as ott_sinkhorn
@@ -54,9 +52,7 @@ class FusedGW(ot.OTPaper):
   def plan(self, x, y, query_mask, source_mask):
     fn = functools.partial(fgw_plan, cost=self.cost, epsilon=self.epsilon, iters=self.iters,
                            outer_iters=self.outer_iters, fused_penalty=self.fused_penalty)
-    plan = jax.vmap(fn)(ot.masked(x, query_mask, 1.0), ot.masked(y, source_mask, 1.0),
-                        ot.weights(query_mask), ot.weights(source_mask))
-    return jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+    return ot.masked_plan(fn, x, y, query_mask, source_mask)
 
 
 def build(cfg, dim, name):

@@ -59,6 +59,15 @@ def weights(mask, pad_weight=0.0):
   return w / jnp.sum(w, -1, keepdims=True)
 
 
+def masked_plan(fn, x, y, query_mask, source_mask, pad_a=0.0, pad_b=0.0):
+  """`fn(x, y, a, b) -> (n, m)` vmapped over the batch, with padded points replaced by a
+  constant vector (NaN-free costs) and weighted `pad_a` / `pad_b` (relative); the plan is
+  zero off the valid block."""
+  plan = jax.vmap(fn)(masked(x, query_mask, 1.0), masked(y, source_mask, 1.0),
+                      weights(query_mask, pad_a), weights(source_mask, pad_b))
+  return jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+
+
 def marginals(mask):
   """Uniform weights on the valid points, exactly 0 on padding (all 0 where none is)."""
   return weights(mask) * mask
@@ -101,7 +110,8 @@ class OTPaper(nn.Module):
   mask: bool
   param_dtype: jnp.dtype = jnp.float32
 
-  def _plans(self, x, y, a, b):
+  def _solver(self):
+    """fn(x (n,d), y (m,d), a (n,), b (m,)) -> the (n, m) plan of one example."""
     kw = {"epsilon": self.epsilon, "iters": self.iters, "tau_a": self.tau_a, "tau_b": self.tau_b,
               "eps_init": self.eps_init, "eps_decay": self.eps_decay}
     if self.solver == "jax":
@@ -116,19 +126,17 @@ class OTPaper(nn.Module):
                              implicit=self.diff == "implicit", **kw)
       if self.diff == "implicit":
         fn = _finite_grads(fn)
-    return jax.vmap(fn)(x, y, a, b)
+    return fn
 
   def plan(self, x, y, query_mask, source_mask):
     """(B,n,m) plan, zero off the valid block. The variants (uniform, skip, detached,
     fgw) replace this method and keep everything else, parameters included."""
     # Where ott NaNs on exact zero weights, padding gets a tiny one (see
-    # sinkhorn.PAD_WEIGHT); its plan entries are zeroed below either way.
+    # sinkhorn.PAD_WEIGHT); masked_plan zeroes its plan entries either way.
     ott, implicit = self.solver == "ott", self.diff == "implicit"
     pad_a, pad_b = (sinkhorn.PAD_WEIGHT if ott and (implicit or tau < 1.0) else 0.0
                     for tau in (self.tau_a, self.tau_b))
-    plan = self._plans(masked(x, query_mask, 1.0), masked(y, source_mask, 1.0),
-                       weights(query_mask, pad_a), weights(source_mask, pad_b))
-    return jnp.where(query_mask[:, :, None] & source_mask[:, None, :], plan, 0.0)
+    return masked_plan(self._solver(), x, y, query_mask, source_mask, pad_a, pad_b)
 
   @nn.compact
   def __call__(self, query, query_mask, source, source_mask, deterministic=True):
