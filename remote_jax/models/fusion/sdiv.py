@@ -1,7 +1,7 @@
 """`sdiv`: OT as a training loss instead of a fusion operator.
 
 The block fuses nothing (its output is the query, as `none`) and returns the Sinkhorn
-divergence (ott.tools.sinkhorn_divergence.sinkdiv, `model.mot.cost`, `epsilon`, `iters`
+divergence (ott.tools.sinkhorn_divergence on the three cost matrices, `model.mot.cost`, `epsilon`, `iters`
 unrolled) between the level's valid tokens and those of the levels below it, averaged over
 the batch, as `diag["sinkhorn_divergence"]`, and `loss_weight` times it as
 `diag["aux_loss"]`, which the model adds to its aux loss (summed over levels and
@@ -14,6 +14,7 @@ import functools
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ott.geometry import geometry
 from ott.tools import sinkhorn_divergence
 
 from remote_jax import config as config_lib
@@ -25,8 +26,12 @@ def divergence(x, y, a, b, *, cost, epsilon, iters):
   """Sinkhorn divergence between x (n,d) with weights a and y (m,d) with weights b."""
   kw = {"min_iterations": iters - 1, "max_iterations": iters, "threshold": -1.0,
         "inner_iterations": sinkhorn.unrolled_block(iters), "implicit_diff": None}
-  return sinkhorn_divergence.sinkdiv(x, y, cost_fn=sinkhorn.COSTS[cost](), epsilon=epsilon,
-                                     a=a, b=b, solve_kwargs=kw)[0]
+  # Cost matrices materialised once, as sinkhorn.ott_plan does: on point clouds (sinkdiv)
+  # ott's unrolled backward re-differentiates each pairwise cost in every loop block, which
+  # made the demo's train step 1,204 ms against 2xx ms here (docs/benchmarks.md).
+  costs = [sinkhorn.cost_matrix(u, v, cost) for u, v in ((x, y), (x, x), (y, y))]
+  return sinkhorn_divergence.sinkhorn_divergence(
+      geometry.Geometry, cost_matrix=costs, epsilon=epsilon, a=a, b=b, solve_kwargs=kw)[0]
 
 
 class SinkhornDivergenceLoss(nn.Module):
