@@ -97,7 +97,7 @@ def tower_loss(invariance):
   `invariance` x the pair's squared top-token distance relative to the tokens' mean square
   (a scale that is not differentiated: shrinking every token does not lower it). The raw
   tokens, not LayerNorm'd ones: LN removes each token's mean and scale, where the colour
-  can then stay (docs/ot_world.md has the probes of both)."""
+  stayed decodable there (docs/ot_world.md)."""
   def loss_fn(model, params, batch, rng, train):
     logits, top = model.apply({"params": params}, batch)
     ce, metrics = engine.classification(logits, batch)
