@@ -22,21 +22,23 @@ from remote_jax import cli
 
 def main(argv):
   del argv
-  from remote_jax import towers
+  from remote_jax import errors, towers, writers
   from remote_jax.models import convert
+  writers.setup_cli_logging()
   config = _CONFIG.value
   vision = config.model.vision
-  path = towers.ensure_tower(vision.pretrained_dir, vision, config.data.cache_dir)
+  with errors.user_errors():
+    path = towers.ensure_tower(vision.pretrained_dir, vision, config.data.cache_dir)
   cfg, params = convert.load_clip_vision(path, use_cls=False)
-  probe = towers.probe_levels(params, cfg, vision.synth["image_size"], seed=_SEED.value,
+  probe = towers.probe_levels(params, cfg, vision.synth["world_size"], seed=_SEED.value,
                               n_train=_N_TRAIN.value, n_test=_N_TEST.value)
   lost = towers.TASKS[vision.pretrained_dir.removeprefix(towers.SCHEME)]["lose"]
   accs = [r[lost] for r in probe["levels"]]
   chance = probe["chance"][lost]
-  json.dump({"tower": str(path), "attribute": lost, "recipe": dict(vision.synth), **probe,
+  json.dump({"tower": str(path), "attribute": lost, "recipe": writers.jsonable(vision.synth), **probe,
              "goal": {"low_max": max(accs[:-1]), "top": accs[-1], "chance": chance,
                       "met": max(accs[:-1]) >= 0.9 and accs[-1] <= chance + 0.1}},
-            sys.stdout, default=str)
+            sys.stdout)
   print()
 
 

@@ -191,14 +191,12 @@ DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
                   caption_absent=0.3)
 
 
-
-
 def synth_tower(**overrides):
   """model.vision.synth: the recipe of a synthetic pretrained tower (remote_jax/towers.py),
   read where model.vision.pretrained_dir = "synth:NAME"."""
   recipe = dict(seed=0, steps=4000, batch_size=128, n_crops=4096,
                 invariance=1.0,                      # weight of the colour-invariance term
-                image_size=DEMO_WORLD["image_size"],  # crops are cut as from the world's images
+                world_size=DEMO_WORLD["image_size"],  # crops are cut from images of this size
                 optim=optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.01,
                                    decay_mask="no_bias_norm", clip_norm=1.0))
   recipe.update(overrides)

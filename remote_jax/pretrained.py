@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 
 from remote_jax import config as config_lib
-from remote_jax import towers
 from remote_jax.data.tokenizer import MARKERS, PUNCT_MARKERS
 from remote_jax.models import convert
 
@@ -43,7 +42,8 @@ def load_pretrained(params, model_config, seed, cache_dir=None, **vision):
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:
-    if str(vision_dir).startswith(towers.SCHEME):
+    if str(vision_dir).startswith("synth:"):
+      from remote_jax import towers  # late: only synthetic towers need the data package
       vision_dir = towers.ensure_tower(vision_dir, model_config.vision, cache_dir)
     v = {k: model_config.vision[k] for k in ("image_size", "patch_size", "use_cls", "use_depth")
          if k in model_config.vision}

@@ -1,8 +1,8 @@
 r"""Synthetic pretrained towers (issue 35): a CLIP vision tower pretrained here, on generated
 object crops, so that its top layers lose an attribute the relations will need.
 
-  python -m remote_jax.towers --config ot_world.py    # pretrains once (cached), probes
-  python -m bench.attribute_probe --config ot_world.py  # the probe again, other crops
+  python -m remote_jax.towers --config ot_world.py      # pretrains once (cached), probes
+  python -m bench.attribute_probe --config ot_world.py  # the probe, other sizes or seeds
 
 `colour_blind` (TASKS): crops of one demo-world shape (synth's shapes, colours and sizes,
 drawn on an image of the world's size and cut by the data pipeline's `crop_rgb`), every
@@ -14,17 +14,17 @@ tokens cannot meet it). The top level is pushed to carry the shape and not the c
 nothing constrains the levels below, which keep the colour the patch projection reads.
 
 `model.vision.pretrained_dir = "synth:colour_blind"` trains it once per recipe
-(`model.vision.synth`: seed, steps, batch_size, invariance, n_crops, the world's
-image_size, optim; defaults in configs/common.py SYNTH_TOWER) and tower shape, under `<data.cache_dir>/towers/`, as a
+(`model.vision.synth`: seed, steps, batch_size, invariance, n_crops, world_size, optim;
+defaults in configs/common.py synth_tower()) and tower shape, under `<data.cache_dir>/towers/`, as a
 CLIPVisionModel directory (convert.save_clip_vision) that `pretrained.load_pretrained`
 reads as any pretrained encoder. `probe.json` there holds `probe_levels`: per level, how
 well a linear probe reads the colour and the shape from an object's tokens.
 """
+import dataclasses
 import json
 import logging
 import pathlib
 import shutil
-import sys
 
 import flax.linen as nn
 import jax
@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 from remote_jax import engine, errors, sharding, writers
 from remote_jax.data import preprocess, synth
-from remote_jax.data.pipeline import CLIP_MEAN, CLIP_STD
+from remote_jax.data.pipeline import clip_normalise
 from remote_jax.models import convert
 from remote_jax.models.encoders.clip_vit import CLIPVisionConfig, CLIPVisionTower
 
@@ -47,6 +47,8 @@ TASKS = {"colour_blind": dict(lose="colour", keep="shape")}
 # Part of the cache key: bump when the crops or the objective change.
 VERSION = 1
 PROBE = dict(seed=10_000, n_train=2000, n_test=1000)
+LAMBDAS = tuple(float(x) for x in np.logspace(-8, 1, 10))   # ridge penalties, times the rows
+RECIPE_KEYS = ("seed", "steps", "batch_size", "n_crops", "invariance", "world_size", "optim")
 
 
 def render_crops(rng, n, colours_per, crop_size, image_size):
@@ -66,11 +68,6 @@ def render_crops(rng, n, colours_per, crop_size, image_size):
                        synth.COLOURS[COLOURS[c]])
       out[i, j] = preprocess.crop_rgb(image, box, crop_size)
   return out, shapes, colours
-
-
-def normalise(pixels_u8):
-  """As the data pipeline feeds the model: [0, 1], then CLIP's mean and std."""
-  return (pixels_u8.astype(np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
 
 
 def tower_config(vision):
@@ -94,18 +91,30 @@ class ShapeNamer(nn.Module):
 def tower_loss(invariance):
   """The engine's loss_fn: rows are pairs (the first half of the batch in one colour, the
   second half the same geometries in another); shape cross-entropy on both, plus
-  `invariance` x the pair's squared top-token distance relative to the tokens' mean square
-  (a scale that is not differentiated: shrinking every token does not lower it). The raw
-  tokens, not LayerNorm'd ones: LN removes each token's mean and scale, where the colour
-  stayed decodable there (docs/ot_world.md)."""
+  `invariance` x the pair's squared top-token distance relative to the tokens' mean square.
+  The scale is not differentiated, so the gradient also pushes every token to shrink
+  (`top_rms` logs it; the top level of the default recipe ends at about a fifteenth of
+  level 0's size). The raw tokens, not LayerNorm'd ones: LN removes each token's mean and
+  scale, where the colour can stay."""
   def loss_fn(model, params, batch, rng, train):
     logits, top = model.apply({"params": params}, batch)
     ce, metrics = engine.classification(logits, batch)
     a, b = jnp.split(top, 2)
     scale = jax.lax.stop_gradient((a ** 2 + b ** 2).mean() / 2)
     gap = ((a - b) ** 2).mean() / scale
-    return ce + invariance * gap, {**metrics, "colour_gap": gap}
+    objective = ce + invariance * gap
+    return objective, {**metrics, "objective": objective, "colour_gap": gap,
+                       "top_rms": jnp.sqrt(scale)}
   return loss_fn
+
+
+def pair_rows(rng, n_geometries, k, half):
+  """Rows of the (geometry, colour) crops flattened geometry-major: `half` geometries in a
+  first colour, then the same geometries in another colour each."""
+  idx = rng.integers(n_geometries, size=half)
+  c1 = rng.integers(k, size=half)
+  c2 = (c1 + rng.integers(1, k, size=half)) % k
+  return np.concatenate([idx * k + c1, idx * k + c2])
 
 
 def pretrain(vision, recipe, out_dir):
@@ -115,15 +124,10 @@ def pretrain(vision, recipe, out_dir):
   rng = np.random.default_rng(recipe["seed"])
   k = len(COLOURS)
   crops, shapes, _ = render_crops(rng, recipe["n_crops"], lambda i: np.arange(k),
-                                  cfg.image_size, recipe["image_size"])
-  crops = normalise(crops)
+                                  cfg.image_size, recipe["world_size"])
+  crops = clip_normalise(crops)
   half = recipe["batch_size"] // 2
-
-  def draw(r):   # geometry ids, a first colour and a different second one per pair
-    idx = r.integers(len(shapes), size=half)
-    c1 = r.integers(k, size=half)
-    c2 = (c1 + r.integers(1, k, size=half)) % k
-    return np.concatenate([idx * k + c1, idx * k + c2])
+  draw = lambda r: pair_rows(r, len(shapes), k, half)
 
   def make(rows):
     rows = np.asarray(rows)
@@ -139,12 +143,13 @@ def pretrain(vision, recipe, out_dir):
   writer = writers.MetricWriter(pathlib.Path(out_dir) / "train")
   try:
     params = jax.device_get(engine.fit(s, draw, make, recipe["steps"], recipe["seed"], ckpt,
-                                       writer=writer, name="tower", log_every=250))
+                                       writer=writer, name="tower",
+                                       log_every=min(250, max(1, recipe["steps"] // 4))))
   finally:
     writer.close()
   shutil.rmtree(ckpt)   # the written weights are the tower; a new write starts afresh
   convert.save_clip_vision(out_dir, cfg, params["vision"])
-  probe = probe_levels(params["vision"], cfg, recipe["image_size"])
+  probe = probe_levels(params["vision"], cfg, recipe["world_size"])
   (pathlib.Path(out_dir) / "probe.json").write_text(json.dumps(probe, indent=1))
   return probe
 
@@ -158,81 +163,93 @@ def level_tokens(params, cfg, pixels, batch_size=500):
           for l in range(len(outs[0]))]
 
 
-def ridge_accuracy(x_train, y_train, x_test, y_test, classes, *, standardise=False,
-                   lambdas=(1e-3, 1e-2, 1e-1, 1.0)):
-  """Test accuracy of a ridge classifier on one-hot targets, its penalty (times the rows)
-  picked on the last fifth of the training rows, then refit on all of them.
-
-  Features are centred and divided by one global std (`standardise=False`: a direction
-  far smaller than the representation's scale stays below the penalty, as it stays small
-  for a layer that reads whole tokens) or by each feature's own (`True`: any consistent
-  difference is read, however small: a deterministic network keeps some residual of an
-  input it was trained to ignore, and a per-feature scale magnifies it)."""
-  mu = x_train.mean(0)
-  sd = x_train.std(0) + 1e-12 if standardise else x_train.std() + 1e-12
+def ridge_accuracy(x_train, y_train, x_test, y_test, classes, lambdas=LAMBDAS):
+  """(test accuracy, penalty) of a ridge classifier on one-hot targets over standardised
+  features, its penalty (times the rows) picked on the last fifth of the training rows,
+  then refit on all of them. The grid reaches 1e-8: a consistent code far smaller than the
+  features' spread is still a code a trained layer can amplify, and the probe must find it."""
+  mu, sd = x_train.mean(0), x_train.std(0) + 1e-12
   z = lambda x: np.concatenate([(x - mu) / sd, np.ones((len(x), 1))], 1)
 
   def fit(x, y, lam):
     a = z(x)
-    return np.linalg.solve(a.T @ a + lam * len(a) * np.eye(a.shape[1]), a.T @ np.eye(classes)[y])
+    penalty = lam * len(a) * np.eye(a.shape[1])
+    penalty[-1, -1] = 0.0   # the intercept is not penalised
+    return np.linalg.solve(a.T @ a + penalty, a.T @ np.eye(classes)[y])
 
   cut = len(x_train) * 4 // 5
   best = max(lambdas, key=lambda lam: np.mean(
       (z(x_train[cut:]) @ fit(x_train[:cut], y_train[:cut], lam)).argmax(1) == y_train[cut:]))
-  return float(np.mean((z(x_test) @ fit(x_train, y_train, best)).argmax(1) == y_test))
+  return float(np.mean((z(x_test) @ fit(x_train, y_train, best)).argmax(1) == y_test)), best
 
 
 def probe_levels(params, cfg, image_size, *, seed=PROBE["seed"], n_train=PROBE["n_train"],
                  n_test=PROBE["n_test"], features=None):
   """Per level of the tower `params`: linear-probe test accuracy of each crop's colour
-  (chance 1/5) and shape (chance 1/3) from its tokens, on fresh crops in one random colour;
-  `colour` on one global feature scale, `colour_standardised` per feature (ridge_accuracy).
-  `features(pixels) -> [(N, F)] per level` replaces the tower's own (bench/attribute_probe
-  reads a trained REMOTE model's levels)."""
+  (chance 1/5) and shape (chance 1/3) from its tokens, on fresh crops in one random colour,
+  with the penalty ridge_accuracy picked (`colour_lambda`, `shape_lambda`).
+  `features(pixels) -> [(N, F)] per level` replaces the tower's own levels (the tests use
+  it; a probe of a trained REMOTE model's fused levels would)."""
   rng = np.random.default_rng(seed)
   n = n_train + n_test
   crops, shapes, colours = render_crops(rng, n, lambda i: [rng.integers(len(COLOURS))],
                                         cfg.image_size, image_size)
-  pixels, colours = normalise(crops[:, 0]), colours[:, 0]
+  pixels, colours = clip_normalise(crops[:, 0]), colours[:, 0]
   levels = (features or (lambda x: level_tokens(params, cfg, x)))(pixels)
   out = []
   for level, x in enumerate(levels):
     row = {"level": level}
     for name, y, classes in (("colour", colours, len(COLOURS)),
                              ("shape", shapes, len(synth.SHAPES))):
-      for suffix, standardise in (("", False), ("_standardised", True)):
-        row[name + suffix] = ridge_accuracy(x[:n_train], y[:n_train], x[n_train:], y[n_train:],
-                                            classes, standardise=standardise)
+      row[name], row[f"{name}_lambda"] = ridge_accuracy(
+          x[:n_train], y[:n_train], x[n_train:], y[n_train:], classes)
     out.append(row)
   return {"chance": {"colour": 1 / len(COLOURS), "shape": 1 / len(synth.SHAPES)},
           "n_train": n_train, "n_test": n_test, "levels": out}
 
 
+def check_recipe(spec, vision):
+  """model.vision.synth as a plain dict, or a one-line error naming what is missing."""
+  recipe = writers.jsonable(vision["synth"]) if "synth" in vision else None
+  where = f"model.vision.pretrained_dir={spec!r} needs model.vision.synth"
+  if not isinstance(recipe, dict):
+    raise ValueError(f"{where}, the tower's recipe (configs/common.py synth_tower())")
+  missing = [k for k in RECIPE_KEYS if k not in recipe]
+  unknown = sorted(set(recipe) - set(RECIPE_KEYS))
+  if missing or unknown:
+    raise ValueError(f"{where} with {list(RECIPE_KEYS)}: missing {missing}, unknown {unknown}")
+  if recipe["batch_size"] % 2:
+    raise ValueError(f"model.vision.synth.batch_size={recipe['batch_size']}: even (pairs)")
+  return recipe
+
+
 def ensure_tower(spec, vision, cache_dir):
   """`spec` "synth:NAME" -> the directory of that tower, trained once by the recipe
   `vision["synth"]` (see the module docstring)."""
-  name = spec.removeprefix(SCHEME)
-  if name not in TASKS:
-    raise ValueError(f"model.vision.pretrained_dir={spec!r}: unknown synthetic tower; known: "
+  name = str(spec).removeprefix(SCHEME)
+  if not str(spec).startswith(SCHEME) or name not in TASKS:
+    raise ValueError(f"model.vision.pretrained_dir={spec!r}: not a synthetic tower; known: "
                      + ", ".join(SCHEME + t for t in TASKS))
   if not cache_dir:
     raise ValueError(f"model.vision.pretrained_dir={spec!r} needs data.cache_dir (where the "
                      "tower is written once)")
-  recipe = writers.jsonable(vision["synth"])
-  cfg = tower_config(vision)
+  recipe = check_recipe(spec, vision)
+  # Everything that changes the weights: the recipe, the whole tower shape, the world's
+  # drawing (its generator version) and this module's objective (VERSION).
   params = {"task": name, "recipe": recipe,
-            "tower": {k: getattr(cfg, k) for k in ("hidden_size", "num_layers", "num_heads",
-                                                  "intermediate_size", "image_size",
-                                                  "patch_size", "layer_norm_eps")}}
+            "tower": writers.jsonable(dataclasses.asdict(tower_config(vision)))}
 
   def write(out_dir, **_):
+    if jax.process_count() > 1:
+      raise ValueError(f"{spec}: pretrain the tower once in one process (python -m "
+                       "remote_jax.towers --config ...) before a multi-process run")
     log.info("pretraining the synthetic tower %s (%d steps) into %s", spec, recipe["steps"],
              out_dir)
     probe = pretrain(vision, recipe, out_dir)
     log.info("tower probe (linear, test accuracy per level): %s", format_probe(probe))
 
   return synth.ensure_written(pathlib.Path(cache_dir) / "towers", name, params, write,
-                              version=VERSION)
+                              version=VERSION, generator=synth.GENERATOR_VERSION)
 
 
 def format_probe(probe):
@@ -242,15 +259,12 @@ def format_probe(probe):
 
 def main(argv):
   del argv
+  writers.setup_cli_logging()
   config = _CONFIG.value
-  spec = config.model.vision.pretrained_dir
-  if not str(spec).startswith(SCHEME):
-    errors.print_error(f"model.vision.pretrained_dir={spec!r} is not a synthetic tower "
-                       f"({SCHEME}NAME)", "configs/ot_world.py sets one")
-    sys.exit(2)
-  path = ensure_tower(spec, config.model.vision, config.data.cache_dir)
-  probe = json.loads((path / "probe.json").read_text())
-  print(json.dumps({"tower": str(path), **probe}))
+  with errors.user_errors():
+    path = ensure_tower(config.model.vision.pretrained_dir, config.model.vision,
+                        config.data.cache_dir)
+  print(json.dumps({"tower": str(path), **json.loads((path / "probe.json").read_text())}))
 
 
 if __name__ == "__main__":

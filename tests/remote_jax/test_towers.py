@@ -71,26 +71,65 @@ def test_invariance_term_is_zero_for_equal_pairs_only():
   assert float(loss(model, params, other, None, True)[1]["colour_gap"]) > 0.1
 
 
-def test_ridge_probe_reads_a_linear_code_and_not_noise():
+def test_ridge_probe_reads_a_linear_code_however_small_and_not_noise():
   rng = np.random.default_rng(0)
   y = rng.integers(5, size=600)
   signal = np.eye(5)[y] @ rng.normal(size=(5, 20)) + 0.1 * rng.normal(size=(600, 20))
   noise = rng.normal(size=(600, 20))
-  assert towers.ridge_accuracy(signal[:400], y[:400], signal[400:], y[400:], 5) > 0.98
-  assert towers.ridge_accuracy(noise[:400], y[:400], noise[400:], y[400:], 5) < 0.35
-  # A consistent code 1e-4 of the features' scale: read per feature, not on one scale.
-  tiny = np.concatenate([noise, 1e-4 * np.eye(5)[y]], 1)
-  split = tiny[:400], y[:400], tiny[400:], y[400:], 5
-  assert towers.ridge_accuracy(*split, standardise=True) > 0.98
-  assert towers.ridge_accuracy(*split) < 0.35
+  assert towers.ridge_accuracy(signal[:400], y[:400], signal[400:], y[400:], 5)[0] > 0.98
+  assert towers.ridge_accuracy(noise[:400], y[:400], noise[400:], y[400:], 5)[0] < 0.35
+  # A consistent code 1e-4 of the features' spread is a code: the probe must find it.
+  tiny = np.concatenate([noise, 1e-4 * np.eye(5)[y] @ rng.normal(size=(5, 20))], 1)
+  assert towers.ridge_accuracy(tiny[:400], y[:400], tiny[400:], y[400:], 5)[0] > 0.98
 
 
-def test_unknown_tower_and_missing_cache_dir_are_one_line_errors():
-  vision = {"synth": {}}
-  with pytest.raises(ValueError, match="unknown synthetic tower; known: synth:colour_blind"):
+def test_pairs_are_one_geometry_in_two_colours():
+  rows = towers.pair_rows(np.random.default_rng(0), 50, 5, 64)
+  first, second = rows[:64], rows[64:]
+  np.testing.assert_array_equal(first // 5, second // 5)
+  assert np.all(first % 5 != second % 5) and rows.max() < 250
+
+
+def test_the_cache_key_follows_recipe_and_tower_and_a_failed_write_leaves_nothing(
+    tmp_path, monkeypatch):
+  from configs import common
+  calls = []
+
+  def fake_pretrain(vision, recipe, out_dir):
+    calls.append(recipe["steps"])
+    if recipe["steps"] == 13:
+      raise RuntimeError("interrupted")
+    (out_dir / "probe.json").write_text("{}")
+    return {"levels": []}
+
+  monkeypatch.setattr(towers, "pretrain", fake_pretrain)
+  vision = {"hidden_size": 8, "num_layers": 2, "num_heads": 2, "intermediate_size": 8,
+            "image_size": 8, "patch_size": 4, "synth": common.synth_tower()}
+  first = towers.ensure_tower("synth:colour_blind", vision, tmp_path)
+  assert towers.ensure_tower("synth:colour_blind", vision, tmp_path) == first and calls == [4000]
+  other_recipe = towers.ensure_tower("synth:colour_blind",
+                                     {**vision, "synth": common.synth_tower(steps=5)}, tmp_path)
+  other_tower = towers.ensure_tower("synth:colour_blind", {**vision, "num_layers": 3}, tmp_path)
+  assert len({first, other_recipe, other_tower}) == 3
+  with pytest.raises(RuntimeError):
+    towers.ensure_tower("synth:colour_blind", {**vision, "synth": common.synth_tower(steps=13)},
+                        tmp_path)
+  names = [p.name for p in (tmp_path / "towers").iterdir()]
+  assert len(names) == 3 and not any(n.startswith(".") for n in names), names
+
+
+def test_bad_tower_names_recipes_and_cache_dirs_are_one_line_errors():
+  from configs import common
+  vision = {"synth": common.synth_tower()}
+  with pytest.raises(ValueError, match="not a synthetic tower; known: synth:colour_blind"):
     towers.ensure_tower("synth:nope", vision, "cache")
   with pytest.raises(ValueError, match="needs data.cache_dir"):
     towers.ensure_tower("synth:colour_blind", vision, "")
+  with pytest.raises(ValueError, match=r"needs model.vision.synth, the tower's recipe"):
+    towers.ensure_tower("synth:colour_blind", {}, "cache")
+  with pytest.raises(ValueError, match=r"missing \['steps'\], unknown \['step'\]"):
+    recipe = {k: v for k, v in common.synth_tower(step=1).items() if k != "steps"}
+    towers.ensure_tower("synth:colour_blind", {"synth": recipe}, "cache")
 
 
 @pytest.mark.slow
@@ -98,22 +137,26 @@ def test_a_short_pretraining_is_cached_and_loads_as_a_pretrained_encoder(tmp_pat
   """The whole path on a small recipe: written once under the cache, with its probe, and
   loaded into ot_world's REMOTE model by load_pretrained; a second call reuses it."""
   from configs import common
-  from remote_jax import cli, pretrained
+  from remote_jax import cli
   config = cli.load_config("configs/ot_world.py")
   config.model.vision.synth = common.synth_tower(steps=60, n_crops=128, batch_size=32)
   path = towers.ensure_tower("synth:colour_blind", config.model.vision, tmp_path)
   probe = json.loads((path / "probe.json").read_text())
   assert [r["level"] for r in probe["levels"]] == list(range(7))
   assert probe["levels"][0]["colour"] > 0.9          # the patch projection reads colour
+  metrics = [json.loads(line) for line in (path / "train" / "metrics.jsonl").open()]
+  assert metrics[-1]["colour_gap"] < metrics[0]["colour_gap"]   # the invariance term works
   assert not (path / "ckpt").exists()
   mtime = (path / "model.safetensors").stat().st_mtime
   assert towers.ensure_tower("synth:colour_blind", config.model.vision, tmp_path) == path
   assert (path / "model.safetensors").stat().st_mtime == mtime
-  # Into the REMOTE model: the vision tower's layers are the written ones.
+  # Into the REMOTE model through task.setup (which passes data.cache_dir): the vision
+  # tower's layers are the written ones.
   _, written = convert.load_clip_vision(path, image_size=32, patch_size=16, use_cls=False)
   from remote_jax import task
-  s = task.setup(config, pretrained=False)
-  loaded = pretrained.load_pretrained(jax.device_get(s.state.params), config.model, 0,
-                                      cache_dir=tmp_path)
-  np.testing.assert_array_equal(loaded["vision"]["layers_5"]["fc2"]["kernel"],
-                                written["layers_5"]["fc2"]["kernel"])
+  config.data.cache_dir = str(tmp_path)
+  config.data.demo.update(n_train=30, n_val=15, n_test=15)   # a small world beside it
+  s = task.setup(config, pretrained=True)
+  np.testing.assert_array_equal(
+      jax.device_get(s.state.params["vision"]["layers_5"]["fc2"]["kernel"]),
+      written["layers_5"]["fc2"]["kernel"])
