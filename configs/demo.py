@@ -8,8 +8,8 @@ by the very same UMRE reader; the tokenizer is the offline MiniLM vocabulary.
 from configs import common
 
 
-def get_config(arg=None, default_size="tiny"):
-  config = common.remote_config(arg, "demo", default_size=default_size, max_length=48,
+def get_config(arg=None):
+  config = common.remote_config(arg, "demo", default_size="tiny", max_length=48,
                                 num_objects=5, crop_size=32)
   config.model.vision.patch_size = 16
   # The plain-JAX Sinkhorn (same iterations, unrolled): about 1.4x the demo's steps/s.

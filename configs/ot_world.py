@@ -20,7 +20,7 @@ from configs import common, demo
 
 
 def get_config(arg=None):
-  config = demo.get_config(arg, default_size="deep")
+  config = demo.get_config(f"size=deep,{arg or ''}")   # a `size=` in arg comes later and wins
   config.model.vision.pretrained_dir = "synth:colour_blind"
   config.model.vision.synth = common.synth_tower()
   # The pretrained tower; its depth projection (new, from the RGB kernel's channel mean) trains.
