@@ -177,11 +177,14 @@ def test_an_unknown_variant_stops_the_study_before_training(tmp_path, capsys):
   assert not (tmp_path / "results.jsonl").exists()
 
 
-def test_the_study_config_is_the_demo_with_fewer_epochs():
+def test_the_study_config_is_the_demo_with_fewer_epochs_and_a_cheaper_fgw():
   from remote_jax import cli
   demo, study = cli.load_config("demo.py").to_dict(), cli.load_config("ot_study.py").to_dict()
-  assert {k for k in demo if demo[k] != study[k]} == {"num_epochs", "plots"}
+  assert {k for k in demo if demo[k] != study[k]} == {"num_epochs", "plots", "model"}
   assert (study["num_epochs"], study["plots"]) == (demo["num_epochs"] // 2, False)
+  # ... and fgw's GW linearisations (its step is about proportional to them).
+  demo["model"]["mot"]["outer_iters"] = 3
+  assert demo["model"] == study["model"]
 
 
 @pytest.mark.slow
