@@ -53,9 +53,12 @@ TEXT_SIZES = {
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
     "minilm": dict(hidden_size=384, num_layers=6, num_heads=12, intermediate_size=1536),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    # tiny's width, 6 layers: room for a pretrained tower to lose something (configs/ot_world.py).
+    "deep": dict(hidden_size=64, num_layers=6, num_heads=4, intermediate_size=128),
 }
 VISION_SIZES = {
     "tiny": dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=128),
+    "deep": dict(hidden_size=64, num_layers=6, num_heads=4, intermediate_size=128),
     "small": dict(hidden_size=128, num_layers=4, num_heads=4, intermediate_size=256),
     "minilm": dict(hidden_size=384, num_layers=6, num_heads=6, intermediate_size=1536),
     "base": dict(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
@@ -186,6 +189,18 @@ def model_config(size="tiny", semantics="paper"):
 # examples per triplet type; 30% of the objects' captions say nothing about them.
 DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
                   caption_absent=0.3)
+
+
+def synth_tower(**overrides):
+  """model.vision.synth: the recipe of a synthetic pretrained tower (remote_jax/towers.py),
+  read where model.vision.pretrained_dir = "synth:NAME"."""
+  recipe = dict(seed=0, steps=4000, batch_size=128, n_crops=4096,
+                invariance=1.0,                      # weight of the colour-invariance term
+                world_size=DEMO_WORLD["image_size"],  # crops are cut from images of this size
+                optim=optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.01,
+                                   decay_mask="no_bias_norm", clip_norm=1.0))
+  recipe.update(overrides)
+  return recipe
 
 
 # Preprocessed datasets and generated worlds, relative to the working directory (REMOTE's

@@ -24,9 +24,11 @@ def marker_pieces(text_config):
   return {"normal": (), "punct": PUNCT_MARKERS}[text_config["marker_init"]]
 
 
-def load_pretrained(params, model_config, seed, **vision):
+def load_pretrained(params, model_config, seed, cache_dir=None, **vision):
   """Replaces the `text` / `vision` encoder params by converted local checkpoints where
   `model_config.{text,vision}.pretrained_dir` is set (and the model has that encoder).
+  A vision `pretrained_dir` "synth:NAME" is a tower pretrained here (remote_jax/towers.py),
+  written once under `cache_dir`.
 
   The word embeddings gain one fresh row per marker token (the tokenizer's vocabulary
   is the checkpoint's plus MARKERS); `vision` overrides the fields of
@@ -40,6 +42,9 @@ def load_pretrained(params, model_config, seed, **vision):
     params = _replace(params, "text", text, text_dir)
     log.info("loaded pretrained text encoder from %s (+%d marker rows)", text_dir, len(MARKERS))
   if vision_dir and "vision" in params:
+    if str(vision_dir).startswith("synth:"):
+      from remote_jax import towers  # late: only synthetic towers need the data package
+      vision_dir = towers.ensure_tower(vision_dir, model_config.vision, cache_dir)
     v = {k: model_config.vision[k] for k in ("image_size", "patch_size", "use_cls", "use_depth")
          if k in model_config.vision}
     _, weights = convert.load_clip_vision(vision_dir, **{**v, **vision}, seed=seed)

@@ -81,7 +81,9 @@ def setup(config, total_steps=1, compile_train=False, pretrained=False):
   model = remote.build(config.model, meta["num_classes"], meta["vocab_size"])
   compile_batch = (abstract_batch(meta, config.batch_size, sharding.batch_sharding(mesh))
                    if compile_train else None)
-  load = (lambda params: load_pretrained(params, config.model, config.seed)) if pretrained else None
+  load = ((lambda params: load_pretrained(params, config.model, config.seed,
+                                          cache_dir=config.data.cache_dir))
+          if pretrained else None)
   s = engine.build(model, dummy_batch(meta), config.optim, total_steps, mesh,
                    rules=config.sharding, seed=config.seed, loss_fn=remote_loss,
                    eval_fn=make_eval_step, compile_batch=compile_batch, load=load)

@@ -20,6 +20,13 @@ from remote_jax.writers import jsonable
 
 CLIP_MEAN = np.asarray([0.48145466, 0.4578275, 0.40821073], np.float32)
 CLIP_STD = np.asarray([0.26862954, 0.26130258, 0.27577711], np.float32)
+
+
+def clip_normalise(pixels_u8):
+  """uint8 crops -> the float32 the vision tower reads: [0, 1], then CLIP's mean and std."""
+  return (pixels_u8.astype(np.float32) * np.float32(1 / 255) - CLIP_MEAN) / CLIP_STD
+
+
 _BUILDERS = {}
 CONTRACT_DTYPES = {k: dtype for k, (_, dtype) in batch_spec.example_spec(1, 1, 1).items()}
 TOKEN_FIELDS = tuple(k for k, f in batch_spec.FIELDS.items() if f.dims[:1] == ("L",))
@@ -53,8 +60,7 @@ class ToBatchContract(grain.transforms.Map):
 
   def map(self, element):
     out = {k: np.asarray(v, CONTRACT_DTYPES.get(k)) for k, v in element.items()}
-    pixels = out.pop("obj_pixels_u8").astype(np.float32) * np.float32(1 / 255)
-    pixels = (pixels - CLIP_MEAN) / CLIP_STD
+    pixels = clip_normalise(out.pop("obj_pixels_u8"))
     out["obj_pixels"] = pixels * out["obj_mask"][:, None, None, None]
     return out
 

@@ -463,7 +463,11 @@ def ensure_written(root, prefix, params, write, **version):
     return final
   final.parent.mkdir(parents=True, exist_ok=True)
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{prefix}-", dir=final.parent))
-  write(tmp, **params)
+  try:
+    write(tmp, **params)
+  except BaseException:   # a failed or interrupted write leaves nothing behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   (tmp / "DONE").write_text(json.dumps(params))
   try:
     os.rename(tmp, final)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.traverse_util import unflatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from remote_jax.errors import CheckpointError
 from remote_jax.models.encoders.bert import BertConfig, BertEncoder
@@ -37,12 +37,16 @@ INIT_STD = 0.02  # new marker rows and re-initialised position tables (HF / CLIP
 class Rule:
   torch_shape: Callable[[tuple], tuple]
   to_ours: Callable[[np.ndarray, tuple], np.ndarray]
+  # The inverse, for writing our parameters as a checkpoint (save_clip_vision).
+  to_torch: Callable[[np.ndarray], np.ndarray]
 
 
 def _linear(n_in: int) -> Rule:
   """nn.Linear weight (out, in) -> kernel (*in_dims, *out_dims); n_in = len(in_dims)."""
-  return Rule(lambda s: (math.prod(s[n_in:]), math.prod(s[:n_in])),
-              lambda x, s: x.T.reshape(s))
+  def torch_shape(s):
+    return (math.prod(s[n_in:]), math.prod(s[:n_in]))
+  return Rule(torch_shape, lambda x, s: x.T.reshape(s),
+              lambda x: x.reshape(torch_shape(x.shape)[::-1]).T)
 
 
 def patch_conv(in_channels: int) -> Rule:
@@ -50,11 +54,16 @@ def patch_conv(in_channels: int) -> Rule:
   def torch_shape(s):
     side = math.isqrt(s[0] // in_channels)
     return (s[1], in_channels, side, side)
-  return Rule(torch_shape, lambda x, s: x.transpose(2, 3, 1, 0).reshape(s))
+
+  def to_torch(x):
+    out, _, side, _ = torch_shape(x.shape)
+    return x.reshape(side, side, in_channels, out).transpose(3, 2, 0, 1)
+  return Rule(torch_shape, lambda x, s: x.transpose(2, 3, 1, 0).reshape(s), to_torch)
 
 
-FLAT = Rule(lambda s: (math.prod(s),), lambda x, s: x.reshape(s))  # vectors, bias (heads, kv)
-COPY = Rule(lambda s: s, lambda x, s: x)
+FLAT = Rule(lambda s: (math.prod(s),), lambda x, s: x.reshape(s),   # vectors, bias (heads, kv)
+            lambda x: x.reshape(-1))
+COPY = Rule(lambda s: s, lambda x, s: x, lambda x: x)
 TO_HEADS = _linear(1)     # q/k/v: (D, heads, kv)
 FROM_HEADS = _linear(2)   # attention output: (heads, kv, D)
 LINEAR = _linear(1)
@@ -446,3 +455,35 @@ def load_clip_vision(path, image_size: int | None = None, patch_size: int | None
   params = unflatten_dict(flat, sep="/")
   check_tree(path, params, expected)
   return config, params
+
+
+def save_clip_vision(directory, config: CLIPVisionConfig, params) -> pathlib.Path:
+  """Our CLIPVisionTower params (without CLS or depth) -> a CLIPVisionModel directory in HF's
+  names and layouts (config.json, model.safetensors) that `load_clip_vision(use_cls=False)`
+  reads back: how a tower trained here (remote_jax/towers.py) is loaded as any pretrained
+  encoder is. Its position table has no CLS row, so HF's own CLIP does not load it."""
+  from safetensors.numpy import save_file
+  if config.use_cls or config.use_depth:
+    raise ValueError("save_clip_vision writes towers without CLS and depth tokens (an HF "
+                     "CLIPVisionModel's CLS pooler and our depth projection have no slot there)")
+  flat = flatten_dict(jax.device_get(params), sep="/")
+  names = clip_name_map(config)
+  missing = sorted({ours for ours, _, _ in names} - set(flat))
+  if missing:
+    raise ValueError(f"save_clip_vision: params lack {missing[:5]}")
+  tensors = {f"vision_model.{theirs}": np.ascontiguousarray(rule.to_torch(np.asarray(flat[ours],
+                                                                                     np.float32)))
+             for ours, theirs, rule in names}
+  d = config.hidden_size
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  hf = {"model_type": "clip_vision_model", "hidden_size": d,
+        "num_hidden_layers": config.num_layers, "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size, "image_size": config.image_size,
+        "patch_size": config.patch_size, "layer_norm_eps": config.layer_norm_eps,
+        "hidden_act": "quick_gelu", "num_channels": 3,
+        "attention_dropout": config.attention_dropout,
+        "initializer_range": config.initializer_range}
+  (directory / "config.json").write_text(json.dumps(hf, indent=1))
+  save_file(tensors, str(directory / "model.safetensors"))
+  return directory
