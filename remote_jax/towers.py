@@ -184,18 +184,16 @@ def ridge_accuracy(x_train, y_train, x_test, y_test, classes, lambdas=LAMBDAS):
 
 
 def probe_levels(params, cfg, image_size, *, seed=PROBE["seed"], n_train=PROBE["n_train"],
-                 n_test=PROBE["n_test"], features=None):
+                 n_test=PROBE["n_test"]):
   """Per level of the tower `params`: linear-probe test accuracy of each crop's colour
   (chance 1/5) and shape (chance 1/3) from its tokens, on fresh crops in one random colour,
-  with the penalty ridge_accuracy picked (`colour_lambda`, `shape_lambda`).
-  `features(pixels) -> [(N, F)] per level` replaces the tower's own levels (the tests use
-  it; a probe of a trained REMOTE model's fused levels would)."""
+  with the penalty ridge_accuracy picked (`colour_lambda`, `shape_lambda`)."""
   rng = np.random.default_rng(seed)
   n = n_train + n_test
   crops, shapes, colours = render_crops(rng, n, lambda i: [rng.integers(len(COLOURS))],
                                         cfg.image_size, image_size)
   pixels, colours = clip_normalise(crops[:, 0]), colours[:, 0]
-  levels = (features or (lambda x: level_tokens(params, cfg, x)))(pixels)
+  levels = level_tokens(params, cfg, pixels)
   out = []
   for level, x in enumerate(levels):
     row = {"level": level}
