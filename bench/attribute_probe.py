@@ -30,7 +30,8 @@ def main(argv):
   with errors.user_errors():
     path = towers.ensure_tower(vision.pretrained_dir, vision, config.data.cache_dir)
   cfg, params = convert.load_clip_vision(path, use_cls=False)
-  probe = towers.probe_levels(params, cfg, vision.synth["world_size"], seed=_SEED.value,
+  probe = towers.probe_levels(params, cfg, vision.synth["world_size"],
+                              vision.synth["pixel_noise"], seed=_SEED.value,
                               n_train=_N_TRAIN.value, n_test=_N_TEST.value)
   lost = towers.TASKS[vision.pretrained_dir.removeprefix(towers.SCHEME)]["lose"]
   accs = [r[lost] for r in probe["levels"]]

@@ -41,10 +41,22 @@ import time
 
 import numpy as np
 
-# Test F1 at the best-dev step: overall, per triplet type, the compositional bucket.
-F1_KEYS = ("test/f1", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1", "test/compositional/f1")
-METRIC_KEYS = (*F1_KEYS, "dev/f1")
+# Test F1 at the best-dev step: overall, per triplet type, then each bucket the world writes
+# (the demo's `compositional`, the attribute world's `colour` and `shape`), in this order.
+F1_KEYS = ("test/f1", "test/e-e/f1", "test/o-o/f1", "test/e-o/f1")
 BASELINES = ("none", "uniform")
+
+
+def is_metric(key):
+  """A key of a run's best-dev row that the study keeps: dev F1, test F1 overall, per
+  triplet type and per bucket ("test/NAME/f1")."""
+  return key in ("dev/f1", "test/f1") or re.fullmatch(r"test/[^/]+/f1", key) is not None
+
+
+def f1_keys(rows):
+  """The test F1 keys present in `rows` (summaries or records' metrics), F1_KEYS first."""
+  found = {k for r in rows for k in r if is_metric(k) and k != "dev/f1"}
+  return [k for k in F1_KEYS if k in found] + sorted(found - set(F1_KEYS))
 # Named ablations beyond the mot values: (config args, field overrides).
 ABLATIONS = {
     "full": ("", ()),
@@ -121,7 +133,7 @@ def summarise(records, variants, baselines=BASELINES):
     row = {"variant": v, "seeds": sorted(runs),
            "failed": {r["seed"]: r["error"] for r in records
                       if r["variant"] == v and r.get("status") == "failed"}}
-    for key in METRIC_KEYS:
+    for key in f1_keys([r.get("metrics", {}) for r in ok]) + ["dev/f1"]:
       per_seed = {s: r["metrics"][key] for s, r in runs.items()
                   if r.get("metrics", {}).get(key) is not None}
       if per_seed:
@@ -133,7 +145,7 @@ def summarise(records, variants, baselines=BASELINES):
             key: paired_difference(row[key]["values"], {
                 s: r["metrics"][key] for s, r in by_variant[base].items()
                 if r.get("metrics", {}).get(key) is not None})
-            for key in F1_KEYS if key in row}
+            for key in f1_keys([row]) if key in row}
     for field, reduce in (("step_ms", np.mean), ("compile_s", np.max), ("peak_mb", np.max),
                           ("cpu_s", np.mean)):
       got = [r[field] for r in runs.values() if r.get(field) is not None]
@@ -173,20 +185,23 @@ def fmt_num(x, digits):
   return "n/a" if x is None else f"{x:.{digits}f}"
 
 
-def format_table(rows, baselines=BASELINES):
-  """Markdown: test F1 (mean ± std over seeds), the paired differences of F1 (all) against
+def format_table(rows, baselines=BASELINES, metric="test/f1"):
+  """Markdown: test F1 (mean ± std over seeds), the paired differences of `metric` against
   each baseline with their 95% intervals, timing and memory; then the plan diagnostics
   per level; then the failed runs."""
-  heads = ["variant", "seeds", "F1 all", "e-e", "o-o", "e-o", "compositional"]
+  keys = f1_keys(rows)
+  heads = ["variant", "seeds"] + [k.removeprefix("test/").removesuffix("/f1").replace(
+      "f1", "F1 all") for k in keys]
+  name = metric.removeprefix("test/").removesuffix("/f1").replace("f1", "all")
   for base in baselines:
-    heads += [f"Δ all vs {base} [95% CI]", "separated"]
+    heads += [f"Δ {name} vs {base} [95% CI]", "separated"]
   heads += ["step ms", "compile s", "peak MB", "CPU s"]
   lines = ["| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
   for row in rows:
     cells = [f"`{row['variant']}`", str(len(row["seeds"]))]
-    cells += [fmt_mean_std(row.get(k)) for k in F1_KEYS]
+    cells += [fmt_mean_std(row.get(k)) for k in keys]
     for base in baselines:
-      cells += list(fmt_diff(row["vs"].get(base, {}).get("test/f1")))
+      cells += list(fmt_diff(row["vs"].get(base, {}).get(metric)))
     cells += [fmt_num(row["step_ms"], 1), fmt_num(row["compile_s"], 1),
               fmt_num(row["peak_mb"], 0), fmt_num(row["cpu_s"], 0)]
     lines.append("| " + " | ".join(cells) + " |")
@@ -211,7 +226,7 @@ def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  keys = [k for k in F1_KEYS if any(k in r for r in rows)]
+  keys = f1_keys(rows)
   if not keys:
     return None
   fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), dpi=100,
@@ -247,7 +262,7 @@ def record_from_summary(summary):
   plan diagnostics (`test/ot/LEVEL/DIAG` -> `LEVEL/DIAG`), and its timing."""
   best = summary.get("best_dev", {})
   return {"status": "ok", "best_step": best.get("step"),
-          "metrics": {k: best[k] for k in METRIC_KEYS if k in best},
+          "metrics": {k: v for k, v in best.items() if is_metric(k)},
           "ot": {k[len("test/ot/"):]: v for k, v in best.items() if k.startswith("test/ot/")},
           "step_ms": summary.get("step_ms"), "compile_s": summary.get("compile_s"),
           "wall_s": summary.get("wall_s")}
@@ -421,6 +436,10 @@ def main(argv=None):
   ap.add_argument("--extra", default="", help="config args added to every variant, e.g. moe=off")
   ap.add_argument("--out", default="runs/ot_study")
   ap.add_argument("--parallel", type=int, default=2, help="runs at a time")
+  ap.add_argument("--baselines", default=",".join(BASELINES),
+                  help="variants every other is compared with, paired by seed")
+  ap.add_argument("--metric", default="test/f1",
+                  help="the F1 whose paired differences the table shows (all are in the JSON)")
   ap.add_argument("--xla_cache", default="OUT/xla_cache",
                   help="persistent compilation cache shared by the runs (later seeds of a "
                        "variant read its compiled steps); '' for none")
@@ -447,8 +466,9 @@ def main(argv=None):
   records = run_study(jobs, out, lambda job: train_subprocess(job, env), a.parallel,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
   names = list(dict.fromkeys(j.variant for j in jobs))
-  rows = summarise(records, names)
-  (out / "table.md").write_text(format_table(rows))
+  baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
+  rows = summarise(records, names, baselines)
+  (out / "table.md").write_text(format_table(rows, baselines, a.metric))
   print(json.dumps({"out": str(out), "runs": len(records),
                     "failed": sum(r["status"] == "failed" for r in records),
                     "wall_s": round(time.perf_counter() - t0, 1),

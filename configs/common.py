@@ -196,9 +196,16 @@ def synth_tower(**overrides):
   read where model.vision.pretrained_dir = "synth:NAME"."""
   recipe = dict(seed=0, steps=4000, batch_size=128, n_crops=4096,
                 invariance=1.0,                      # weight of the colour-invariance term
+                invariant_levels=3,                  # over the top N levels
                 world_size=DEMO_WORLD["image_size"],  # crops are cut from images of this size
+                # Sensor noise (per pixel, fraction of the range) in the crops and the world
+                # that reads the tower: the floor under which a faded trace is lost.
+                pixel_noise=0.12,
+                # The patch projection stays at its random init: a fixed front end that
+                # keeps the colour at level 0, so that the layers are what fade it.
                 optim=optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.01,
-                                   decay_mask="no_bias_norm", clip_norm=1.0))
+                                   decay_mask="no_bias_norm", clip_norm=1.0,
+                                   frozen_patterns=(r"^vision/embeddings/patch_embedding/",)))
   recipe.update(overrides)
   return recipe
 

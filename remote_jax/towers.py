@@ -5,16 +5,18 @@ object crops, so that its top layers lose an attribute the relations will need.
   python -m bench.attribute_probe --config ot_world.py  # the probe, other sizes or seeds
 
 `colour_blind` (TASKS): crops of one demo-world shape (synth's shapes, colours and sizes,
-drawn on an image of the world's size and cut by the data pipeline's `crop_rgb`), every
-geometry drawn in each colour. The tower (`config.model.vision`'s width, depth, crop and
-patch size; no CLS token, RGB only) names the shape from the mean of its top-level tokens,
-and the loss adds `invariance` x the mean squared distance between the top-level tokens of
-one geometry in two colours, each token LayerNorm'd without parameters (shrinking the
-tokens cannot meet it). The top level is pushed to carry the shape and not the colour;
-nothing constrains the levels below, which keep the colour the patch projection reads.
+drawn on an image of the world's size with the world's sensor noise, and cut by the data
+pipeline's `crop_rgb`), every geometry drawn in each colour over one noise field. The tower
+(`config.model.vision`'s width, depth, crop and patch size; no CLS token, RGB only) names the
+shape from the mean of its top-level tokens, and the loss adds `invariance` x the squared
+distance between the top-level tokens of one geometry in two colours (tower_loss). The patch
+projection stays at its random init (the recipe's frozen_patterns), so the colour is fully
+there at level 0 and the layers are what fade it; the noise is the floor under which the
+faded trace is lost to a linear probe (docs/ot_world.md).
 
 `model.vision.pretrained_dir = "synth:colour_blind"` trains it once per recipe
-(`model.vision.synth`: seed, steps, batch_size, invariance, n_crops, world_size, optim;
+(`model.vision.synth`: seed, steps, batch_size, invariance, n_crops, world_size,
+pixel_noise, optim;
 defaults in configs/common.py synth_tower()) and tower shape, under `<data.cache_dir>/towers/`, as a
 CLIPVisionModel directory (convert.save_clip_vision) that `pretrained.load_pretrained`
 reads as any pretrained encoder. `probe.json` there holds `probe_levels`: per level, how
@@ -45,16 +47,18 @@ COLOURS = tuple(synth.COLOURS)
 # What each task's tower must lose (the probed attribute) and keep (its training target).
 TASKS = {"colour_blind": dict(lose="colour", keep="shape")}
 # Part of the cache key: bump when the crops or the objective change.
-VERSION = 1
+VERSION = 4
 PROBE = dict(seed=10_000, n_train=2000, n_test=1000)
 LAMBDAS = tuple(float(x) for x in np.logspace(-8, 1, 10))   # ridge penalties, times the rows
-RECIPE_KEYS = ("seed", "steps", "batch_size", "n_crops", "invariance", "world_size", "optim")
+RECIPE_KEYS = ("seed", "steps", "batch_size", "n_crops", "invariance", "invariant_levels",
+               "world_size", "pixel_noise", "optim")
 
 
-def render_crops(rng, n, colours_per, crop_size, image_size):
+def render_crops(rng, n, colours_per, crop_size, image_size, pixel_noise=0.0):
   """`n` geometries (shape, size, centre), each drawn in `colours_per(i)` (colour ids) on a
-  world-sized image and cut as the pipeline cuts an object: uint8 (n, k, S, S, 3), shape
-  ids (n,), colour ids (n, k)."""
+  world-sized image with the world's sensor noise (synth.add_noise; one noise field per
+  geometry, shared by its colourings, so that a pair differs in colour only) and cut as the
+  pipeline cuts an object: uint8 (n, k, S, S, 3), shape ids (n,), colour ids (n, k)."""
   shapes = rng.integers(len(synth.SHAPES), size=n)
   colours = np.stack([np.asarray(colours_per(i)) for i in range(n)])
   out = np.zeros((n, colours.shape[1], crop_size, crop_size, 3), np.uint8)
@@ -62,11 +66,12 @@ def render_crops(rng, n, colours_per, crop_size, image_size):
     side = synth.SIZES[str(rng.choice(list(synth.SIZES)))]
     cx, cy = rng.uniform(side / 2 + 0.02, 1 - side / 2 - 0.02, 2)
     box = synth.square_box(cx, cy, side)
+    noise = synth.noise_field(rng, image_size, pixel_noise)
     for j, c in enumerate(colours[i]):
       image = Image.new("RGB", (image_size, image_size), synth.BACKGROUND)
       synth.draw_shape(ImageDraw.Draw(image), synth.SHAPES[shapes[i]], box, image_size,
                        synth.COLOURS[COLOURS[c]])
-      out[i, j] = preprocess.crop_rgb(image, box, crop_size)
+      out[i, j] = preprocess.crop_rgb(synth.add_noise(image, noise), box, crop_size)
   return out, shapes, colours
 
 
@@ -77,7 +82,7 @@ def tower_config(vision):
 
 class ShapeNamer(nn.Module):
   """The tower, and a linear shape classifier on the mean of its LayerNorm'd top tokens;
-  returns (logits, top-level tokens)."""
+  returns (logits, every level's tokens)."""
   config: CLIPVisionConfig
 
   @nn.compact
@@ -85,25 +90,31 @@ class ShapeNamer(nn.Module):
     states, _ = CLIPVisionTower(self.config, name="vision")(batch["pixels"])
     top = states[-1]
     pooled = nn.LayerNorm(use_scale=False, use_bias=False, name="head_norm")(top).mean(1)
-    return nn.Dense(len(synth.SHAPES), name="shape_head")(pooled), top
+    return nn.Dense(len(synth.SHAPES), name="shape_head")(pooled), states
 
 
-def tower_loss(invariance):
+def tower_loss(invariance, levels=1):
   """The engine's loss_fn: rows are pairs (the first half of the batch in one colour, the
-  second half the same geometries in another); shape cross-entropy on both, plus
-  `invariance` x the pair's squared top-token distance relative to the tokens' mean square.
+  second half the same geometries, with the same noise, in another); shape cross-entropy on both, plus
+  `invariance` x the pair's squared token distance relative to the tokens' mean square,
+  averaged over the top `levels` levels (`colour_gap` logs the top level's).
   The scale is not differentiated, so the gradient also pushes every token to shrink
   (`top_rms` logs it; the top level of the default recipe ends at about a fifteenth of
   level 0's size). The raw tokens, not LayerNorm'd ones: LN removes each token's mean and
   scale, where the colour can stay."""
   def loss_fn(model, params, batch, rng, train):
-    logits, top = model.apply({"params": params}, batch)
+    logits, states = model.apply({"params": params}, batch)
     ce, metrics = engine.classification(logits, batch)
-    a, b = jnp.split(top, 2)
-    scale = jax.lax.stop_gradient((a ** 2 + b ** 2).mean() / 2)
-    gap = ((a - b) ** 2).mean() / scale
-    objective = ce + invariance * gap
-    return objective, {**metrics, "objective": objective, "colour_gap": gap,
+
+    def gap(tokens):
+      a, b = jnp.split(tokens, 2)
+      scale = jax.lax.stop_gradient((a ** 2 + b ** 2).mean() / 2)
+      return ((a - b) ** 2).mean() / scale, scale
+
+    gaps = [gap(x)[0] for x in states[-levels:]]
+    top_gap, scale = gap(states[-1])
+    objective = ce + invariance * sum(gaps) / len(gaps)
+    return objective, {**metrics, "objective": objective, "colour_gap": top_gap,
                        "top_rms": jnp.sqrt(scale)}
   return loss_fn
 
@@ -124,7 +135,7 @@ def pretrain(vision, recipe, out_dir):
   rng = np.random.default_rng(recipe["seed"])
   k = len(COLOURS)
   crops, shapes, _ = render_crops(rng, recipe["n_crops"], lambda i: np.arange(k),
-                                  cfg.image_size, recipe["world_size"])
+                                  cfg.image_size, recipe["world_size"], recipe["pixel_noise"])
   crops = clip_normalise(crops)
   half = recipe["batch_size"] // 2
   draw = lambda r: pair_rows(r, len(shapes), k, half)
@@ -138,7 +149,7 @@ def pretrain(vision, recipe, out_dir):
   mesh = sharding.make_mesh([("data", -1)])   # data parallel over every device
   s = engine.build(model, make(draw(np.random.default_rng(0))), dict(recipe["optim"]),
                    recipe["steps"], mesh, seed=recipe["seed"],
-                   loss_fn=tower_loss(recipe["invariance"]))
+                   loss_fn=tower_loss(recipe["invariance"], recipe["invariant_levels"]))
   ckpt = pathlib.Path(out_dir) / "ckpt"
   writer = writers.MetricWriter(pathlib.Path(out_dir) / "train")
   try:
@@ -149,7 +160,7 @@ def pretrain(vision, recipe, out_dir):
     writer.close()
   shutil.rmtree(ckpt)   # the written weights are the tower; a new write starts afresh
   convert.save_clip_vision(out_dir, cfg, params["vision"])
-  probe = probe_levels(params["vision"], cfg, recipe["world_size"])
+  probe = probe_levels(params["vision"], cfg, recipe["world_size"], recipe["pixel_noise"])
   (pathlib.Path(out_dir) / "probe.json").write_text(json.dumps(probe, indent=1))
   return probe
 
@@ -183,15 +194,15 @@ def ridge_accuracy(x_train, y_train, x_test, y_test, classes, lambdas=LAMBDAS):
   return float(np.mean((z(x_test) @ fit(x_train, y_train, best)).argmax(1) == y_test)), best
 
 
-def probe_levels(params, cfg, image_size, *, seed=PROBE["seed"], n_train=PROBE["n_train"],
-                 n_test=PROBE["n_test"]):
+def probe_levels(params, cfg, image_size, pixel_noise, *, seed=PROBE["seed"],
+                 n_train=PROBE["n_train"], n_test=PROBE["n_test"]):
   """Per level of the tower `params`: linear-probe test accuracy of each crop's colour
   (chance 1/5) and shape (chance 1/3) from its tokens, on fresh crops in one random colour,
   with the penalty ridge_accuracy picked (`colour_lambda`, `shape_lambda`)."""
   rng = np.random.default_rng(seed)
   n = n_train + n_test
   crops, shapes, colours = render_crops(rng, n, lambda i: [rng.integers(len(COLOURS))],
-                                        cfg.image_size, image_size)
+                                        cfg.image_size, image_size, pixel_noise)
   pixels, colours = clip_normalise(crops[:, 0]), colours[:, 0]
   levels = level_tokens(params, cfg, pixels)
   out = []

@@ -6,7 +6,7 @@ are config.data.paths' keys) and the factory `make(config.data) -> reader`; a re
 """
 from typing import Any, NamedTuple
 
-from remote_jax.data import mnre, more, synth, umre
+from remote_jax.data import attribute_world, mnre, more, synth, umre
 
 
 class Dataset(NamedTuple):
@@ -19,4 +19,6 @@ DATASETS = {
     "more": Dataset(more.MoreReader, more.MoreReader.from_config),
     "mnre": Dataset(mnre.MnreReader, mnre.MnreReader.from_config),
     "demo": Dataset(umre.UmreReader, synth.demo_reader),   # the demo world, read as UMRE
+    # Issue 35's world (configs/ot_world.py), read as UMRE.
+    "attribute_world": Dataset(umre.UmreReader, attribute_world.reader),
 }

@@ -145,6 +145,22 @@ def draw_shape(canvas, kind, box, size, fill):
     canvas.polygon([((l + r) / 2, t), (l, b), (r, b)], fill=fill)
 
 
+def noise_field(rng, size, sigma):
+  """Sensor noise for a `size`-pixel RGB image: N(0, sigma) per pixel and channel in units of
+  the full range, or None (no draw) for sigma 0."""
+  if not sigma:
+    return None
+  return rng.normal(0.0, sigma * 255.0, (size, size, 3)).astype(np.float32)
+
+
+def add_noise(image, noise):
+  """The PIL RGB `image` plus a noise_field, rounded and clipped to uint8 (None: unchanged)."""
+  if noise is None:
+    return image
+  pixels = np.asarray(image, np.float32) + noise
+  return Image.fromarray(np.clip(np.round(pixels), 0, 255).astype(np.uint8))
+
+
 class Shape:
   """One object: size name, centre (cx, cy) and side (fractions of the image), nearness
   `depth` (larger = nearer, drawn later), colour and shape names ("" until coloured). The

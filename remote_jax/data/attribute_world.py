@@ -1,0 +1,163 @@
+"""The attribute world (issue 35): relations that need an attribute a pretrained tower fades.
+
+Each image holds 3 shapes of the demo world (synth's shapes, colours and sizes, square boxes,
+disjoint), with 3 different colours and the 3 different shapes, random nearness, and sensor
+noise (`pixel_noise`, the same floor as the synthetic tower's crops, remote_jax/towers.py).
+Every triplet is entity-object, (person, one of the objects), from one sentence that names no
+attribute; a rule of the world decides it from the object's own attribute:
+
+- `painted` (the COLOUR part): "P painted a shape ." holds for the objects of a PAINTED colour
+  (red or yellow), none for the others. The object's own colour is the only cue.
+- `drew` (the SHAPE control): "P drew a shape ." holds for the circle, none for the others:
+  the shape, which the colour-blind tower keeps at its top.
+
+Half the triplets of each part are positive. Every object's caption is the uninformative "an
+object", so the text never says which object is which. The relation ids and layout are
+UMRE's, read by the very same reader as the demo world; `buckets.json` names each split's
+lines of each part (PARTS), scored apart as "test/colour/f1" and "test/shape/f1".
+
+A first version asked the head to match a named attribute ("P painted the red shape ."
+holds for the red object). With `moe=off` the text and the objects meet only in the head's
+MLP, and a pilot (`ot_paper`, seed 99, 1,000 examples) had learned neither part at 600
+steps (docs/ot_world.md); the rule reads one object's attribute, which the head can learn
+within the study's budget.
+
+What each part tests (docs/ot_world.md):
+- H1, "a path to the lower levels recovers the faded attribute": on `painted`, a model whose
+  head sees only the tower's top (`mot=none`, `moe=off`) can hardly tell an object's colour;
+  any path to the lower levels can. `drew` is the control: every variant should solve it.
+- H2, "transport finds the information where it sits": with `model.mot.vision_scope=image`
+  an object's tokens are transported from every object's lower tokens. The `uniform` plan
+  mixes all three colours into every object; a plan that matches each token to its own
+  object's lower tokens keeps them apart, as a same-position `skip` does by construction.
+"""
+import json
+import pathlib
+
+import numpy as np
+
+from remote_jax.config import cfg_get, setting
+from remote_jax.data import synth, umre
+
+RELATIONS = ("none", "painted", "drew")
+NUM_OBJECTS = 3
+PAINTED_COLOURS = ("red", "yellow")
+DRAWN_SHAPE = "circle"
+TEMPLATES = {
+    "painted": ("{p} painted a shape .", "{p} coloured one of the shapes .",
+                "a shape was painted by {p} ."),
+    "drew": ("{p} drew a shape .", "{p} cut out one of the shapes .",
+             "a shape was drawn by {p} ."),
+}
+# The test buckets (metrics "test/colour/f1", "test/shape/f1"): each relation's part.
+PARTS = {"painted": "colour", "drew": "shape"}
+WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "pixel_noise")
+# Part of the cache key: bump when the generated data changes.
+GENERATOR_VERSION = 2
+
+
+def _scene(rng):
+  """3 disjoint shapes: a permutation of the 3 shapes, 3 different colours of which at least
+  one is a PAINTED colour and one is not, random nearness."""
+  while True:
+    shapes = []
+    if synth._fill(rng, shapes, NUM_OBJECTS, tries=30):
+      break
+  while True:
+    colours = [list(synth.COLOURS)[i]
+               for i in rng.permutation(len(synth.COLOURS))[:NUM_OBJECTS]]
+    if 0 < sum(c in PAINTED_COLOURS for c in colours) < NUM_OBJECTS:
+      break
+  for s, colour, k in zip(shapes, colours, rng.permutation(len(synth.SHAPES))):
+    s.colour, s.shape, s.depth = colour, synth.SHAPES[k], float(rng.uniform(1.0, 2.0))
+  return shapes
+
+
+def holds(relation, shape):
+  """The world's rule: does `relation` hold between the sentence's person and `shape`?"""
+  if relation == "painted":
+    return shape.colour in PAINTED_COLOURS
+  return shape.shape == DRAWN_SHAPE
+
+
+def _example(rng, relation, positive):
+  """-> (line without img_id, shapes, captions)."""
+  names = synth.pick_names(rng)
+  shapes = _scene(rng)
+  tokens = str(rng.choice(TEMPLATES[relation])).format(p=names["p"]).split()
+  options = [s for s in shapes if holds(relation, s) == positive]
+  target = options[int(rng.integers(len(options)))]
+  person = dict(name=names["p"], pos=synth.span(tokens, names["p"].split()))
+  obj = dict(name=f"[OBJ{shapes.index(target)}]", pos=[round(v, 4) for v in target.box])
+  captions = {names["p"]: synth.DESCRIPTIONS["p"].format(names["p"])}
+  captions.update({f"[OBJ{k}]": synth.ABSENT_CAPTION for k in range(NUM_OBJECTS)})
+  line = dict(token=tokens, h=person, t=obj, relation=relation if positive else "none")
+  return line, shapes, captions
+
+
+def _plan(rng, count):
+  """(relation part, positive) per line: parts and labels balanced, order shuffled."""
+  cycle = [(r, p) for r in ("painted", "drew") for p in (True, False)]
+  plan = (cycle * (count // len(cycle) + 1))[:count]
+  return [plan[i] for i in rng.permutation(count)]
+
+
+def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, pixel_noise):
+  """Writes the world in UMRE layout under `out_dir` (UmreReader's default paths), with the
+  buckets of PARTS per split ({split: {part: 0-based line indices}}) and the ground truth
+  `world.json` (per image in slot order: colour, shape, size, nearness)."""
+  out = pathlib.Path(out_dir)
+  paths = umre.UmreReader.DEFAULT_PATHS
+  (out / paths["images"]).mkdir(parents=True, exist_ok=True)
+  (out / paths["depth"]).mkdir(parents=True, exist_ok=True)
+  boxes, captions, world, buckets = {}, {}, {}, {}
+  for split_index, (split, count) in enumerate((("train", n_train), ("val", n_val),
+                                                ("test", n_test))):
+    rng = np.random.default_rng([seed, split_index])
+    noise_rng = np.random.default_rng([seed, split_index, 1])
+    lines, parts = [], {part: [] for part in PARTS.values()}
+    for i, (relation, positive) in enumerate(_plan(rng, count)):
+      line, shapes, caps = _example(rng, relation, positive)
+      parts[PARTS[relation]].append(i)
+      stem = f"{split}_{i:05d}"
+      line["img_id"] = img_id = f"{stem}.png"
+      image, depth = synth.render(shapes, image_size)
+      synth.add_noise(image, synth.noise_field(noise_rng, image_size, pixel_noise)).save(
+          out / paths["images"] / img_id)
+      np.savez_compressed(out / paths["depth"] / f"{stem}.npz", depth_map=depth)
+      boxes[img_id] = {f"[OBJ{k}]": [round(v, 4) for v in s.box] for k, s in enumerate(shapes)}
+      captions[img_id] = caps
+      world[img_id] = [[s.colour, s.shape, s.size, round(s.depth, 4)] for s in shapes]
+      lines.append(json.dumps(line))
+    (out / paths[split]).write_text("\n".join(lines) + "\n")
+    buckets[split] = parts
+  (out / paths["boxes"]).write_text(json.dumps(boxes))
+  (out / paths["captions"]).write_text(json.dumps(captions))
+  (out / paths["relations"]).write_text(json.dumps({r: i for i, r in enumerate(RELATIONS)}))
+  (out / paths["buckets"]).write_text(json.dumps(buckets))
+  (out / "world.json").write_text(json.dumps(dict(images=world)))
+  return out
+
+
+def world_params(cfg):
+  """config.data.attribute_world: every parameter of the world (WORLD_KEYS)."""
+  params = dict(cfg_get(cfg, "attribute_world") or {})
+  missing = [k for k in WORLD_KEYS if k not in params]
+  unknown = sorted(set(params) - set(WORLD_KEYS))
+  if missing or unknown:
+    raise ValueError(f"data.attribute_world: missing {missing}, unknown {unknown}; the "
+                     f"attribute world takes {list(WORLD_KEYS)} (configs/ot_world.py)")
+  return params
+
+
+def reader(cfg):
+  """DATASETS["attribute_world"]: writes the world once (under data.cache_dir), reads it as
+  UMRE."""
+  root = cfg_get(cfg, "root") or pathlib.Path(setting(cfg, "cache_dir")) / "attribute_world"
+  directory = synth.ensure_written(root, "attribute", world_params(cfg),
+                                   write_attribute_world, generator=GENERATOR_VERSION)
+  return umre.UmreReader(directory, cfg_get(cfg, "paths"),
+                         strict=setting(cfg, "strict"),
+                         use_caption=setting(cfg, "use_caption"),
+                         use_depth=setting(cfg, "use_depth"),
+                         num_objects=setting(cfg, "num_objects"))

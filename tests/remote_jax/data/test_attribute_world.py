@@ -1,0 +1,94 @@
+"""Issue 35's attribute world: deterministic, read by the UMRE reader, every relation as
+defined (a triplet holds iff its object carries the named attribute), noise as configured."""
+import collections
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from configs import ot_world
+from remote_jax.data import DATASETS, attribute_world, synth
+
+SMALL = dict(ot_world.ATTRIBUTE_WORLD, n_train=80, n_val=12, n_test=40, pixel_noise=0.1)
+
+
+@pytest.fixture(scope="module")
+def world_dir(tmp_path_factory):
+  return attribute_world.write_attribute_world(tmp_path_factory.mktemp("aw") / "a", **SMALL)
+
+
+def lines(root, split):
+  return [json.loads(x) for x in (root / f"{split}_set.json").read_text().splitlines()]
+
+
+def test_same_seed_same_world(world_dir, tmp_path):
+  again = attribute_world.write_attribute_world(tmp_path / "b", **SMALL)
+  other = attribute_world.write_attribute_world(tmp_path / "c", **dict(SMALL, seed=1))
+  for name in ("train_set.json", "test_set.json", "pos_umke.json", "buckets.json",
+               "world.json"):
+    assert (world_dir / name).read_bytes() == (again / name).read_bytes()
+    assert (world_dir / name).read_bytes() != (other / name).read_bytes()
+  stem = "UMKE_IMG/train_00003.png"
+  assert (world_dir / stem).read_bytes() == (again / stem).read_bytes()
+
+
+def test_relations_follow_the_rule_on_the_objects_own_attribute(world_dir):
+  truth = json.loads((world_dir / "world.json").read_text())["images"]
+  counts = collections.Counter()
+  for split in ("train", "val", "test"):
+    for line in lines(world_dir, split):
+      objects = truth[line["img_id"]]
+      assert len(objects) == attribute_world.NUM_OBJECTS
+      assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == 3
+      painted = [o[0] in attribute_world.PAINTED_COLOURS for o in objects]
+      assert any(painted) and not all(painted)
+      words = set(line["token"])
+      assert not words & (set(synth.COLOURS) | set(synth.SHAPES))   # the text names nothing
+      part = "painted" if words & {"painted", "coloured"} else "drew"
+      slot = int(line["t"]["name"].removeprefix("[OBJ").removesuffix("]"))
+      colour, shape = objects[slot][:2]
+      rule = (colour in attribute_world.PAINTED_COLOURS if part == "painted"
+              else shape == attribute_world.DRAWN_SHAPE)
+      assert line["relation"] == (part if rule else "none")
+      assert line["h"]["name"].split() == line["token"][slice(*line["h"]["pos"])]
+      counts[split, line["relation"]] += 1
+  assert counts["train", "painted"] == counts["train", "drew"] == 20
+  assert counts["train", "none"] == 40
+
+
+def test_buckets_split_the_parts_and_captions_say_nothing(world_dir):
+  buckets = json.loads((world_dir / "buckets.json").read_text())
+  for split in ("train", "test"):
+    rows = lines(world_dir, split)
+    colour, shape = buckets[split]["colour"], buckets[split]["shape"]
+    assert sorted(colour + shape) == list(range(len(rows)))
+    assert all(set(rows[i]["token"]) & {"painted", "coloured"} for i in colour)
+    assert not any(set(rows[i]["token"]) & {"painted", "coloured"} for i in shape)
+  captions = json.loads((world_dir / "cap_qwenvl_simply.json").read_text())
+  assert {c for caps in captions.values() for k, c in caps.items() if k.startswith("[OBJ")} == {
+      synth.ABSENT_CAPTION}
+
+
+def test_sensor_noise_has_the_configured_spread(world_dir, tmp_path):
+  clean = attribute_world.write_attribute_world(tmp_path / "clean", **dict(SMALL, pixel_noise=0))
+  noisy = np.asarray(Image.open(world_dir / "UMKE_IMG/train_00000.png"), np.float32)
+  plain = np.asarray(Image.open(clean / "UMKE_IMG/train_00000.png"), np.float32)
+  background = (plain == synth.BACKGROUND).all(-1)
+  assert set(map(tuple, plain.reshape(-1, 3))) <= {synth.BACKGROUND, *synth.COLOURS.values()}
+  # Gaussian noise of 0.1 x 255, rounded and clipped at 255 over the background's 235.
+  expected = np.clip(np.round(235 + np.random.default_rng(0).normal(0, 25.5, 10**6)), 0, 255)
+  assert np.std((noisy - plain)[background]) == pytest.approx(np.std(expected), rel=0.05)
+
+
+def test_registry_writes_once_and_names_bad_params(tmp_path):
+  cfg = ot_world.get_config().data.to_dict()
+  cfg.update(root=str(tmp_path / "aw"),
+             attribute_world=dict(SMALL, n_train=8, n_val=4, n_test=4))
+  reader = DATASETS["attribute_world"].make(cfg)
+  samples, _ = reader.read("train")
+  assert len(samples) == 8 and (reader.root / "DONE").exists()
+  assert DATASETS["attribute_world"].make(cfg).root == reader.root
+  with pytest.raises(ValueError, match=r"data\.attribute_world: missing \['pixel_noise'\]"):
+    DATASETS["attribute_world"].make(dict(cfg, attribute_world={
+        k: v for k, v in SMALL.items() if k != "pixel_noise"}))
