@@ -139,25 +139,11 @@ def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, 
   return out
 
 
-def world_params(cfg):
-  """config.data.attribute_world: every parameter of the world (WORLD_KEYS)."""
-  params = dict(cfg_get(cfg, "attribute_world") or {})
-  missing = [k for k in WORLD_KEYS if k not in params]
-  unknown = sorted(set(params) - set(WORLD_KEYS))
-  if missing or unknown:
-    raise ValueError(f"data.attribute_world: missing {missing}, unknown {unknown}; the "
-                     f"attribute world takes {list(WORLD_KEYS)} (configs/ot_world.py)")
-  return params
-
-
 def reader(cfg):
   """DATASETS["attribute_world"]: writes the world once (under data.cache_dir), reads it as
   UMRE."""
+  params = synth.world_params(cfg, "attribute_world", WORLD_KEYS, "attribute world",
+                              "configs/ot_world.py")
   root = cfg_get(cfg, "root") or pathlib.Path(setting(cfg, "cache_dir")) / "attribute_world"
-  directory = synth.ensure_written(root, "attribute", world_params(cfg),
-                                   write_attribute_world, generator=GENERATOR_VERSION)
-  return umre.UmreReader(directory, cfg_get(cfg, "paths"),
-                         strict=setting(cfg, "strict"),
-                         use_caption=setting(cfg, "use_caption"),
-                         use_depth=setting(cfg, "use_depth"),
-                         num_objects=setting(cfg, "num_objects"))
+  return synth.umre_reader(synth.ensure_written(root, "attribute", params, write_attribute_world,
+                                                generator=GENERATOR_VERSION), cfg)

@@ -459,15 +459,30 @@ def write_demo_dataset(out_dir, *, seed, n_train, n_val, n_test, image_size, cap
   return out
 
 
+def world_params(cfg, field, keys, name, source):
+  """config.data.<field>: every parameter of the generated world `name` (`keys`), or a
+  one-line error naming what is missing or unknown and where the values are (`source`)."""
+  params = dict(cfg_get(cfg, field) or {})
+  missing = [k for k in keys if k not in params]
+  unknown = sorted(set(params) - set(keys))
+  if missing or unknown:
+    raise ValueError(f"data.{field}: missing {missing}, unknown {unknown}; the {name} takes "
+                     f"{list(keys)} ({source})")
+  return params
+
+
 def demo_params(cfg):
   """config.data.demo: every parameter of the world (WORLD_KEYS)."""
-  params = dict(cfg_get(cfg, "demo") or {})
-  missing = [k for k in WORLD_KEYS if k not in params]
-  unknown = sorted(set(params) - set(WORLD_KEYS))
-  if missing or unknown:
-    raise ValueError(f"data.demo: missing {missing}, unknown {unknown}; the demo world takes "
-                     f"{list(WORLD_KEYS)} (configs/common.py DEMO_WORLD)")
-  return params
+  return world_params(cfg, "demo", WORLD_KEYS, "demo world", "configs/common.py DEMO_WORLD")
+
+
+def umre_reader(directory, cfg):
+  """A generated world's directory, read as UMRE with config.data's settings."""
+  return umre.UmreReader(directory, cfg_get(cfg, "paths"),
+                         strict=setting(cfg, "strict"),
+                         use_caption=setting(cfg, "use_caption"),
+                         use_depth=setting(cfg, "use_depth"),
+                         num_objects=setting(cfg, "num_objects"))
 
 
 def ensure_written(root, prefix, params, write, **version):
@@ -500,9 +515,4 @@ def ensure_demo_dataset(root, params):
 def demo_reader(cfg):
   """DATASETS["demo"]: writes the demo world if needed, then reads it as UMRE."""
   root = cfg_get(cfg, "root") or pathlib.Path(setting(cfg, "cache_dir")) / "demo"
-  directory = ensure_demo_dataset(root, demo_params(cfg))
-  return umre.UmreReader(directory, cfg_get(cfg, "paths"),
-                         strict=setting(cfg, "strict"),
-                         use_caption=setting(cfg, "use_caption"),
-                         use_depth=setting(cfg, "use_depth"),
-                         num_objects=setting(cfg, "num_objects"))
+  return umre_reader(ensure_demo_dataset(root, demo_params(cfg)), cfg)

@@ -219,8 +219,10 @@ class RemoteModel(nn.Module):
       k = batch["obj_mask"].shape[1]
       obj_feats = masked_mean(h_v.reshape(b, k, n // k, d),
                               v_mask.reshape(b, k, n // k), axis=2)
-    # Probes (bench/geometry_probe.py) read what the head sees of each object.
+    # Probes (bench/geometry_probe.py, bench/fused_probe.py) read what the head sees of each
+    # object, and every vision level after its fusion.
     self.sow("intermediates", "object_features", obj_feats)
+    self.sow("intermediates", "vision_levels", tuple(vision_levels))
     logits, head_aux = self.head(h_t, obj_feats, batch,
                                  deterministic=deterministic)
     # A fusion block's diag["aux_loss"] (sdiv's divergence) joins the MMoE's.

@@ -1,0 +1,105 @@
+r"""What does the head see of an object's colour, level by level? A linear probe on the fused
+features of trained runs (issue 35; a diagnostic, not a test).
+
+  python -m bench.fused_probe runs/ot_world_study/n1000_moe_off/runs/*/seed_0 [--examples 600]
+
+For each run (a remote_jax.train workdir on the attribute world; its config.json and newest
+checkpoint), every valid object of the train and test splits is read as the mean of its
+tokens at each vision level. Each level is taken after its fusion, so a `mot=none` run gives
+the unfused levels of the same towers. The object feature the head reads (`object_features`,
+after the MMoE) is read as well. A ridge classifier (remote_jax.towers.ridge_accuracy, the
+tower probe's) is fitted from each to the object's colour (the world's ground truth,
+world.json) on train, and scored on test. One JSON line per run: the colour accuracy per
+level and at the head (chance 0.2).
+"""
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+
+def load_run(workdir):
+  """(config, Setup, state) of a run directory: its saved config, its newest checkpoint."""
+  import ml_collections
+
+  from remote_jax import config as config_lib
+  from remote_jax import task
+  config = config_lib.resolve(ml_collections.ConfigDict(
+      json.loads((pathlib.Path(workdir) / "config.json").read_text())))
+  s, state, step = task.restore(config, str(workdir))
+  return config, s, state, int(step)
+
+
+def colour_features(s, params, split, limit):
+  """(per level (N, D) object means, head's object features (N, D), colour ids (N,)) for the
+  valid objects of the first `limit` examples of `split`. Raises ValueError when the batch's
+  boxes do not match the world's, slot by slot (the labels would be wrong)."""
+  import jax
+
+  from remote_jax import task
+  from remote_jax.data import builder, pipeline, synth
+
+  root = builder.make_reader(s.config.data).root
+  world = json.loads((root / "world.json").read_text())["images"]
+  boxes = json.loads((root / "pos_umke.json").read_text())
+  img_ids = [json.loads(line)["img_id"] for line in
+             (root / f"{task.SPLITS[split]}_set.json").read_text().splitlines()]
+  colour_id = {c: i for i, c in enumerate(synth.COLOURS)}
+
+  @jax.jit
+  def forward(p, batch):
+    _, state = s.model.apply({"params": p}, batch, mutable=["intermediates"])
+    inter = state["intermediates"]
+    return inter["vision_levels"][0], inter["object_features"][0]
+
+  ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
+                              batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
+                              drop_remainder=False)
+  levels, head, labels, n = None, [], [], 0
+  for batch in ds:
+    lv, obj = jax.device_get(forward(params, task.model_batch(batch)))
+    k = obj.shape[1]
+    keep = np.asarray(batch["obj_mask"]) & np.asarray(batch["mask"])[:, None]
+    means = [x.reshape(x.shape[0], k, -1, x.shape[-1]).mean(2)[keep] for x in lv]
+    levels = means if levels is None else [np.concatenate([a, b]) for a, b in zip(levels, means)]
+    head.append(obj[keep])
+    for row, slot in zip(*np.nonzero(keep)):
+      img = img_ids[int(batch["index"][row])]
+      want = boxes[img][f"[OBJ{slot}]"]
+      if not np.allclose(np.asarray(batch["obj_boxes"])[row, slot, :4], want, atol=1e-3):
+        raise ValueError(f"{img} slot {slot}: the batch's box is not the world's {want}")
+      labels.append(colour_id[world[img][slot][0]])
+    n += int(np.asarray(batch["mask"]).sum())
+    if n >= limit:
+      break
+  return levels, np.concatenate(head), np.asarray(labels)
+
+
+def probe_run(workdir, examples):
+  from remote_jax import towers
+  config, s, state, step = load_run(workdir)
+  train = colour_features(s, state.eval_params, "train", examples)
+  test = colour_features(s, state.eval_params, "test", examples)
+  k = len(towers.COLOURS)
+  levels = [round(towers.ridge_accuracy(a, train[2], b, test[2], k)[0], 4)
+            for a, b in zip(train[0], test[0])]
+  return {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
+          "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
+          "seed": config.seed, "objects_train": len(train[2]), "objects_test": len(test[2]),
+          "colour_per_level": levels,
+          "colour_at_head": round(towers.ridge_accuracy(train[1], train[2], test[1], test[2],
+                                                        k)[0], 4)}
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("workdirs", nargs="+", help="run directories (config.json, checkpoints)")
+  ap.add_argument("--examples", type=int, default=600, help="examples per split at most")
+  a = ap.parse_args()
+  for workdir in a.workdirs:
+    print(json.dumps(probe_run(workdir, a.examples)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
