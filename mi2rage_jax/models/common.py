@@ -29,6 +29,10 @@ def bert_config(cfg) -> BertConfig:
 def vision_config(cfg) -> CLIPVisionConfig:
   """config.model.vision; the students and the image teacher need a CLS token. With
   `pretrained_dir` the sizes come from the checkpoint (image/patch size from `cfg`)."""
+  if str(cfg.get("pretrained_dir") or "").startswith("synth:"):
+    raise ValueError(f"model.vision.pretrained_dir={cfg['pretrained_dir']!r}: the synthetic "
+                     "towers (remote_jax/towers.py) are REMOTE's and have no CLS token, which "
+                     "MI²RAGE's students read; give a CLIPVisionModel directory or ''")
   if cfg.get("pretrained_dir"):
     return CLIPVisionConfig.from_hf(cfg["pretrained_dir"], image_size=cfg["image_size"],
                                     patch_size=cfg["patch_size"], use_cls=True,

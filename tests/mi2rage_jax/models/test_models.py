@@ -212,3 +212,10 @@ def test_pretrained_text_encoder_loads_into_the_teacher(minilm_dir):
   cfg.text.vocab_size = 30540       # a vocabulary that is not the checkpoint's + markers
   with pytest.raises(ValueError, match="do not fit"):
     pretrained.load_pretrained(random_params(models.build_teacher("text", cfg, C), batch), cfg, 0)
+
+
+def test_a_synthetic_tower_is_refused_with_a_one_line_reason():
+  from mi2rage_jax.models import common as model_common
+  with pytest.raises(ValueError, match=r"synth:colour_blind.*REMOTE's.*CLS token"):
+    model_common.vision_config({"pretrained_dir": "synth:colour_blind", "image_size": 32,
+                                "patch_size": 16})
