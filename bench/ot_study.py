@@ -48,15 +48,27 @@ BASELINES = ("none", "uniform")
 
 
 def is_metric(key):
-  """A key of a run's best-dev row that the study keeps: dev F1, test F1 overall, per
-  triplet type and per bucket ("test/NAME/f1")."""
-  return key in ("dev/f1", "test/f1") or re.fullmatch(r"test/[^/]+/f1", key) is not None
+  """A key of a run's best-dev row that the study keeps: dev F1, and the test F1 and
+  accuracy overall, per triplet type and per bucket ("test/NAME/f1", "test/NAME/acc"). A
+  bucket's accuracy counts its `none` lines too: on a bucket that is half positive, F1 is
+  66.7 for a model that calls every line positive, accuracy 50."""
+  return key == "dev/f1" or re.fullmatch(r"test/(?:[^/]+/)?(?:f1|acc)", key) is not None
 
 
 def f1_keys(rows):
-  """The test F1 keys present in `rows` (summaries or records' metrics), F1_KEYS first."""
+  """The test F1 keys present in `rows` (summaries or records' metrics), F1_KEYS first, then
+  the accuracies (overall, per type, per bucket) when any row has them."""
   found = {k for r in rows for k in r if is_metric(k) and k != "dev/f1"}
-  return [k for k in F1_KEYS if k in found] + sorted(found - set(F1_KEYS))
+  f1 = [k for k in F1_KEYS if k in found] + sorted(k for k in found - set(F1_KEYS)
+                                                   if k.endswith("/f1"))
+  return f1 + sorted(k for k in found if k.endswith("/acc"))
+
+
+def column_name(key):
+  """"test/f1" -> "F1 all", "test/colour/f1" -> "colour", "test/colour/acc" -> "colour acc"."""
+  *_, middle, last = ["", *key.split("/")]
+  name = "all" if middle == "test" else middle
+  return ("F1 all" if name == "all" else name) if last == "f1" else f"{name} acc"
 # Named ablations beyond the mot values: (config args, field overrides).
 ABLATIONS = {
     "full": ("", ()),
@@ -190,9 +202,8 @@ def format_table(rows, baselines=BASELINES, metric="test/f1"):
   each baseline with their 95% intervals, timing and memory; then the plan diagnostics
   per level; then the failed runs."""
   keys = f1_keys(rows)
-  heads = ["variant", "seeds"] + [k.removeprefix("test/").removesuffix("/f1").replace(
-      "f1", "F1 all") for k in keys]
-  name = metric.removeprefix("test/").removesuffix("/f1").replace("f1", "all")
+  heads = ["variant", "seeds"] + [column_name(k) for k in keys]
+  name = column_name(metric).removeprefix("F1 ")
   for base in baselines:
     heads += [f"Δ {name} vs {base} [95% CI]", "separated"]
   heads += ["step ms", "compile s", "peak MB", "CPU s"]
@@ -245,9 +256,9 @@ def plot(rows, path):
     ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=45, ha="right",
                   fontsize=7)
     ax.set_xlim(-0.5, len(rows) - 0.25)
-    ax.set_title(key.removeprefix("test/").removesuffix("/f1").replace("f1", "all"), fontsize=9)
+    ax.set_title(column_name(key), fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-  axes[0][0].set_ylabel("test F1 at best dev (seeds; mean, 95% CI)")
+  axes[0][0].set_ylabel("test score at best dev (seeds; mean, 95% CI)")
   fig.tight_layout()
   path.parent.mkdir(parents=True, exist_ok=True)
   fig.savefig(path)
@@ -313,6 +324,21 @@ def load_results(path):
         r = json.loads(line)
         done[run_key(r["variant"], r["seed"], r["config"], r["overrides"])] = r
   return done
+
+
+def rescore(jobs, out):
+  """Rebuilds every finished run's record in OUT/results.jsonl from its summary.json (after
+  a change of what a record keeps), keeping the child's timing and memory; -> how many."""
+  path = pathlib.Path(out) / "results.jsonl"
+  done = load_results(path)
+  n = 0
+  for job in jobs:
+    summary = job.workdir / "summary.json"
+    if job.key in done and summary.exists():
+      done[job.key] = {**done[job.key], **record_from_summary(json.loads(summary.read_text()))}
+      n += 1
+  path.write_text("".join(json.dumps(r) + "\n" for r in done.values()))
+  return n
 
 
 def run_study(jobs, out, runner=train_subprocess, parallel=2, log=print):
@@ -439,7 +465,10 @@ def main(argv=None):
   ap.add_argument("--baselines", default=",".join(BASELINES),
                   help="variants every other is compared with, paired by seed")
   ap.add_argument("--metric", default="test/f1",
-                  help="the F1 whose paired differences the table shows (all are in the JSON)")
+                  help="the score whose paired differences the table shows (test/f1, "
+                       "test/NAME/f1 or test/NAME/acc; all are in the JSON)")
+  ap.add_argument("--rescore", action="store_true",
+                  help="rebuild the finished runs' records from their summary.json first")
   ap.add_argument("--xla_cache", default="OUT/xla_cache",
                   help="persistent compilation cache shared by the runs (later seeds of a "
                        "variant read its compiled steps); '' for none")
@@ -454,6 +483,14 @@ def main(argv=None):
     seeds = parse_seeds(a.seeds)
     variants = [v.strip() for v in a.variants.split(",") if v.strip()]
     jobs = make_jobs(a.config, variants, seeds, a.extra, tuple(overrides), a.out, FUSIONS)
+    baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
+    names = list(dict.fromkeys(j.variant for j in jobs))
+    if set(baselines) - set(names):
+      raise ValueError(f"--baselines: {sorted(set(baselines) - set(names))} not among the "
+                       f"variants {names}")
+    if not is_metric(a.metric) or a.metric == "dev/f1":
+      raise ValueError(f"--metric={a.metric}: a test score, test/f1, test/NAME/f1 or "
+                       "test/NAME/acc")
   except (ValueError, OSError) as e:
     errors.print_error(str(e), "python -m bench.ot_study --help")
     sys.exit(2)
@@ -463,10 +500,10 @@ def main(argv=None):
     env.setdefault("JAX_COMPILATION_CACHE_DIR",
                    str(out / "xla_cache") if a.xla_cache == "OUT/xla_cache" else a.xla_cache)
   t0 = time.perf_counter()
+  if a.rescore:
+    print(f"rescored {rescore(jobs, out)} finished runs", file=sys.stderr)
   records = run_study(jobs, out, lambda job: train_subprocess(job, env), a.parallel,
                       log=lambda m: print(m, file=sys.stderr, flush=True))
-  names = list(dict.fromkeys(j.variant for j in jobs))
-  baselines = [b.strip() for b in a.baselines.split(",") if b.strip()]
   rows = summarise(records, names, baselines)
   (out / "table.md").write_text(format_table(rows, baselines, a.metric))
   print(json.dumps({"out": str(out), "runs": len(records),

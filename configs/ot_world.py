@@ -6,9 +6,9 @@ to lose it at its top (docs/ot_world.md).
   python -m bench.ot_study --config ot_world_study.py ...      # the study (ot_world_study.py)
 
 The world (remote_jax/data/attribute_world.py): 3 shapes per image, each of its own colour and
-shape, with sensor noise; "P painted the <colour> shape ." (`painted`, the colour part) and
-"P drew the <shape> ." (`drew`, the shape control), each triplet (P, one object). The test
-split's buckets `colour` and `shape` score the two parts apart.
+shape, with sensor noise; "P painted a shape ." holds for the red and yellow objects (`painted`,
+the colour part), "P drew a shape ." for the circle (`drew`, the shape control), each triplet
+(P, one object). The test split's buckets `colour` and `shape` score the two parts apart.
 
 The tower (remote_jax/towers.py, recipe model.vision.synth): 6 layers pretrained to name the
 shape with a colour-invariant top, on crops with the world's noise, its patch projection kept
@@ -36,12 +36,13 @@ ATTRIBUTE_WORLD = dict(seed=0, n_train=3000, n_val=300, n_test=600, image_size=9
 def get_config(arg=None):
   config = demo.get_config(f"size=deep,{arg or ''}")   # a `size=` in arg comes later and wins
   config.model.vision.pretrained_dir = "synth:colour_blind"
-  config.model.vision.synth = common.synth_tower(world_size=ATTRIBUTE_WORLD["image_size"])
+  # Its world_size follows data.attribute_world.image_size, and the world's pixel_noise
+  # follows its pixel_noise (remote_jax/config.py DERIVED).
+  config.model.vision.synth = common.synth_tower()
   # The demo's training settings, the attribute world's data (the same UMRE reader).
   config.data.name = "attribute_world"
   del config.data["demo"]
-  config.data.attribute_world = dict(ATTRIBUTE_WORLD,
-                                     pixel_noise=config.model.vision.synth["pixel_noise"])
+  config.data.attribute_world = dict(ATTRIBUTE_WORLD, pixel_noise=None)
   config.data.num_objects = 3
   config.model.mot.vision_scope = "image"
   # The pretrained tower; its depth projection (new, from the RGB kernel's channel mean) trains.

@@ -236,6 +236,10 @@ DERIVED = {
         ("model.vision.use_depth", "data.use_depth", lambda v: v),
         ("model.vision.image_size", "data.crop_size", lambda v: v),
         ("model.head.use_caption", "data.use_caption", lambda v: v),
+        # A synthetic tower read on the attribute world (configs/ot_world.py): the world's
+        # noise is the tower's, the tower's crops are cut from images of the world's size.
+        ("data.attribute_world.pixel_noise", "model.vision.synth.pixel_noise", lambda v: v),
+        ("model.vision.synth.world_size", "data.attribute_world.image_size", lambda v: v),
     ),
     "mi2rage": (
         ("data.image_size", "model.vision.image_size", lambda v: v),
@@ -255,6 +259,15 @@ def get_field(config, path):
   return node
 
 
+def has_field(config, path):
+  node = config
+  for key in path.split("."):
+    if key not in node:
+      return False
+    node = node[key]
+  return True
+
+
 def set_field(config, path, value):
   """config.a.b.c = value for path "a.b.c"."""
   *parents, key = path.split(".")
@@ -271,6 +284,8 @@ def resolve(config, overridden=()):
   derived field among them is an error naming its source, unless it agrees with it.
   """
   for target, source, how in DERIVED[kind(config)]:
+    if not (has_field(config, source) and has_field(config, target)):
+      continue   # a pair of fields only some configs have (the attribute world's)
     value = how(get_field(config, source))
     if target in overridden and get_field(config, target) != value:
       raise ValueError(f"--config.{target}: {target} follows {source}; set "

@@ -9,14 +9,15 @@ drawn on an image of the world's size with the world's sensor noise, and cut by 
 pipeline's `crop_rgb`), every geometry drawn in each colour over one noise field. The tower
 (`config.model.vision`'s width, depth, crop and patch size; no CLS token, RGB only) names the
 shape from the mean of its top-level tokens, and the loss adds `invariance` x the squared
-distance between the top-level tokens of one geometry in two colours (tower_loss). The patch
+distance between the tokens of one geometry in two colours over the top `invariant_levels`
+levels (tower_loss). The patch
 projection stays at its random init (the recipe's frozen_patterns), so the colour is fully
 there at level 0 and the layers are what fade it; the noise is the floor under which the
 faded trace is lost to a linear probe (docs/ot_world.md).
 
 `model.vision.pretrained_dir = "synth:colour_blind"` trains it once per recipe
-(`model.vision.synth`: seed, steps, batch_size, invariance, n_crops, world_size,
-pixel_noise, optim;
+(`model.vision.synth`: seed, steps, batch_size, invariance, invariant_levels, n_crops,
+world_size, pixel_noise, optim;
 defaults in configs/common.py synth_tower()) and tower shape, under `<data.cache_dir>/towers/`, as a
 CLIPVisionModel directory (convert.save_clip_vision) that `pretrained.load_pretrained`
 reads as any pretrained encoder. `probe.json` there holds `probe_levels`: per level, how
@@ -227,6 +228,9 @@ def check_recipe(spec, vision):
   unknown = sorted(set(recipe) - set(RECIPE_KEYS))
   if missing or unknown:
     raise ValueError(f"{where} with {list(RECIPE_KEYS)}: missing {missing}, unknown {unknown}")
+  if not 1 <= recipe["invariant_levels"] <= vision["num_layers"]:
+    raise ValueError(f"model.vision.synth.invariant_levels={recipe['invariant_levels']}: the "
+                     f"invariance covers the top 1..{vision['num_layers']} levels (num_layers)")
   if recipe["batch_size"] % 2:
     raise ValueError(f"model.vision.synth.batch_size={recipe['batch_size']}: even (pairs)")
   return recipe

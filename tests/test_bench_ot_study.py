@@ -103,22 +103,40 @@ def test_a_variant_without_baselines_or_a_second_seed_says_na():
 def test_bucket_f1s_become_columns_and_the_table_compares_the_chosen_metric():
   def run(variant, seed, colour):
     metrics = {"test/f1": 90.0, "test/e-o/f1": 90.0, "test/colour/f1": colour,
-               "test/shape/f1": 99.0, "dev/f1": 91.0, "test/loss": 0.3, "dev/colour/f1": 1.0}
+               "test/shape/f1": 99.0, "dev/f1": 91.0, "test/loss": 0.3, "dev/colour/f1": 1.0,
+               "test/colour/acc": colour - 10, "test/colour/precision": 1.0}
     return {"variant": variant, "seed": seed, "status": "ok", "metrics": metrics}
   records = [run(v, s, c + s) for v, c in (("none", 60.0), ("skip", 95.0), ("ot_paper", 80.0))
              for s in range(3)]
   # A run's summary keeps test F1s (types and buckets) and dev F1, nothing else.
   kept = ot_study.record_from_summary({"best_dev": {**records[0]["metrics"], "step": 4}})
   assert set(kept["metrics"]) == {"test/f1", "test/e-o/f1", "test/colour/f1",
-                                  "test/shape/f1", "dev/f1"}
+                                  "test/shape/f1", "dev/f1", "test/colour/acc"}
   rows = ot_study.summarise(records, ["none", "skip", "ot_paper"], ("none", "skip"))
   assert ot_study.f1_keys(rows) == ["test/f1", "test/e-o/f1", "test/colour/f1",
-                                    "test/shape/f1"]
+                                    "test/shape/f1", "test/colour/acc"]
   assert rows[2]["vs"]["skip"]["test/colour/f1"]["mean"] == pytest.approx(-15.0)
   table = ot_study.format_table(rows, ("none", "skip"), "test/colour/f1")
   head, _, _, _, ot_row = table.splitlines()[:5]
-  assert head.startswith("| variant | seeds | F1 all | e-o | colour | shape | Δ colour vs none")
+  assert head.startswith("| variant | seeds | F1 all | e-o | colour | shape | colour acc | "
+                         "Δ colour vs none")
   assert "| +20.00 [+20.00, +20.00] | yes | -15.00 [-15.00, -15.00] | yes |" in ot_row
+  table = ot_study.format_table(rows, ("none",), "test/colour/acc")
+  assert "| Δ colour acc vs none [95% CI] |" in table.splitlines()[0]
+
+
+def test_rescore_rebuilds_records_from_the_runs_summaries(tmp_path):
+  jobs = jobs_for(tmp_path, ["none"], [0, 1])
+  old = {"variant": "none", "seed": 0, "config": "demo.py:mot=none", "overrides": [],
+         "status": "ok", "metrics": {"test/f1": 1.0}, "cpu_s": 7.0}
+  (tmp_path / "results.jsonl").write_text(json.dumps(old) + "\n")
+  jobs[0].workdir.mkdir(parents=True)
+  (jobs[0].workdir / "summary.json").write_text(json.dumps(
+      {"best_dev": {"step": 3, "test/f1": 2.0, "test/colour/acc": 55.0}}))
+  assert ot_study.rescore(jobs, tmp_path) == 1   # seed 1 has no record: left to train
+  record, = ot_study.load_results(tmp_path / "results.jsonl").values()
+  assert record["metrics"] == {"test/f1": 2.0, "test/colour/acc": 55.0}
+  assert record["cpu_s"] == 7.0 and record["best_step"] == 3
 
 
 def jobs_for(tmp_path, variants, seeds):

@@ -103,16 +103,17 @@ def test_the_cache_key_follows_recipe_and_tower_and_a_failed_write_leaves_nothin
     return {"levels": []}
 
   monkeypatch.setattr(towers, "pretrain", fake_pretrain)
+  recipe = common.synth_tower(invariant_levels=2)
   vision = {"hidden_size": 8, "num_layers": 2, "num_heads": 2, "intermediate_size": 8,
-            "image_size": 8, "patch_size": 4, "synth": common.synth_tower()}
+            "image_size": 8, "patch_size": 4, "synth": recipe}
   first = towers.ensure_tower("synth:colour_blind", vision, tmp_path)
   assert towers.ensure_tower("synth:colour_blind", vision, tmp_path) == first and calls == [4000]
   other_recipe = towers.ensure_tower("synth:colour_blind",
-                                     {**vision, "synth": common.synth_tower(steps=5)}, tmp_path)
+                                     {**vision, "synth": dict(recipe, steps=5)}, tmp_path)
   other_tower = towers.ensure_tower("synth:colour_blind", {**vision, "num_layers": 3}, tmp_path)
   assert len({first, other_recipe, other_tower}) == 3
   with pytest.raises(RuntimeError):
-    towers.ensure_tower("synth:colour_blind", {**vision, "synth": common.synth_tower(steps=13)},
+    towers.ensure_tower("synth:colour_blind", {**vision, "synth": dict(recipe, steps=13)},
                         tmp_path)
   names = [p.name for p in (tmp_path / "towers").iterdir()]
   assert len(names) == 3 and not any(n.startswith(".") for n in names), names
@@ -130,6 +131,9 @@ def test_bad_tower_names_recipes_and_cache_dirs_are_one_line_errors():
   with pytest.raises(ValueError, match=r"missing \['steps'\], unknown \['step'\]"):
     recipe = {k: v for k, v in common.synth_tower(step=1).items() if k != "steps"}
     towers.ensure_tower("synth:colour_blind", {"synth": recipe}, "cache")
+  with pytest.raises(ValueError, match=r"invariant_levels=7: the invariance covers the top 1\.\.6"):
+    towers.ensure_tower("synth:colour_blind",
+                        {"num_layers": 6, "synth": common.synth_tower(invariant_levels=7)}, "cache")
 
 
 @pytest.mark.slow
@@ -155,7 +159,7 @@ def test_a_short_pretraining_is_cached_and_loads_as_a_pretrained_encoder(tmp_pat
   _, written = convert.load_clip_vision(path, image_size=32, patch_size=16, use_cls=False)
   from remote_jax import task
   config.data.cache_dir = str(tmp_path)
-  config.data.demo.update(n_train=30, n_val=15, n_test=15)   # a small world beside it
+  config.data.attribute_world.update(n_train=30, n_val=15, n_test=15)   # a small world
   s = task.setup(config, pretrained=True)
   np.testing.assert_array_equal(
       jax.device_get(s.state.params["vision"]["layers_5"]["fc2"]["kernel"]),

@@ -92,3 +92,16 @@ def test_registry_writes_once_and_names_bad_params(tmp_path):
   with pytest.raises(ValueError, match=r"data\.attribute_world: missing \['pixel_noise'\]"):
     DATASETS["attribute_world"].make(dict(cfg, attribute_world={
         k: v for k, v in SMALL.items() if k != "pixel_noise"}))
+
+
+def test_the_world_takes_the_towers_noise_and_the_tower_the_worlds_size():
+  from remote_jax import config as config_lib
+  config = ot_world.get_config()
+  config.model.vision.synth.pixel_noise = 0.2
+  config.data.attribute_world.image_size = 64
+  config_lib.resolve(config)
+  assert config.data.attribute_world.pixel_noise == 0.2
+  assert config.model.vision.synth.world_size == 64
+  config.data.attribute_world.pixel_noise = 0.3
+  with pytest.raises(ValueError, match=r"follows model\.vision\.synth\.pixel_noise"):
+    config_lib.resolve(config, overridden=("data.attribute_world.pixel_noise",))
