@@ -1,5 +1,5 @@
-r"""What does the head see of an object's colour, level by level? A linear probe on the fused
-features of trained runs (issue 35; a diagnostic, not a test).
+r"""What does the head see of an object's colour and shape, level by level? A linear probe on
+the fused features of trained runs (issue 35; a diagnostic, not a test).
 
   python -m bench.fused_probe runs/ot_world_study/n1000_moe_off/runs/*/seed_0 [--examples 600]
 
@@ -8,9 +8,11 @@ checkpoint), every valid object of the train and test splits is read as the mean
 tokens at each vision level. Each level is taken after its fusion, so a `mot=none` run gives
 the unfused levels of the same towers. The object feature the head reads (`object_features`,
 after the MMoE) is read as well. A ridge classifier (remote_jax.towers.ridge_accuracy, the
-tower probe's) is fitted from each to the object's colour (the world's ground truth,
-world.json) on train, and scored on test. One JSON line per run: the colour accuracy per
-level and at the head (chance 0.2).
+tower probe's) is fitted from each to the object's colour and to its shape (the world's
+ground truth, world.json) on train, and scored on test. The run's newest checkpoint is read
+(a study run keeps its last two evaluations), not necessarily its best-dev step. One JSON
+line per run: per attribute, the accuracy per level and at the head (chance 0.2 for the
+colour, 1/3 for the shape).
 """
 import argparse
 import json
@@ -31,8 +33,9 @@ def load_run(workdir):
   return config, s, state, int(step)
 
 
-def colour_features(s, params, split, limit):
-  """(per level (N, D) object means, head's object features (N, D), colour ids (N,)) for the
+def object_features(s, params, split, limit):
+  """(per level (N, D) object means, head's object features (N, D), labels {"colour": (N,),
+  "shape": (N,)}) for the
   valid objects of the first `limit` examples of `split`. Raises ValueError when the batch's
   boxes do not match the world's, slot by slot (the labels would be wrong)."""
   import jax
@@ -45,7 +48,8 @@ def colour_features(s, params, split, limit):
   boxes = json.loads((root / "pos_umke.json").read_text())
   img_ids = [json.loads(line)["img_id"] for line in
              (root / f"{task.SPLITS[split]}_set.json").read_text().splitlines()]
-  colour_id = {c: i for i, c in enumerate(synth.COLOURS)}
+  ids = {"colour": {c: i for i, c in enumerate(synth.COLOURS)},
+         "shape": {c: i for i, c in enumerate(synth.SHAPES)}}
 
   @jax.jit
   def forward(p, batch):
@@ -56,7 +60,7 @@ def colour_features(s, params, split, limit):
   ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
-  levels, head, labels, n = None, [], [], 0
+  levels, head, labels, n = None, [], {"colour": [], "shape": []}, 0
   for batch in ds:
     lv, obj = jax.device_get(forward(params, task.model_batch(batch)))
     k = obj.shape[1]
@@ -69,27 +73,29 @@ def colour_features(s, params, split, limit):
       want = boxes[img][f"[OBJ{slot}]"]
       if not np.allclose(np.asarray(batch["obj_boxes"])[row, slot, :4], want, atol=1e-3):
         raise ValueError(f"{img} slot {slot}: the batch's box is not the world's {want}")
-      labels.append(colour_id[world[img][slot][0]])
+      for j, name in enumerate(labels):
+        labels[name].append(ids[name][world[img][slot][j]])
     n += int(np.asarray(batch["mask"]).sum())
     if n >= limit:
       break
-  return levels, np.concatenate(head), np.asarray(labels)
+  return levels, np.concatenate(head), {k: np.asarray(v) for k, v in labels.items()}
 
 
 def probe_run(workdir, examples):
   from remote_jax import towers
+  from remote_jax.data import synth
   config, s, state, step = load_run(workdir)
-  train = colour_features(s, state.eval_params, "train", examples)
-  test = colour_features(s, state.eval_params, "test", examples)
-  k = len(towers.COLOURS)
-  levels = [round(towers.ridge_accuracy(a, train[2], b, test[2], k)[0], 4)
-            for a, b in zip(train[0], test[0])]
-  return {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
-          "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
-          "seed": config.seed, "objects_train": len(train[2]), "objects_test": len(test[2]),
-          "colour_per_level": levels,
-          "colour_at_head": round(towers.ridge_accuracy(train[1], train[2], test[1], test[2],
-                                                        k)[0], 4)}
+  train = object_features(s, state.eval_params, "train", examples)
+  test = object_features(s, state.eval_params, "test", examples)
+  out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
+         "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
+         "seed": config.seed, "objects_train": len(train[1]), "objects_test": len(test[1])}
+  for name, k in (("colour", len(synth.COLOURS)), ("shape", len(synth.SHAPES))):
+    ytr, yte = train[2][name], test[2][name]
+    out[f"{name}_per_level"] = [round(towers.ridge_accuracy(a, ytr, b, yte, k)[0], 4)
+                                for a, b in zip(train[0], test[0])]
+    out[f"{name}_at_head"] = round(towers.ridge_accuracy(train[1], ytr, test[1], yte, k)[0], 4)
+  return out
 
 
 def main():

@@ -15,7 +15,7 @@ see, not in how long the model trains. 400 steps: a pilot before the study (`ot_
 `moe=off`, seed 99, outside the study's seeds, 1,000 examples) reached dev F1 82 at 300 and
 99 at 600 steps of a 600-step schedule; the grid (3 sizes x 7 variants x 2 paths x 5 seeds)
 must fit the issue's 3 hours on the project's 2-core machine. `fgw` and `sdiv` are left out:
-with the image-wide vision OT they took 2.5 and 3.3 s a step here, 35x and 46x `none`
+with the image-wide vision OT they took 2.5 and 3.3 s a step here, 34x and 46x `none`
 (docs/ot_world.md).
 """
 from configs import ot_world

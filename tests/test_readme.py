@@ -75,9 +75,12 @@ def test_documented_command_parses(module, args, tmp_path):
     source = pathlib.Path(spec.origin).read_text(encoding="utf-8")
     for flag in (a.split("=")[0] for a in args if a.startswith("--")):
       if flag.startswith("--config.") and "parse_known_args" in source:
-        # Passed on to every run's remote_jax.train: the field must exist there.
+        # Passed on to every run's remote_jax.train: the field must exist in the command's
+        # --config (the demo's where it names none).
         field = flag[len("--config."):].split(".")
-        node = cli.load_config("demo.py")
+        named = [a.split("=", 1)[1] for a in args if a.startswith("--config=")] + [
+            args[i + 1] for i, a in enumerate(args[:-1]) if a == "--config"]
+        node = cli.load_config(named[0] if named else "demo.py")
         for part in field:
           assert part in node, f"{module}: {flag} names no config field"
           node = node[part]
