@@ -42,7 +42,8 @@ def get_config(arg=None):
   # The demo's training settings, the attribute world's data (the same UMRE reader).
   config.data.name = "attribute_world"
   del config.data["demo"]
-  config.data.attribute_world = dict(ATTRIBUTE_WORLD, pixel_noise=None)
+  config.data.attribute_world = dict(ATTRIBUTE_WORLD,
+                                     pixel_noise=config.model.vision.synth["pixel_noise"])
   config.data.num_objects = 3
   config.model.mot.vision_scope = "image"
   # The pretrained tower; its depth projection (new, from the RGB kernel's channel mean) trains.
