@@ -33,30 +33,34 @@ def load_run(workdir):
   return config, s, state, int(step)
 
 
-def object_features(s, params, split, limit):
-  """(per level (N, D) object means, head's object features (N, D), labels {"colour": (N,),
-  "shape": (N,)}) for the
-  valid objects of the first `limit` examples of `split`. Raises ValueError when the batch's
-  boxes do not match the world's, slot by slot (the labels would be wrong)."""
+def forward_fn(s):
+  """jit'd (params, batch) -> (every vision level's tokens, the head's object features)."""
   import jax
-
-  from remote_jax import task
-  from remote_jax.data import builder, pipeline, synth
-
-  root = builder.make_reader(s.config.data).root
-  world = json.loads((root / "world.json").read_text())["images"]
-  boxes = json.loads((root / "pos_umke.json").read_text())
-  img_ids = [json.loads(line)["img_id"] for line in
-             (root / f"{task.SPLITS[split]}_set.json").read_text().splitlines()]
-  ids = {"colour": {c: i for i, c in enumerate(synth.COLOURS)},
-         "shape": {c: i for i, c in enumerate(synth.SHAPES)}}
 
   @jax.jit
   def forward(p, batch):
     _, state = s.model.apply({"params": p}, batch, mutable=["intermediates"])
     inter = state["intermediates"]
     return inter["vision_levels"][0], inter["object_features"][0]
+  return forward
 
+
+def object_features(s, forward, reader, params, split, limit):
+  """(per level (N, D) object means, head's object features (N, D), labels {"colour": (N,),
+  "shape": (N,)}) for the valid objects of the first `limit` examples of `split`, read through
+  `forward` (forward_fn). Raises ValueError when the batch's boxes do not match the world's,
+  slot by slot (the labels would be wrong)."""
+  import jax
+
+  from remote_jax import task
+  from remote_jax.data import pipeline, synth
+
+  world = json.loads((reader.root / "world.json").read_text())["images"]
+  boxes = json.loads(reader.path("boxes").read_text())
+  img_ids = [json.loads(line)["img_id"] for line in
+             reader.path(task.SPLITS[split]).read_text().splitlines()]
+  ids = {"colour": {c: i for i, c in enumerate(synth.COLOURS)},
+         "shape": {c: i for i, c in enumerate(synth.SHAPES)}}
   ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
@@ -83,10 +87,11 @@ def object_features(s, params, split, limit):
 
 def probe_run(workdir, examples):
   from remote_jax import towers
-  from remote_jax.data import synth
+  from remote_jax.data import builder, synth
   config, s, state, step = load_run(workdir)
-  train = object_features(s, state.eval_params, "train", examples)
-  test = object_features(s, state.eval_params, "test", examples)
+  forward, reader = forward_fn(s), builder.make_reader(s.config.data)
+  train, test = (object_features(s, forward, reader, state.eval_params, split, examples)
+                 for split in ("train", "test"))
   out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
          "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
          "seed": config.seed, "objects_train": len(train[1]), "objects_test": len(test[1])}

@@ -55,9 +55,9 @@ def is_metric(key):
   return key == "dev/f1" or re.fullmatch(r"test/(?:[^/]+/)?(?:f1|acc)", key) is not None
 
 
-def f1_keys(rows):
-  """The test F1 keys present in `rows` (summaries or records' metrics), F1_KEYS first, then
-  the accuracies (overall, per type, per bucket) when any row has them."""
+def score_keys(rows):
+  """The test scores present in `rows` (summaries or records' metrics): the F1 keys, F1_KEYS
+  first, then the accuracies (overall, per type, per bucket) when any row has them."""
   found = {k for r in rows for k in r if is_metric(k) and k != "dev/f1"}
   f1 = [k for k in F1_KEYS if k in found] + sorted(k for k in found - set(F1_KEYS)
                                                    if k.endswith("/f1"))
@@ -145,7 +145,7 @@ def summarise(records, variants, baselines=BASELINES):
     row = {"variant": v, "seeds": sorted(runs),
            "failed": {r["seed"]: r["error"] for r in records
                       if r["variant"] == v and r.get("status") == "failed"}}
-    for key in f1_keys([r.get("metrics", {}) for r in ok]) + ["dev/f1"]:
+    for key in score_keys([r.get("metrics", {}) for r in ok]) + ["dev/f1"]:
       per_seed = {s: r["metrics"][key] for s, r in runs.items()
                   if r.get("metrics", {}).get(key) is not None}
       if per_seed:
@@ -157,7 +157,7 @@ def summarise(records, variants, baselines=BASELINES):
             key: paired_difference(row[key]["values"], {
                 s: r["metrics"][key] for s, r in by_variant[base].items()
                 if r.get("metrics", {}).get(key) is not None})
-            for key in f1_keys([row]) if key in row}
+            for key in score_keys([row]) if key in row}
     for field, reduce in (("step_ms", np.mean), ("compile_s", np.max), ("peak_mb", np.max),
                           ("cpu_s", np.mean)):
       got = [r[field] for r in runs.values() if r.get(field) is not None]
@@ -201,7 +201,7 @@ def format_table(rows, baselines=BASELINES, metric="test/f1"):
   """Markdown: test F1 (mean ± std over seeds), the paired differences of `metric` against
   each baseline with their 95% intervals, timing and memory; then the plan diagnostics
   per level; then the failed runs."""
-  keys = f1_keys(rows)
+  keys = score_keys(rows)
   heads = ["variant", "seeds"] + [column_name(k) for k in keys]
   name = column_name(metric).removeprefix("F1 ")
   for base in baselines:
@@ -237,7 +237,7 @@ def plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  keys = f1_keys(rows)
+  keys = score_keys(rows)
   if not keys:
     return None
   fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.6), dpi=100,

@@ -112,9 +112,9 @@ def tower_loss(invariance, levels=1):
       scale = jax.lax.stop_gradient((a ** 2 + b ** 2).mean() / 2)
       return ((a - b) ** 2).mean() / scale, scale
 
-    gaps = [gap(x)[0] for x in states[-levels:]]
-    top_gap, scale = gap(states[-1])
-    objective = ce + invariance * sum(gaps) / len(gaps)
+    gaps = [gap(x) for x in states[-levels:]]   # the top level last
+    top_gap, scale = gaps[-1]
+    objective = ce + invariance * sum(g for g, _ in gaps) / len(gaps)
     return objective, {**metrics, "objective": objective, "colour_gap": top_gap,
                        "top_rms": jnp.sqrt(scale)}
   return loss_fn

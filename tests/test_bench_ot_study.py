@@ -113,7 +113,7 @@ def test_bucket_f1s_become_columns_and_the_table_compares_the_chosen_metric():
   assert set(kept["metrics"]) == {"test/f1", "test/e-o/f1", "test/colour/f1",
                                   "test/shape/f1", "dev/f1", "test/colour/acc"}
   rows = ot_study.summarise(records, ["none", "skip", "ot_paper"], ("none", "skip"))
-  assert ot_study.f1_keys(rows) == ["test/f1", "test/e-o/f1", "test/colour/f1",
+  assert ot_study.score_keys(rows) == ["test/f1", "test/e-o/f1", "test/colour/f1",
                                     "test/shape/f1", "test/colour/acc"]
   assert rows[2]["vs"]["skip"]["test/colour/f1"]["mean"] == pytest.approx(-15.0)
   table = ot_study.format_table(rows, ("none", "skip"), "test/colour/f1")

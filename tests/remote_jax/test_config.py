@@ -30,13 +30,8 @@ def get(config, path):
 def present(config, kind):
   """DERIVED[kind]'s entries whose two fields `config` has (the attribute world's pair only
   in configs/ot_world.py; resolve skips the others too)."""
-  def has(path):
-    try:
-      get(config, path)
-      return True
-    except KeyError:
-      return False
-  return [e for e in config_lib.DERIVED[kind] if has(e[0]) and has(e[1])]
+  return [e for e in config_lib.DERIVED[kind]
+          if config_lib.has_field(config, e[0]) and config_lib.has_field(config, e[1])]
 
 
 def other(value):
