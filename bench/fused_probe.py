@@ -2,6 +2,7 @@ r"""What does the head see of an object's colour and shape, level by level? A li
 the fused features of trained runs (issue 35; a diagnostic, not a test).
 
   python -m bench.fused_probe runs/ot_world_study/n1000_moe_off/runs/*/seed_0 [--examples 600]
+  python -m bench.fused_probe RUN --layouts full,no_box,no_depth_summary,no_depth,rgb_only
 
 For each run (a remote_jax.train workdir on the attribute world; its config.json and newest
 checkpoint), every valid object of the train and test splits is read as the mean of its
@@ -11,10 +12,16 @@ after the MMoE) is read as well. A ridge classifier (remote_jax.towers.ridge_acc
 tower probe's) is fitted from each to the object's colour and to its shape (the world's
 ground truth, world.json) on train, and scored on test. The run's newest checkpoint is read
 (a study run keeps its last two evaluations), not necessarily its best-dev step. One JSON
-line per run: per attribute, the accuracy per level and at the head (chance 0.2 for the
-colour, 1/3 for the shape).
+line per run and layout: per attribute, the accuracy per level and at the head (chance 0.2
+for the colour, 1/3 for the shape).
+
+`--layouts` reads the same run with parts of the object-token layout switched off (LAYOUTS:
+the box offsets, the depth summary, the depth tokens), which the pretrained tower never saw in
+its pretraining: where does its top regain what it was trained to lose? The run's own
+parameters are used; those of a part switched off go unread.
 """
 import argparse
+import copy
 import json
 import pathlib
 
@@ -33,13 +40,34 @@ def load_run(workdir):
   return config, s, state, int(step)
 
 
-def forward_fn(s):
+# Parts of the model's object-token layout that a synthetic tower's pretraining never saw.
+LAYOUTS = {
+    "full": {},
+    "no_box": {"use_pos": False},
+    "no_depth_summary": {"depth_summary": "off"},
+    "no_depth": {"vision.use_depth": False, "depth_summary": "off"},
+    "rgb_only": {"use_pos": False, "vision.use_depth": False, "depth_summary": "off"},
+}
+
+
+def with_layout(model_config, layout):
+  """A copy of config.model with LAYOUTS[layout]'s parts switched off."""
+  from remote_jax import config as config_lib
+  if layout not in LAYOUTS:
+    raise ValueError(f"--layouts: unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+  cfg = copy.deepcopy(model_config)
+  for path, value in LAYOUTS[layout].items():
+    config_lib.set_field(cfg, path, value)
+  return cfg
+
+
+def forward_fn(model):
   """jit'd (params, batch) -> (every vision level's tokens, the head's object features)."""
   import jax
 
   @jax.jit
   def forward(p, batch):
-    _, state = s.model.apply({"params": p}, batch, mutable=["intermediates"])
+    _, state = model.apply({"params": p}, batch, mutable=["intermediates"])
     inter = state["intermediates"]
     return inter["vision_levels"][0], inter["object_features"][0]
   return forward
@@ -85,31 +113,46 @@ def object_features(s, forward, reader, params, split, limit):
   return levels, np.concatenate(head), {k: np.asarray(v) for k, v in labels.items()}
 
 
-def probe_run(workdir, examples):
+def probe_run(workdir, examples, layouts=("full",)):
+  """One result dict per layout of the run in `workdir`."""
   from remote_jax import towers
   from remote_jax.data import builder, synth
+  from remote_jax.models import remote
   config, s, state, step = load_run(workdir)
-  forward, reader = forward_fn(s), builder.make_reader(s.config.data)
-  train, test = (object_features(s, forward, reader, state.eval_params, split, examples)
-                 for split in ("train", "test"))
-  out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
-         "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
-         "seed": config.seed, "objects_train": len(train[1]), "objects_test": len(test[1])}
-  for name, k in (("colour", len(synth.COLOURS)), ("shape", len(synth.SHAPES))):
-    ytr, yte = train[2][name], test[2][name]
-    out[f"{name}_per_level"] = [round(towers.ridge_accuracy(a, ytr, b, yte, k)[0], 4)
-                                for a, b in zip(train[0], test[0])]
-    out[f"{name}_at_head"] = round(towers.ridge_accuracy(train[1], ytr, test[1], yte, k)[0], 4)
-  return out
+  reader = builder.make_reader(s.config.data)
+  for layout in layouts:
+    model = remote.build(with_layout(s.config.model, layout), s.meta["num_classes"],
+                         s.meta["vocab_size"])
+    forward = forward_fn(model)
+    train, test = (object_features(s, forward, reader, state.eval_params, split, examples)
+                   for split in ("train", "test"))
+    out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
+           "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
+           "seed": config.seed, "layout": layout, "objects_train": len(train[1]),
+           "objects_test": len(test[1])}
+    for name, k in (("colour", len(synth.COLOURS)), ("shape", len(synth.SHAPES))):
+      ytr, yte = train[2][name], test[2][name]
+      out[f"{name}_per_level"] = [round(towers.ridge_accuracy(a, ytr, b, yte, k)[0], 4)
+                                  for a, b in zip(train[0], test[0])]
+      out[f"{name}_at_head"] = round(towers.ridge_accuracy(train[1], ytr, test[1], yte, k)[0],
+                                     4)
+    yield out
 
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("workdirs", nargs="+", help="run directories (config.json, checkpoints)")
   ap.add_argument("--examples", type=int, default=600, help="examples per split at most")
+  ap.add_argument("--layouts", default="full",
+                  help=f"comma-separated, of: {', '.join(LAYOUTS)} (default: full)")
   a = ap.parse_args()
+  layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
+  unknown = [x for x in layouts if x not in LAYOUTS]
+  if unknown or not layouts:
+    ap.error(f"--layouts: unknown {unknown or 'none given'}; choose from {', '.join(LAYOUTS)}")
   for workdir in a.workdirs:
-    print(json.dumps(probe_run(workdir, a.examples)), flush=True)
+    for out in probe_run(workdir, a.examples, layouts):
+      print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
