@@ -12,8 +12,9 @@ after the MMoE) is read as well. A ridge classifier (remote_jax.towers.ridge_acc
 tower probe's) is fitted from each to the object's colour and to its shape (the world's
 ground truth, world.json) on train, and scored on test. The run's newest checkpoint is read
 (a study run keeps its last two evaluations), not necessarily its best-dev step. One JSON
-line per run and layout: per attribute, the accuracy per level and at the head (chance 0.2
-for the colour, 1/3 for the shape).
+line per run and layout: per attribute, the accuracy per level (`*_per_level`; of the mean of
+its RGB tokens alone, without the depth tokens, in `*_per_level_rgb_tokens`) and at the head
+(chance 0.2 for the colour, 1/3 for the shape).
 
 `--layouts` reads the same run with parts of the object-token layout switched off (LAYOUTS:
 the box offsets, the depth summary, the depth tokens), which the pretrained tower never saw in
@@ -50,11 +51,24 @@ LAYOUTS = {
 }
 
 
+def parse_layouts(text):
+  """["full", ...] of a comma-separated `--layouts` value; ValueError names the choices."""
+  layouts = [x.strip() for x in text.split(",") if x.strip()]
+  unknown = [x for x in layouts if x not in LAYOUTS]
+  if unknown or not layouts:
+    raise ValueError(f"layouts {unknown or text!r}: choose from {', '.join(LAYOUTS)}")
+  return layouts
+
+
 def with_layout(model_config, layout):
-  """A copy of config.model with LAYOUTS[layout]'s parts switched off."""
+  """A copy of config.model with LAYOUTS[layout]'s parts switched off. The released code's
+  co-encoder (semantics=reference) ties more than the box to use_pos (remote.py,
+  pool_objects), so only `full` is read there."""
   from remote_jax import config as config_lib
-  if layout not in LAYOUTS:
-    raise ValueError(f"--layouts: unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+  parse_layouts(layout)
+  if layout != "full" and model_config.co_encoder:
+    raise ValueError(f"layout {layout!r}: a co-encoder run (semantics=reference) is read "
+                     "in the full layout only")
   cfg = copy.deepcopy(model_config)
   for path, value in LAYOUTS[layout].items():
     config_lib.set_field(cfg, path, value)
@@ -73,11 +87,12 @@ def forward_fn(model):
   return forward
 
 
-def object_features(s, forward, reader, params, split, limit):
-  """(per level (N, D) object means, head's object features (N, D), labels {"colour": (N,),
-  "shape": (N,)}) for the valid objects of the first `limit` examples of `split`, read through
-  `forward` (forward_fn). Raises ValueError when the batch's boxes do not match the world's,
-  slot by slot (the labels would be wrong)."""
+def object_features(s, forward, reader, params, split, limit, rgb):
+  """({"all": per level (N, D) means of each object's tokens, "rgb": the same of its RGB
+  tokens alone, at slice `rgb` of an object's tokens}, head's object features (N, D), labels
+  {"colour": (N,), "shape": (N,)}) for the valid objects of the first `limit` examples of
+  `split`, read through `forward` (forward_fn). Raises ValueError when the batch's boxes do not
+  match the world's, slot by slot (the labels would be wrong)."""
   import jax
 
   from remote_jax import task
@@ -92,13 +107,14 @@ def object_features(s, forward, reader, params, split, limit):
   ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
-  levels, head, labels, n = None, [], {"colour": [], "shape": []}, 0
+  levels, head, labels, n = {"all": [], "rgb": []}, [], {"colour": [], "shape": []}, 0
   for batch in ds:
     lv, obj = jax.device_get(forward(params, task.model_batch(batch)))
     k = obj.shape[1]
     keep = np.asarray(batch["obj_mask"]) & np.asarray(batch["mask"])[:, None]
-    means = [x.reshape(x.shape[0], k, -1, x.shape[-1]).mean(2)[keep] for x in lv]
-    levels = means if levels is None else [np.concatenate([a, b]) for a, b in zip(levels, means)]
+    per_object = [x.reshape(x.shape[0], k, -1, x.shape[-1]) for x in lv]
+    levels["all"].append([x.mean(2)[keep] for x in per_object])
+    levels["rgb"].append([x[:, :, rgb].mean(2)[keep] for x in per_object])
     head.append(obj[keep])
     for row, slot in zip(*np.nonzero(keep)):
       img = img_ids[int(batch["index"][row])]
@@ -110,6 +126,7 @@ def object_features(s, forward, reader, params, split, limit):
     n += int(np.asarray(batch["mask"]).sum())
     if n >= limit:
       break
+  levels = {name: [np.concatenate(x) for x in zip(*batches)] for name, batches in levels.items()}
   return levels, np.concatenate(head), {k: np.asarray(v) for k, v in labels.items()}
 
 
@@ -118,13 +135,16 @@ def probe_run(workdir, examples, layouts=("full",)):
   from remote_jax import towers
   from remote_jax.data import builder, synth
   from remote_jax.models import remote
+  from remote_jax.models.encoders import clip_vit
   config, s, state, step = load_run(workdir)
   reader = builder.make_reader(s.config.data)
+  vision = clip_vit.CLIPVisionConfig.from_config(s.config.model.vision)
+  rgb = slice(int(vision.use_cls), int(vision.use_cls) + vision.num_patches)  # [CLS?, rgb, depth]
   for layout in layouts:
     model = remote.build(with_layout(s.config.model, layout), s.meta["num_classes"],
                          s.meta["vocab_size"])
     forward = forward_fn(model)
-    train, test = (object_features(s, forward, reader, state.eval_params, split, examples)
+    train, test = (object_features(s, forward, reader, state.eval_params, split, examples, rgb)
                    for split in ("train", "test"))
     out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
            "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
@@ -132,8 +152,10 @@ def probe_run(workdir, examples, layouts=("full",)):
            "objects_test": len(test[1])}
     for name, k in (("colour", len(synth.COLOURS)), ("shape", len(synth.SHAPES))):
       ytr, yte = train[2][name], test[2][name]
-      out[f"{name}_per_level"] = [round(towers.ridge_accuracy(a, ytr, b, yte, k)[0], 4)
-                                  for a, b in zip(train[0], test[0])]
+      for tokens, suffix in (("all", ""), ("rgb", "_rgb_tokens")):
+        out[f"{name}_per_level{suffix}"] = [
+            round(towers.ridge_accuracy(a, ytr, b, yte, k)[0], 4)
+            for a, b in zip(train[0][tokens], test[0][tokens])]
       out[f"{name}_at_head"] = round(towers.ridge_accuracy(train[1], ytr, test[1], yte, k)[0],
                                      4)
     yield out
@@ -146,13 +168,13 @@ def main():
   ap.add_argument("--layouts", default="full",
                   help=f"comma-separated, of: {', '.join(LAYOUTS)} (default: full)")
   a = ap.parse_args()
-  layouts = [x.strip() for x in a.layouts.split(",") if x.strip()]
-  unknown = [x for x in layouts if x not in LAYOUTS]
-  if unknown or not layouts:
-    ap.error(f"--layouts: unknown {unknown or 'none given'}; choose from {', '.join(LAYOUTS)}")
-  for workdir in a.workdirs:
-    for out in probe_run(workdir, a.examples, layouts):
-      print(json.dumps(out), flush=True)
+  try:
+    layouts = parse_layouts(a.layouts)
+    for workdir in a.workdirs:
+      for out in probe_run(workdir, a.examples, layouts):
+        print(json.dumps(out), flush=True)
+  except ValueError as e:
+    ap.error(f"{e}")
 
 
 if __name__ == "__main__":

@@ -9,30 +9,43 @@ from remote_jax.models import remote
 from tests.conftest import C, K, make_batch, micro_config, random_params
 
 
-def test_layouts_switch_off_their_parts_and_nothing_else():
+def test_each_layout_switches_off_its_parts_and_nothing_else():
   cfg = micro_config(depth_summary="post_norm")
-  rgb = fused_probe.with_layout(cfg, "rgb_only")
-  assert (rgb.use_pos, rgb.vision.use_depth, rgb.depth_summary) == (False, False, "off")
+  for layout, parts in fused_probe.LAYOUTS.items():
+    want = cfg.to_dict()
+    for path, value in parts.items():
+      *parents, key = path.split(".")
+      node = want
+      for k in parents:
+        node = node[k]
+      node[key] = value
+    assert fused_probe.with_layout(cfg, layout).to_dict() == want, layout
   assert (cfg.use_pos, cfg.vision.use_depth, cfg.depth_summary) == (True, True, "post_norm")
-  no_box = fused_probe.with_layout(cfg, "no_box")
-  assert no_box.to_dict() == {**cfg.to_dict(), "use_pos": False}
-  assert fused_probe.with_layout(cfg, "full").to_dict() == cfg.to_dict()
-  with pytest.raises(ValueError, match="unknown layout 'rgb'.*rgb_only"):
+  with pytest.raises(ValueError, match="'rgb'.*rgb_only"):
     fused_probe.with_layout(cfg, "rgb")
+  assert fused_probe.parse_layouts(" full, rgb_only ") == ["full", "rgb_only"]
+  with pytest.raises(ValueError, match="choose from"):
+    fused_probe.parse_layouts(",")
+  with pytest.raises(ValueError, match="co-encoder"):
+    fused_probe.with_layout(micro_config("reference"), "no_box")
 
 
-def test_a_layout_reads_the_full_models_parameters():
+def test_a_layout_reads_the_full_models_parameters_and_not_the_parts_it_switched_off():
   cfg, batch = micro_config(depth_summary="post_norm"), make_batch()
   params = random_params(remote.build(cfg, C, 2100), batch)
-  read = {}
-  for layout in ("full", "rgb_only"):
-    forward = fused_probe.forward_fn(remote.build(fused_probe.with_layout(cfg, layout), C, 2100))
-    levels, objects = jax.device_get(forward(params, batch))
-    read[layout] = levels[-1], objects
-  per_object = {k: v[0].shape[1] // K for k, v in read.items()}
-  assert per_object["full"] == 2 * per_object["rgb_only"]   # the depth tokens are gone
-  # The rgb tokens move without the depth tokens and box offsets, and so does the head's read.
-  rgb_tokens = read["full"][0].reshape(2, K, 2, -1, read["full"][0].shape[-1])[:, :, 0]
-  assert not np.allclose(rgb_tokens.reshape(read["rgb_only"][0].shape), read["rgb_only"][0],
-                         atol=1e-4)
-  assert not np.allclose(read["full"][1], read["rgb_only"][1], atol=1e-4)
+  forward = {layout: fused_probe.forward_fn(
+      remote.build(fused_probe.with_layout(cfg, layout), C, 2100))
+      for layout in ("full", "rgb_only")}
+  full, rgb = (jax.device_get(forward[x](params, batch)) for x in ("full", "rgb_only"))
+  assert full[0][-1].shape[1] // K == 2 * rgb[0][-1].shape[1] // K   # the depth tokens are gone
+  assert not np.allclose(full[1], rgb[1], atol=1e-4)                  # the head's read moves
+  # The parameters of what rgb_only switches off go unread: changing them changes nothing.
+  moved = jax.tree_util.tree_map(lambda x: x, params)
+  moved["box_embed"] = jax.tree_util.tree_map(lambda x: x + 1.0, params["box_embed"])
+  moved["depth_embed"] = jax.tree_util.tree_map(lambda x: x + 1.0, params["depth_embed"])
+  emb = dict(moved["vision"]["embeddings"])
+  emb["depth_embedding"] = jax.tree_util.tree_map(lambda x: x + 1.0, emb["depth_embedding"])
+  moved["vision"] = {**moved["vision"], "embeddings": emb}
+  again = jax.device_get(forward["rgb_only"](moved, batch))
+  np.testing.assert_array_equal(again[1], rgb[1])
+  assert not np.allclose(jax.device_get(forward["full"](moved, batch))[1], full[1], atol=1e-4)
