@@ -114,6 +114,9 @@ def bootstrap_ci(values, n_boot=N_BOOT, seed=0, level=0.95):
   return float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
 
 
+ZERO = 1e-9   # bounds within this of 0 are 0
+
+
 def paired_difference(values, baseline, n_boot=N_BOOT):
   """`values` - `baseline` ({seed: value} each) on their common seeds: {"mean", "n",
   "seeds", "ci" [lo, hi] and "separated" (the interval excludes 0)}; with fewer than two
@@ -124,7 +127,9 @@ def paired_difference(values, baseline, n_boot=N_BOOT):
          "ci": None, "separated": None}
   if len(seeds) >= 2:
     lo, hi = bootstrap_ci(diffs, n_boot)
-    out.update(ci=[lo, hi], separated=bool(lo > 0 or hi < 0))
+    # A bound that is 0 in exact arithmetic (a resample whose differences cancel) can come
+    # out as -3e-15; it must not count as excluding 0.
+    out.update(ci=[lo, hi], separated=bool(lo > ZERO or hi < -ZERO))
   return out
 
 

@@ -19,7 +19,7 @@ def test_bootstrap_interval_of_known_numbers():
   assert ot_study.bootstrap_ci([1.0, 2.0, 3.0, 4.0, 5.0]) == (lo, hi)   # seeded
 
 
-def test_the_difference_is_paired_by_seed():
+def test_the_difference_is_paired_by_seed(monkeypatch):
   # Seed-to-seed spread of 10 points, yet every seed gains exactly 1: separated.
   d = ot_study.paired_difference({0: 80.0, 1: 90.0, 2: 100.0}, {0: 79.0, 1: 89.0, 2: 99.0})
   assert d["mean"] == pytest.approx(1.0) and d["ci"] == pytest.approx([1.0, 1.0])
@@ -34,6 +34,16 @@ def test_the_difference_is_paired_by_seed():
   assert d["ci"][0] < 0 < d["ci"][1] and d["separated"] is False
   # Differences of one sign, however small, are always separated (docs/benchmarks.md).
   assert ot_study.paired_difference({0: 0.01, 1: 5.0}, {0: 0.0, 1: 0.0})["separated"] is True
+  # An interval whose bound is 0 up to rounding does not exclude 0 (moe=off, 250 examples:
+  # -2.5 [-5.6, -2.8e-15] from accuracies on 600 lines).
+  diffs = {0: 2 / 3, 1: 2 / 3, 2: -1 / 3, 3: -1 / 3, 4: -2 / 3}
+  rounded = sum([2 / 3, 2 / 3, -1 / 3, -1 / 3, -2 / 3])
+  assert rounded != 0 and abs(rounded) < 1e-12   # the float sum that made the artefact
+  monkeypatch.setattr(ot_study, "bootstrap_ci", lambda d, n: (-5.6, rounded))
+  assert ot_study.paired_difference(diffs, dict.fromkeys(diffs, 0.0))["separated"] is False
+  monkeypatch.setattr(ot_study, "bootstrap_ci", lambda d, n: (-5.6, -0.01))
+  assert ot_study.paired_difference(diffs, dict.fromkeys(diffs, 0.0))["separated"] is True
+  monkeypatch.undo()
   # One common seed: a difference but no interval.
   d = ot_study.paired_difference({0: 91.0}, {0: 90.0, 1: 80.0})
   assert d["mean"] == pytest.approx(1.0) and d["ci"] is None and d["separated"] is None
