@@ -65,7 +65,8 @@ def with_layout(model_config, layout):
   co-encoder (semantics=reference) ties more than the box to use_pos (remote.py,
   pool_objects), so only `full` is read there."""
   from remote_jax import config as config_lib
-  parse_layouts(layout)
+  if layout not in LAYOUTS:   # one name here, where parse_layouts takes a list
+    raise ValueError(f"layout {layout!r}: choose from {', '.join(LAYOUTS)}")
   if layout != "full" and model_config.co_encoder:
     raise ValueError(f"layout {layout!r}: a co-encoder run (semantics=reference) is read "
                      "in the full layout only")

@@ -21,8 +21,9 @@ def test_each_layout_switches_off_its_parts_and_nothing_else():
       node[key] = value
     assert fused_probe.with_layout(cfg, layout).to_dict() == want, layout
   assert (cfg.use_pos, cfg.vision.use_depth, cfg.depth_summary) == (True, True, "post_norm")
-  with pytest.raises(ValueError, match="'rgb'.*rgb_only"):
-    fused_probe.with_layout(cfg, "rgb")
+  for bad in ("rgb", "full,rgb_only"):   # one name, known
+    with pytest.raises(ValueError, match="choose from.*rgb_only"):
+      fused_probe.with_layout(cfg, bad)
   assert fused_probe.parse_layouts(" full, rgb_only ") == ["full", "rgb_only"]
   with pytest.raises(ValueError, match="choose from"):
     fused_probe.parse_layouts(",")
@@ -40,12 +41,12 @@ def test_a_layout_reads_the_full_models_parameters_and_not_the_parts_it_switched
   assert full[0][-1].shape[1] // K == 2 * rgb[0][-1].shape[1] // K   # the depth tokens are gone
   assert not np.allclose(full[1], rgb[1], atol=1e-4)                  # the head's read moves
   # The parameters of what rgb_only switches off go unread: changing them changes nothing.
-  moved = jax.tree_util.tree_map(lambda x: x, params)
-  moved["box_embed"] = jax.tree_util.tree_map(lambda x: x + 1.0, params["box_embed"])
-  moved["depth_embed"] = jax.tree_util.tree_map(lambda x: x + 1.0, params["depth_embed"])
-  emb = dict(moved["vision"]["embeddings"])
-  emb["depth_embedding"] = jax.tree_util.tree_map(lambda x: x + 1.0, emb["depth_embedding"])
-  moved["vision"] = {**moved["vision"], "embeddings": emb}
+  bump = lambda tree: jax.tree_util.tree_map(lambda x: x + 1.0, tree)
+  emb = params["vision"]["embeddings"]
+  moved = {**params, "box_embed": bump(params["box_embed"]),
+           "depth_embed": bump(params["depth_embed"]),
+           "vision": {**params["vision"], "embeddings": {
+               **emb, "depth_embedding": bump(emb["depth_embedding"])}}}
   again = jax.device_get(forward["rgb_only"](moved, batch))
   np.testing.assert_array_equal(again[1], rgb[1])
   assert not np.allclose(jax.device_get(forward["full"](moved, batch))[1], full[1], atol=1e-4)
