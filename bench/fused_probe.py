@@ -35,8 +35,10 @@ def load_run(workdir):
 
   from remote_jax import config as config_lib
   from remote_jax import task
-  config = config_lib.resolve(ml_collections.ConfigDict(
-      json.loads((pathlib.Path(workdir) / "config.json").read_text())))
+  saved = pathlib.Path(workdir) / "config.json"
+  if not saved.is_file():
+    raise ValueError(f"{workdir}: no config.json; give a remote_jax.train run directory")
+  config = config_lib.resolve(ml_collections.ConfigDict(json.loads(saved.read_text())))
   s, state, step = task.restore(config, str(workdir))
   return config, s, state, int(step)
 

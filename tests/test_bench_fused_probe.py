@@ -31,6 +31,11 @@ def test_each_layout_switches_off_its_parts_and_nothing_else():
     fused_probe.with_layout(micro_config("reference"), "no_box")
 
 
+def test_a_directory_that_is_no_run_is_named(tmp_path):
+  with pytest.raises(ValueError, match=f"{tmp_path}: no config.json"):
+    fused_probe.load_run(tmp_path)
+
+
 def test_a_layout_reads_the_full_models_parameters_and_not_the_parts_it_switched_off():
   cfg, batch = micro_config(depth_summary="post_norm"), make_batch()
   params = random_params(remote.build(cfg, C, 2100), batch)
