@@ -30,7 +30,10 @@ to find (docs/ot_world.md).
 from configs import common, demo
 
 # The world's parameters (config.data.attribute_world); its sensor noise is the tower's.
-ATTRIBUTE_WORLD = dict(seed=0, n_train=3000, n_val=300, n_test=600, image_size=96)
+# colour_source "tag": the colour part's cue sits in another object, the read shape's
+# same-shaped tag (H3; data.num_objects follows it: remote_jax/config.py DERIVED).
+ATTRIBUTE_WORLD = dict(seed=0, n_train=3000, n_val=300, n_test=600, image_size=96,
+                       colour_source="own")
 
 
 def get_config(arg=None):
@@ -44,7 +47,7 @@ def get_config(arg=None):
   del config.data["demo"]
   config.data.attribute_world = dict(ATTRIBUTE_WORLD,
                                      pixel_noise=config.model.vision.synth["pixel_noise"])
-  config.data.num_objects = 3
+  config.data.num_objects = 3   # follows data.attribute_world.colour_source
   config.model.mot.vision_scope = "image"
   # The pretrained tower; its depth projection (new, from the RGB kernel's channel mean) trains.
   config.optim.frozen_patterns = (r"^vision/(?!embeddings/depth_embedding/)",)

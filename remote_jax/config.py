@@ -231,6 +231,11 @@ def mi2rage_folds(cfg):
 
 # (derived field, its source, how): the fields that copy or follow another. A config file
 # and an override set the source; `resolve` sets the derived field.
+def _attribute_world_objects(colour_source):
+  from remote_jax.data import attribute_world   # the world states its own object count
+  return attribute_world.num_objects(colour_source)
+
+
 DERIVED = {
     "remote": (
         ("model.vision.use_depth", "data.use_depth", lambda v: v),
@@ -240,6 +245,8 @@ DERIVED = {
         # noise is the tower's, the tower's crops are cut from images of the world's size.
         ("data.attribute_world.pixel_noise", "model.vision.synth.pixel_noise", lambda v: v),
         ("model.vision.synth.world_size", "data.attribute_world.image_size", lambda v: v),
+        # Its object count follows where the colour cue sits (3 shapes, or 2 and 2 tags).
+        ("data.num_objects", "data.attribute_world.colour_source", _attribute_world_objects),
     ),
     "mi2rage": (
         ("data.image_size", "model.vision.image_size", lambda v: v),

@@ -22,6 +22,16 @@ MLP, and a pilot (`ot_paper`, seed 99, 1,000 examples) had learned neither part 
 steps (docs/ot_world.md); the rule reads one object's attribute, which the head can learn
 within the study's budget.
 
+`colour_source="tag"` (H3, docs/ot_world.md §5) moves the colour part's cue to OTHER
+positions than the read object's: each image holds 2 large grey shapes of 2 different shapes
+and 2 small TAGS, one in each of those shapes, one tag of a painted colour and one not.
+"P painted a shape ." holds for the large shape whose tag (the small shape of its shape) is
+painted; triplets read the large shapes only. The read object's own tokens carry no colour,
+so a same-position `skip` cannot find the cue and `mot=none` cannot see it; the `uniform`
+plan mixes both tags into every object alike; only a plan (or attention) that matches a
+large shape to its same-shaped tag by content can bring the cue to the read object.
+`drew` is unchanged (the circle, among the large shapes).
+
 What each part tests (docs/ot_world.md):
 - H1, "a path to the lower levels recovers the faded attribute": on `painted`, a model whose
   head sees only the tower's top (`mot=none`, `moe=off`) can hardly tell an object's colour;
@@ -51,7 +61,15 @@ TEMPLATES = {
 }
 # The test buckets (metrics "test/colour/f1", "test/shape/f1"): each relation's part.
 PARTS = {"painted": "colour", "drew": "shape"}
-WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "pixel_noise")
+WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "pixel_noise",
+              "colour_source")
+# Where the colour part's cue sits: the read object itself, or its same-shaped tag.
+COLOUR_SOURCES = ("own", "tag")
+# The tag world's large shapes are UNPAINTED grey (in no part's rule), its tags small.
+UNPAINTED, UNPAINTED_RGB = "grey", (150, 150, 150)
+PALETTE = dict(synth.COLOURS, **{UNPAINTED: UNPAINTED_RGB})
+LARGE, TAG = "large", "small"
+NUM_LARGE = 2
 # Part of the cache key: bump when the generated data changes.
 GENERATOR_VERSION = 2
 
@@ -73,24 +91,60 @@ def _scene(rng):
   return shapes
 
 
-def holds(relation, shape):
-  """The world's rule: does `relation` hold between the sentence's person and `shape`?"""
+def _tag_scene(rng):
+  """2 large grey shapes of 2 different shapes and 2 small tags, one of each of those shapes,
+  one tag of a PAINTED colour and one of another colour; disjoint, in random slots."""
+  kinds = [synth.SHAPES[k] for k in rng.permutation(len(synth.SHAPES))[:NUM_LARGE]]
+  others = [c for c in synth.COLOURS if c not in PAINTED_COLOURS]
+  tag_colours = [str(rng.choice(PAINTED_COLOURS)), str(rng.choice(others))]
+  tag_colours = [tag_colours[i] for i in rng.permutation(NUM_LARGE)]
+  specs = ([(LARGE, UNPAINTED, kind) for kind in kinds]
+           + [(TAG, colour, kind) for colour, kind in zip(tag_colours, kinds)])
+  while True:
+    shapes = []
+    for size, colour, kind in specs:
+      h = synth.SIZES[size] / 2
+      for _ in range(200):
+        cand = synth.Shape(size, float(rng.uniform(0.02 + h, 0.98 - h)),
+                           float(rng.uniform(0.02 + h, 0.98 - h)), float(rng.uniform(1.0, 2.0)),
+                           colour, kind)
+        if synth._free(cand, shapes):
+          shapes.append(cand)
+          break
+    if len(shapes) == len(specs):
+      return [shapes[i] for i in rng.permutation(len(shapes))]
+
+
+def tag_of(shape, shapes):
+  """The small tag of a large shape's shape in a tag scene."""
+  return next(s for s in shapes if s.size == TAG and s.shape == shape.shape)
+
+
+def holds(relation, shape, shapes, colour_source="own"):
+  """The world's rule: does `relation` hold between the sentence's person and `shape` (one of
+  the image's `shapes`)? With `colour_source="tag"` the colour is the shape's tag's."""
   if relation == "painted":
-    return shape.colour in PAINTED_COLOURS
+    cue = tag_of(shape, shapes) if colour_source == "tag" else shape
+    return cue.colour in PAINTED_COLOURS
   return shape.shape == DRAWN_SHAPE
 
 
-def _example(rng, relation, positive):
-  """-> (line without img_id, shapes, captions)."""
+def _example(rng, relation, positive, colour_source):
+  """-> (line without img_id, shapes, captions). Triplets read the large shapes only in a
+  tag scene; a scene without a fitting target (no large circle) is drawn again."""
   names = synth.pick_names(rng)
-  shapes = _scene(rng)
+  while True:
+    shapes = _tag_scene(rng) if colour_source == "tag" else _scene(rng)
+    readable = [s for s in shapes if colour_source == "own" or s.size == LARGE]
+    options = [s for s in readable if holds(relation, s, shapes, colour_source) == positive]
+    if options:
+      break
   tokens = str(rng.choice(TEMPLATES[relation])).format(p=names["p"]).split()
-  options = [s for s in shapes if holds(relation, s) == positive]
   target = options[int(rng.integers(len(options)))]
   person = dict(name=names["p"], pos=synth.span(tokens, names["p"].split()))
   obj = dict(name=f"[OBJ{shapes.index(target)}]", pos=[round(v, 4) for v in target.box])
   captions = {names["p"]: synth.DESCRIPTIONS["p"].format(names["p"])}
-  captions.update({f"[OBJ{k}]": synth.ABSENT_CAPTION for k in range(NUM_OBJECTS)})
+  captions.update({f"[OBJ{k}]": synth.ABSENT_CAPTION for k in range(len(shapes))})
   line = dict(token=tokens, h=person, t=obj, relation=relation if positive else "none")
   return line, shapes, captions
 
@@ -102,10 +156,20 @@ def _plan(rng, count):
   return [plan[i] for i in rng.permutation(count)]
 
 
-def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, pixel_noise):
+def num_objects(colour_source):
+  """Objects per image: 3 shapes, or 2 large shapes and their 2 tags."""
+  if colour_source not in COLOUR_SOURCES:
+    raise ValueError(f"data.attribute_world.colour_source={colour_source!r}: allowed "
+                     f"{list(COLOUR_SOURCES)}")
+  return 2 * NUM_LARGE if colour_source == "tag" else NUM_OBJECTS
+
+
+def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, pixel_noise,
+                          colour_source="own"):
   """Writes the world in UMRE layout under `out_dir` (UmreReader's default paths), with the
   buckets of PARTS per split ({split: {part: 0-based line indices}}) and the ground truth
   `world.json` (per image in slot order: colour, shape, size, nearness)."""
+  num_objects(colour_source)   # checks it
   out = pathlib.Path(out_dir)
   paths = umre.UmreReader.DEFAULT_PATHS
   (out / paths["images"]).mkdir(parents=True, exist_ok=True)
@@ -117,11 +181,11 @@ def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, 
     noise_rng = np.random.default_rng([seed, split_index, 1])
     lines, parts = [], {part: [] for part in PARTS.values()}
     for i, (relation, positive) in enumerate(_plan(rng, count)):
-      line, shapes, caps = _example(rng, relation, positive)
+      line, shapes, caps = _example(rng, relation, positive, colour_source)
       parts[PARTS[relation]].append(i)
       stem = f"{split}_{i:05d}"
       line["img_id"] = img_id = f"{stem}.png"
-      image, depth = synth.render(shapes, image_size)
+      image, depth = synth.render(shapes, image_size, PALETTE)
       synth.add_noise(image, synth.noise_field(noise_rng, image_size, pixel_noise)).save(
           out / paths["images"] / img_id)
       np.savez_compressed(out / paths["depth"] / f"{stem}.npz", depth_map=depth)

@@ -320,14 +320,14 @@ def _random_scene(rng, n, fixed=()):
   return _shuffled(rng, shapes)
 
 
-def render(shapes, size):
-  """RGB image and nearness map; nearer shapes are drawn last."""
+def render(shapes, size, palette=COLOURS):
+  """RGB image and nearness map; nearer shapes are drawn last, in `palette`'s colours."""
   image = Image.new("RGB", (size, size), BACKGROUND)
   index = Image.new("L", (size, size), 0)
   draw, draw_index = ImageDraw.Draw(image), ImageDraw.Draw(index)
   for i in sorted(range(len(shapes)), key=lambda i: shapes[i].depth):
     shape = shapes[i]
-    for d, fill in ((draw, COLOURS[shape.colour]), (draw_index, i + 1)):
+    for d, fill in ((draw, palette[shape.colour]), (draw_index, i + 1)):
       draw_shape(d, shape.shape, shape.box, size, fill)
   lut = np.asarray([BACKGROUND_DEPTH] + [s.depth for s in shapes], np.float32)
   return image, lut[np.asarray(index)]

@@ -105,3 +105,48 @@ def test_the_world_takes_the_towers_noise_and_the_tower_the_worlds_size():
   config.data.attribute_world.pixel_noise = 0.3
   with pytest.raises(ValueError, match=r"follows model\.vision\.synth\.pixel_noise"):
     config_lib.resolve(config, overridden=("data.attribute_world.pixel_noise",))
+
+
+@pytest.fixture(scope="module")
+def tag_dir(tmp_path_factory):
+  return attribute_world.write_attribute_world(tmp_path_factory.mktemp("aw") / "tag",
+                                               **dict(SMALL, colour_source="tag"))
+
+
+def test_tag_world_puts_the_colour_cue_in_the_same_shaped_tag(tag_dir):
+  truth = json.loads((tag_dir / "world.json").read_text())["images"]
+  counts = collections.Counter()
+  for split in ("train", "val", "test"):
+    for line in lines(tag_dir, split):
+      objects = truth[line["img_id"]]
+      large = [o for o in objects if o[2] == attribute_world.LARGE]
+      tags = [o for o in objects if o[2] == attribute_world.TAG]
+      assert len(large) == len(tags) == attribute_world.NUM_LARGE
+      assert {o[0] for o in large} == {attribute_world.UNPAINTED}   # the read shapes: no colour
+      assert sorted(o[1] for o in large) == sorted(o[1] for o in tags)
+      assert sum(o[0] in attribute_world.PAINTED_COLOURS for o in tags) == 1
+      slot = int(line["t"]["name"].removeprefix("[OBJ").removesuffix("]"))
+      colour, shape, size = objects[slot][:3]
+      assert size == attribute_world.LARGE   # triplets read the large shapes only
+      tag_colour = next(o[0] for o in tags if o[1] == shape)
+      part = "painted" if set(line["token"]) & {"painted", "coloured"} else "drew"
+      rule = (tag_colour in attribute_world.PAINTED_COLOURS if part == "painted"
+              else shape == attribute_world.DRAWN_SHAPE)
+      assert line["relation"] == (part if rule else "none")
+      counts[split, line["relation"]] += 1
+  assert counts["train", "painted"] == counts["train", "drew"] == 20
+  boxes = json.loads((tag_dir / "pos_umke.json").read_text())
+  assert {len(b) for b in boxes.values()} == {attribute_world.num_objects("tag")}
+  plain = np.asarray(Image.open(tag_dir / "UMKE_IMG/train_00000.png"), np.float32)
+  assert plain.shape == (SMALL["image_size"],) * 2 + (3,)
+
+
+def test_the_object_count_follows_the_colour_source_and_a_bad_source_is_named():
+  from remote_jax import config as config_lib
+  config = ot_world.get_config()
+  config.data.attribute_world.colour_source = "tag"
+  config_lib.resolve(config)
+  assert config.data.num_objects == 4
+  config.data.attribute_world.colour_source = "elsewhere"
+  with pytest.raises(ValueError, match=r"colour_source='elsewhere': allowed \['own', 'tag'\]"):
+    config_lib.resolve(config)
