@@ -10,7 +10,15 @@ tokens at each vision level. Each level is taken after its fusion, so a `mot=non
 the unfused levels of the same towers. The object feature the head reads (`object_features`,
 after the MMoE) is read as well. A ridge classifier (remote_jax.towers.ridge_accuracy, the
 tower probe's) is fitted from each to the object's colour and to its shape (the world's
-ground truth, world.json) on train, and scored on test. The run's newest checkpoint is read
+ground truth, world.json) on train, and scored on test. On the tag world
+(`colour_source="tag"`) the objects read are the large shapes, and their "colour" is their
+cue's, the same-shaped tag's (attribute_world.read_cue): does the cue reach the read object?
+
+Where a run's vision fusion has a plan (ot_paper and the variants built on it), the plan's
+mass is read too (`plan_mass`, per fused level): the share of a read object's transported
+mass that comes from its own tokens, from its cue object's (the tag, on the tag world), and
+from the rest, at every source level together; `uniform_share` is what a uniform plan gives
+each object. The run's newest checkpoint is read
 (a study run keeps its last two evaluations), not necessarily its best-dev step. One JSON
 line per run and layout: per attribute, the accuracy per level (`*_per_level`; of the mean of
 its RGB tokens alone, without the depth tokens, in `*_per_level_rgb_tokens`) and at the head
@@ -38,7 +46,11 @@ def load_run(workdir):
   saved = pathlib.Path(workdir) / "config.json"
   if not saved.is_file():
     raise ValueError(f"{workdir}: no config.json; give a remote_jax.train run directory")
-  config = config_lib.resolve(ml_collections.ConfigDict(json.loads(saved.read_text())))
+  config = ml_collections.ConfigDict(json.loads(saved.read_text()))
+  world = config.data.get("attribute_world")
+  if world is not None and "colour_source" not in world:
+    world.colour_source = "own"   # a run from before the tag world: the same world
+  config = config_lib.resolve(config)
   s, state, step = task.restore(config, str(workdir))
   return config, s, state, int(step)
 
@@ -79,27 +91,41 @@ def with_layout(model_config, layout):
 
 
 def forward_fn(model):
-  """jit'd (params, batch) -> (every vision level's tokens, the head's object features)."""
+  """jit'd (params, batch) -> (every vision level's tokens, the head's object features,
+  {fused level: the vision fusion's (B, n, m) plan} where it has one)."""
   import jax
 
   @jax.jit
   def forward(p, batch):
     _, state = model.apply({"params": p}, batch, mutable=["intermediates"])
     inter = state["intermediates"]
-    return inter["vision_levels"][0], inter["object_features"][0]
+    plans = {int(name.removeprefix("mot_vision_")): v["plan"][0] for name, v in inter.items()
+             if name.startswith("mot_vision_") and "plan" in v}
+    return inter["vision_levels"][0], inter["object_features"][0], plans
   return forward
+
+
+def object_mass(plan, k):
+  """(B, K, K) share of each query object's plan mass that comes from each object's tokens, at
+  every source level together; `plan` (B, n, m) has K objects of n // K tokens each in the
+  query, and whole levels of the query's layout in the source (m % n == 0)."""
+  b, n, m = plan.shape
+  t = n // k
+  per = np.asarray(plan, np.float64).reshape(b, k, t, m // n, k, t).sum((2, 3, 5))
+  return per / np.maximum(per.sum(-1, keepdims=True), 1e-30)
 
 
 def object_features(s, forward, reader, params, split, limit, rgb):
   """({"all": per level (N, D) means of each object's tokens, "rgb": the same of its RGB
   tokens alone, at slice `rgb` of an object's tokens}, head's object features (N, D), labels
-  {"colour": (N,), "shape": (N,)}) for the valid objects of the first `limit` examples of
-  `split`, read through `forward` (forward_fn). Raises ValueError when the batch's boxes do not
-  match the world's, slot by slot (the labels would be wrong)."""
+  {"colour": (N,), "shape": (N,)}, {fused level: (N, 3) plan mass from the object's own tokens,
+  its cue object's, the rest}) for the read objects (attribute_world.read_cue) of the first
+  `limit` examples of `split`, read through `forward` (forward_fn). Raises ValueError when the
+  batch's boxes do not match the world's, slot by slot (the labels would be wrong)."""
   import jax
 
   from remote_jax import task
-  from remote_jax.data import pipeline, synth
+  from remote_jax.data import attribute_world, pipeline, synth
 
   world = json.loads((reader.root / "world.json").read_text())["images"]
   boxes = json.loads(reader.path("boxes").read_text())
@@ -110,27 +136,43 @@ def object_features(s, forward, reader, params, split, limit, rgb):
   ds = pipeline.build_dataset(s.config.data, task.SPLITS[split],
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
+  source = s.config.data.attribute_world.colour_source
   levels, head, labels, n = {"all": [], "rgb": []}, [], {"colour": [], "shape": []}, 0
+  mass = {}
   for batch in ds:
-    lv, obj = jax.device_get(forward(params, task.model_batch(batch)))
+    lv, obj, plans = jax.device_get(forward(params, task.model_batch(batch)))
     k = obj.shape[1]
     keep = np.asarray(batch["obj_mask"]) & np.asarray(batch["mask"])[:, None]
-    per_object = [x.reshape(x.shape[0], k, -1, x.shape[-1]) for x in lv]
-    levels["all"].append([x.mean(2)[keep] for x in per_object])
-    levels["rgb"].append([x[:, :, rgb].mean(2)[keep] for x in per_object])
-    head.append(obj[keep])
+    cue_slot = np.zeros(keep.shape, int)
     for row, slot in zip(*np.nonzero(keep)):
       img = img_ids[int(batch["index"][row])]
       want = boxes[img][f"[OBJ{slot}]"]
       if not np.allclose(np.asarray(batch["obj_boxes"])[row, slot, :4], want, atol=1e-3):
         raise ValueError(f"{img} slot {slot}: the batch's box is not the world's {want}")
-      for j, name in enumerate(labels):
-        labels[name].append(ids[name][world[img][slot][j]])
+      cue = attribute_world.read_cue(world[img], slot, source)
+      if cue is None:   # an object no triplet reads (a tag)
+        keep[row, slot] = False
+        continue
+      cue_slot[row, slot] = cue[0]
+      labels["colour"].append(ids["colour"][cue[1]])
+      labels["shape"].append(ids["shape"][cue[2]])
+    per_object = [x.reshape(x.shape[0], k, -1, x.shape[-1]) for x in lv]
+    levels["all"].append([x.mean(2)[keep] for x in per_object])
+    levels["rgb"].append([x[:, :, rgb].mean(2)[keep] for x in per_object])
+    head.append(obj[keep])
+    rows, slots = np.nonzero(keep)
+    for level, plan in plans.items():
+      share = object_mass(plan, k)[rows, slots]                     # (N, K)
+      own, cue = share[np.arange(len(rows)), slots], share[np.arange(len(rows)),
+                                                           cue_slot[rows, slots]]
+      cue = np.where(cue_slot[rows, slots] == slots, 0.0, cue)   # the own world: no cue apart
+      mass.setdefault(level, []).append(np.stack([own, cue, 1.0 - own - cue], -1))
     n += int(np.asarray(batch["mask"]).sum())
     if n >= limit:
       break
   levels = {name: [np.concatenate(x) for x in zip(*batches)] for name, batches in levels.items()}
-  return levels, np.concatenate(head), {k: np.asarray(v) for k, v in labels.items()}
+  return (levels, np.concatenate(head), {k: np.asarray(v) for k, v in labels.items()},
+          {level: np.concatenate(x) for level, x in sorted(mass.items())})
 
 
 def probe_run(workdir, examples, layouts=("full",)):
@@ -151,8 +193,15 @@ def probe_run(workdir, examples, layouts=("full",)):
                    for split in ("train", "test"))
     out = {"workdir": str(workdir), "step": step, "mot": config.model.mot.variant,
            "moe": config.model.moe.variant, "n_train": config.data.attribute_world.n_train,
+           "colour_source": config.data.attribute_world.colour_source,
            "seed": config.seed, "layout": layout, "objects_train": len(train[1]),
            "objects_test": len(test[1])}
+    if test[3]:   # on test: mean shares of a read object's mass, and a uniform plan's
+      out["plan_mass"] = {str(level): dict(zip(("own", "cue", "rest"),
+                                               np.round(m.mean(0), 4).tolist()))
+                          for level, m in test[3].items()}
+      # The attribute world fills every object slot of every image.
+      out["uniform_share"] = round(1.0 / s.config.data.num_objects, 4)
     for name, k in (("colour", len(synth.COLOURS)), ("shape", len(synth.SHAPES))):
       ytr, yte = train[2][name], test[2][name]
       for tokens, suffix in (("all", ""), ("rgb", "_rgb_tokens")):

@@ -229,13 +229,14 @@ def mi2rage_folds(cfg):
 
 # -- derived fields -------------------------------------------------------------------------
 
-# (derived field, its source, how): the fields that copy or follow another. A config file
-# and an override set the source; `resolve` sets the derived field.
 def _attribute_world_objects(colour_source):
-  from remote_jax.data import attribute_world   # the world states its own object count
+  # The world states its own object count (imported here: the data package imports config).
+  from remote_jax.data import attribute_world
   return attribute_world.num_objects(colour_source)
 
 
+# (derived field, its source, how): the fields that copy or follow another. A config file
+# and an override set the source; `resolve` sets the derived field.
 DERIVED = {
     "remote": (
         ("model.vision.use_depth", "data.use_depth", lambda v: v),

@@ -55,3 +55,32 @@ def test_a_layout_reads_the_full_models_parameters_and_not_the_parts_it_switched
   again = jax.device_get(forward["rgb_only"](moved, batch))
   np.testing.assert_array_equal(again[1], rgb[1])
   assert not np.allclose(jax.device_get(forward["full"](moved, batch))[1], full[1], atol=1e-4)
+
+
+def test_object_mass_splits_a_plan_by_the_objects_its_mass_comes_from():
+  k, t, levels = 3, 2, 2
+  n, m = k * t, levels * k * t
+  np.testing.assert_allclose(fused_probe.object_mass(np.ones((1, n, m)), k), 1 / k)
+  same = (np.arange(m)[None, :] % n == np.arange(n)[:, None]).astype(float)[None]
+  np.testing.assert_allclose(fused_probe.object_mass(same, k)[0], np.eye(k))
+  plan = same.copy()
+  plan[0, :t] = 0.0
+  plan[0, :t, n + 2 * t:n + 3 * t] = 1.0   # object 0's rows take object 2's level-1 tokens
+  share = fused_probe.object_mass(plan, k)[0]
+  np.testing.assert_allclose(share[0], [0.0, 0.0, 1.0])
+  np.testing.assert_allclose(share[1:], np.eye(k)[1:])
+
+
+def test_forward_returns_each_fused_levels_vision_plan_and_none_for_plain_runs():
+  batch = make_batch()
+  for variant, want in (("ot_paper", True), ("none", False)):
+    cfg = micro_config(**{"mot.variant": variant, "mot.vision_scope": "image"})
+    model = remote.build(cfg, C, 2100)
+    _, _, plans = jax.device_get(
+        fused_probe.forward_fn(model)(random_params(model, batch), batch))
+    assert bool(plans) == want, variant
+    for level, plan in plans.items():
+      b, n, m = plan.shape
+      assert (b, n % K, m) == (2, 0, level * n), level   # K objects; whole lower levels
+      np.testing.assert_allclose(fused_probe.object_mass(plan, K).sum(-1)[
+          np.asarray(batch["obj_mask"])], 1.0, rtol=1e-5)

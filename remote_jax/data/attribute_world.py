@@ -156,6 +156,19 @@ def _plan(rng, count):
   return [plan[i] for i in rng.permutation(count)]
 
 
+def read_cue(objects, slot, colour_source):
+  """(cue slot, cue colour, shape) of world.json's `objects[slot]`: the object whose colour
+  decides the colour part for it (itself, or its same-shaped tag), or None for an object no
+  triplet reads (a tag)."""
+  colour, shape, size = objects[slot][:3]
+  if colour_source != "tag":
+    return slot, colour, shape
+  if size != LARGE:
+    return None
+  cue = next(i for i, o in enumerate(objects) if o[2] == TAG and o[1] == shape)
+  return cue, objects[cue][0], shape
+
+
 def num_objects(colour_source):
   """Objects per image: 3 shapes, or 2 large shapes and their 2 tags."""
   if colour_source not in COLOUR_SOURCES:

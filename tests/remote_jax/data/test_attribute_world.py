@@ -150,3 +150,18 @@ def test_the_object_count_follows_the_colour_source_and_a_bad_source_is_named():
   config.data.attribute_world.colour_source = "elsewhere"
   with pytest.raises(ValueError, match=r"colour_source='elsewhere': allowed \['own', 'tag'\]"):
     config_lib.resolve(config)
+
+
+def test_read_cue_names_the_object_whose_colour_decides(tag_dir, world_dir):
+  for root, source in ((world_dir, "own"), (tag_dir, "tag")):
+    truth = json.loads((root / "world.json").read_text())["images"]
+    for objects in truth.values():
+      for slot, obj in enumerate(objects):
+        cue = attribute_world.read_cue(objects, slot, source)
+        if source == "own":
+          assert cue == (slot, obj[0], obj[1])
+        elif obj[2] == attribute_world.TAG:
+          assert cue is None
+        else:
+          assert objects[cue[0]][1:3] == [obj[1], attribute_world.TAG] and cue[1:] == (
+              objects[cue[0]][0], obj[1])
