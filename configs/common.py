@@ -191,21 +191,22 @@ DEMO_WORLD = dict(seed=0, n_train=3000, n_val=1500, n_test=1500, image_size=96,
                   caption_absent=0.3)
 
 
-def synth_tower(**overrides):
+# The synthetic tower's patch projection (remote_jax/towers.py).
+TOWER_STEM = r"^vision/embeddings/patch_embedding/"
+
+
+def synth_tower(name="grid", **overrides):
   """model.vision.synth: the recipe of a synthetic pretrained tower (remote_jax/towers.py),
-  read where model.vision.pretrained_dir = "synth:NAME"."""
+  read where model.vision.pretrained_dir = "synth:NAME". `name` picks a recipe of
+  SYNTH_TOWERS (configs/ot_world.py:tower=NAME); `overrides` replace its fields."""
+  if name not in SYNTH_TOWERS:
+    raise ValueError(f"tower={name!r}: allowed {sorted(SYNTH_TOWERS)} (configs/common.py "
+                     "SYNTH_TOWERS)")
   recipe = dict(seed=0, steps=4000, batch_size=128, n_crops=4096,
                 invariance=1.0,                      # weight of the colour-invariance term
                 invariant_levels=3,                  # over the top N levels
                 world_size=DEMO_WORLD["image_size"],  # crops are cut from images of this size
-                # Sensor noise (per pixel, fraction of the range) in the crops and the world
-                # that reads the tower: the floor under which a faded trace is lost.
-                pixel_noise=0.12,
-                # The patch projection stays at its random init: a fixed front end that
-                # keeps the colour at level 0, so that the layers are what fade it.
-                optim=optim_config(lr=1e-3, warmup_ratio=0.05, weight_decay=0.01,
-                                   decay_mask="no_bias_norm", clip_norm=1.0,
-                                   frozen_patterns=(r"^vision/embeddings/patch_embedding/",)))
+                **SYNTH_TOWERS[name])
   recipe.update(overrides)
   return recipe
 
@@ -277,6 +278,24 @@ def optim_config(**overrides):
   )
   optim.update(overrides)
   return optim
+
+
+_TOWER_OPTIM = dict(lr=1e-3, warmup_ratio=0.05, weight_decay=0.01, decay_mask="no_bias_norm",
+                    clip_norm=1.0)
+# Named tower recipes: sensor noise (per pixel, fraction of the range) in the crops and the
+# world that reads the tower, the floor under which a faded trace is lost; and how the patch
+# projection trains (docs/ot_world.md §1).
+SYNTH_TOWERS = {
+    # Issue 35's grid: the patch projection frozen at its random init, a fixed front end
+    # that keeps the colour at level 0 so that the layers fade it (top: 35.6%).
+    "grid": dict(pixel_noise=0.12,
+                 optim=optim_config(**_TOWER_OPTIM, frozen_patterns=(TOWER_STEM,))),
+    # The patch projection trained at 0.3x the lr, less noise: level 0 still keeps the colour
+    # (100%), the top loses it (26.8%): the recipe that meets issue 35's probe goal.
+    "slow_stem": dict(pixel_noise=0.08,
+                      optim=optim_config(**_TOWER_OPTIM, groups={
+                          "stem": dict(pattern=TOWER_STEM, lr_mult=0.3)})),
+}
 
 
 def train_config(**overrides):

@@ -11,8 +11,10 @@ the colour part), "P drew a shape ." for the circle (`drew`, the shape control),
 (P, one object). The test split's buckets `colour` and `shape` score the two parts apart.
 
 The tower (remote_jax/towers.py, recipe model.vision.synth): 6 layers pretrained to name the
-shape with a colour-invariant top, on crops with the world's noise, its patch projection kept
-at its random init. It is written once under data.cache_dir/towers and loaded as any
+shape with a colour-invariant top, on crops with the world's noise. `tower=NAME` picks a
+recipe of configs/common.py SYNTH_TOWERS: `grid` (the default, issue 35's studies: the patch
+projection kept at its random init; the top reads the colour at 35.6%) or `slow_stem` (the
+patch projection trained at 0.3x the lr, less noise: 26.8% at the top, 100% at level 0). It is written once under data.cache_dir/towers and loaded as any
 pretrained encoder; it is frozen here (its RGB embeddings and layers; its new depth
 projection, the box and depth-summary embeddings and everything above train). For layer-wise
 lr decay instead:
@@ -37,11 +39,16 @@ ATTRIBUTE_WORLD = dict(seed=0, n_train=3000, n_val=300, n_test=600, image_size=9
 
 
 def get_config(arg=None):
-  config = demo.get_config(f"size=deep,{arg or ''}")   # a `size=` in arg comes later and wins
+  # `tower=NAME` (configs/common.py SYNTH_TOWERS) is this config's own; the rest is the demo's.
+  items = [x for x in (arg or "").split(",") if x.strip()]
+  own = common.parse_arg(",".join(x for x in items if x.strip().startswith("tower=")),
+                         tower="grid")
+  rest = ",".join(x for x in items if not x.strip().startswith("tower="))
+  config = demo.get_config(f"size=deep,{rest}")   # a `size=` in arg comes later and wins
   config.model.vision.pretrained_dir = "synth:colour_blind"
   # Its world_size follows data.attribute_world.image_size, and the world's pixel_noise
   # follows its pixel_noise (remote_jax/config.py DERIVED).
-  config.model.vision.synth = common.synth_tower()
+  config.model.vision.synth = common.synth_tower(own.tower)
   # The demo's training settings, the attribute world's data (the same UMRE reader).
   config.data.name = "attribute_world"
   del config.data["demo"]

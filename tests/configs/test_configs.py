@@ -18,7 +18,8 @@ REMOTE = ["umre.py", "umre.py:semantics=reference", "umre.py:mot=xattn",
           "umre.py:mot=ot_reference", "umre.py:mot=none,moe=off", "umre.py:protocol=reference",
           "mnre.py", "more.py:semantics=reference", "mnre_text.py", "demo.py",
           "demo.py:runlocal,semantics=reference", "ot_study.py:moe=off", "ot_world.py",
-          "ot_world_study.py:mot=ot_paper,moe=off"]
+          "ot_world_study.py:mot=ot_paper,moe=off", "ot_world.py:tower=slow_stem",
+          "ot_world_tag_study.py:pos=false,depth=false,moe=off"]
 MI2RAGE = ["mi2rage_demo.py", "mi2rage_demo.py:fast,world=shapes", "mi2rage_mnre.py"]
 
 

@@ -35,8 +35,11 @@ def present(config, kind):
 
 
 def other(value):
-  """A valid new value of a source field: the other bool, or twice the size."""
-  return (not value) if isinstance(value, bool) else 2 * value
+  """A valid new value of a source field: the other bool, the attribute world's other colour
+  source, or twice the size."""
+  if isinstance(value, bool):
+    return not value
+  return {"own": "tag", "tag": "own"}[value] if isinstance(value, str) else 2 * value
 
 
 @pytest.mark.parametrize("name", REMOTE)

@@ -164,3 +164,23 @@ def test_a_short_pretraining_is_cached_and_loads_as_a_pretrained_encoder(tmp_pat
   np.testing.assert_array_equal(
       jax.device_get(s.state.params["vision"]["layers_5"]["fc2"]["kernel"]),
       written["layers_5"]["fc2"]["kernel"])
+
+
+def test_named_recipes_train_the_patch_projection_as_stated_and_the_world_follows():
+  from configs import common, ot_world
+  from remote_jax import config as config_lib
+  from remote_jax import optim
+  params = {"vision": {"embeddings": {"patch_embedding": {"kernel": np.zeros(2)}},
+                       "layers_0": {"fc1": {"kernel": np.zeros(2)}}}}
+  stem = {name: optim.param_labels(common.synth_tower(name)["optim"], params)["vision"]
+          for name in common.SYNTH_TOWERS}
+  assert stem["grid"]["embeddings"]["patch_embedding"]["kernel"] == optim.FROZEN
+  assert stem["slow_stem"]["embeddings"]["patch_embedding"]["kernel"] == "stem"
+  assert {s["layers_0"]["fc1"]["kernel"] for s in stem.values()} == {optim.DEFAULT}
+  assert common.synth_tower("slow_stem")["optim"]["groups"]["stem"]["lr_mult"] == 0.3
+  config = ot_world.get_config("tower=slow_stem,moe=off")
+  config_lib.resolve(config)
+  assert (config.data.attribute_world.pixel_noise, config.model.moe.variant) == (0.08, "off")
+  assert ot_world.get_config().model.vision.synth.to_dict() == common.synth_tower("grid")
+  with pytest.raises(ValueError, match=r"tower='nope': allowed \['grid', 'slow_stem'\]"):
+    ot_world.get_config("tower=nope")
