@@ -14,11 +14,13 @@ ground truth, world.json) on train, and scored on test. On the tag world
 (`colour_source="tag"`) the objects read are the large shapes, and their "colour" is their
 cue's, the same-shaped tag's (attribute_world.read_cue): does the cue reach the read object?
 
-Where a run's vision fusion has a plan (ot_paper and the variants built on it), the plan's
-mass is read too (`plan_mass`, per fused level): the share of a read object's transported
-mass that comes from its own tokens, from its cue object's (the tag, on the tag world), and
-from the rest, at every source level together; `uniform_share` is what a uniform plan gives
-each object. The run's newest checkpoint is read
+Where a run's image-wide vision fusion (`model.mot.vision_scope="image"`) has a plan
+(ot_paper and the variants built on it), the plan's mass is read too (`plan_mass`, per fused
+level): the share of a read object's transported mass, at every source level together, that
+comes from its own tokens (`own`), from its cue object's (`cue`: the tag, on the tag world;
+0 where the cue is the object itself) and from each other object on average (`each_other`);
+`uniform_share` is what a uniform plan gives each object. A per-object scope moves no mass
+between objects, so there is nothing to read. The run's newest checkpoint is read
 (a study run keeps its last two evaluations), not necessarily its best-dev step. One JSON
 line per run and layout: per attribute, the accuracy per level (`*_per_level`; of the mean of
 its RGB tokens alone, without the depth tokens, in `*_per_level_rgb_tokens`) and at the head
@@ -108,18 +110,34 @@ def forward_fn(model):
 def object_mass(plan, k):
   """(B, K, K) share of each query object's plan mass that comes from each object's tokens, at
   every source level together; `plan` (B, n, m) has K objects of n // K tokens each in the
-  query, and whole levels of the query's layout in the source (m % n == 0)."""
+  query, and whole levels of the query's layout in the source (m % n == 0): an image-wide
+  plan."""
   b, n, m = plan.shape
+  if n % k or m % n:
+    raise ValueError(f"a plan of {n} x {m} tokens is not image-wide over {k} objects "
+                     "(model.mot.vision_scope='image')")
   t = n // k
   per = np.asarray(plan, np.float64).reshape(b, k, t, m // n, k, t).sum((2, 3, 5))
   return per / np.maximum(per.sum(-1, keepdims=True), 1e-30)
 
 
+def read_shares(share, slots, cue_slots, n_valid):
+  """(N, 3): of each read object's mass (`share`, its (N, K) rows of object_mass), the share
+  from its own tokens, from its cue object's (0 where the cue is itself) and from each other
+  of the image's `n_valid` objects on average."""
+  rows = np.arange(len(slots))
+  own = share[rows, slots]
+  apart = cue_slots != slots
+  cue = np.where(apart, share[rows, cue_slots], 0.0)
+  each = (1.0 - own - cue) / np.maximum(n_valid - 1 - apart, 1)
+  return np.stack([own, cue, each], -1)
+
+
 def object_features(s, forward, reader, params, split, limit, rgb):
   """({"all": per level (N, D) means of each object's tokens, "rgb": the same of its RGB
   tokens alone, at slice `rgb` of an object's tokens}, head's object features (N, D), labels
-  {"colour": (N,), "shape": (N,)}, {fused level: (N, 3) plan mass from the object's own tokens,
-  its cue object's, the rest}) for the read objects (attribute_world.read_cue) of the first
+  {"colour": (N,), "shape": (N,)}, {fused level: (N, 3) read_shares of an image-wide plan})
+  for the read objects (attribute_world.read_cue) of the first
   `limit` examples of `split`, read through `forward` (forward_fn). Raises ValueError when the
   batch's boxes do not match the world's, slot by slot (the labels would be wrong)."""
   import jax
@@ -137,6 +155,7 @@ def object_features(s, forward, reader, params, split, limit, rgb):
                               batch_size=s.config.eval_batch_size, shuffle=False, seed=0,
                               drop_remainder=False)
   source = s.config.data.attribute_world.colour_source
+  image_wide = s.config.model.mot.vision_scope == "image"
   levels, head, labels, n = {"all": [], "rgb": []}, [], {"colour": [], "shape": []}, 0
   mass = {}
   for batch in ds:
@@ -149,24 +168,22 @@ def object_features(s, forward, reader, params, split, limit, rgb):
       want = boxes[img][f"[OBJ{slot}]"]
       if not np.allclose(np.asarray(batch["obj_boxes"])[row, slot, :4], want, atol=1e-3):
         raise ValueError(f"{img} slot {slot}: the batch's box is not the world's {want}")
-      cue = attribute_world.read_cue(world[img], slot, source)
-      if cue is None:   # an object no triplet reads (a tag)
+      read = attribute_world.read_cue(world[img], slot, source)
+      if read is None:   # an object no triplet reads (a tag)
         keep[row, slot] = False
         continue
-      cue_slot[row, slot] = cue[0]
-      labels["colour"].append(ids["colour"][cue[1]])
-      labels["shape"].append(ids["shape"][cue[2]])
+      cue_slot[row, slot] = read[0]
+      labels["colour"].append(ids["colour"][read[1]])
+      labels["shape"].append(ids["shape"][read[2]])
     per_object = [x.reshape(x.shape[0], k, -1, x.shape[-1]) for x in lv]
     levels["all"].append([x.mean(2)[keep] for x in per_object])
     levels["rgb"].append([x[:, :, rgb].mean(2)[keep] for x in per_object])
     head.append(obj[keep])
     rows, slots = np.nonzero(keep)
-    for level, plan in plans.items():
-      share = object_mass(plan, k)[rows, slots]                     # (N, K)
-      own, cue = share[np.arange(len(rows)), slots], share[np.arange(len(rows)),
-                                                           cue_slot[rows, slots]]
-      cue = np.where(cue_slot[rows, slots] == slots, 0.0, cue)   # the own world: no cue apart
-      mass.setdefault(level, []).append(np.stack([own, cue, 1.0 - own - cue], -1))
+    n_valid = np.asarray(batch["obj_mask"]).sum(1)[rows]
+    for level, plan in (plans.items() if image_wide else ()):
+      mass.setdefault(level, []).append(read_shares(
+          object_mass(plan, k)[rows, slots], slots, cue_slot[rows, slots], n_valid))
     n += int(np.asarray(batch["mask"]).sum())
     if n >= limit:
       break
@@ -197,7 +214,7 @@ def probe_run(workdir, examples, layouts=("full",)):
            "seed": config.seed, "layout": layout, "objects_train": len(train[1]),
            "objects_test": len(test[1])}
     if test[3]:   # on test: mean shares of a read object's mass, and a uniform plan's
-      out["plan_mass"] = {str(level): dict(zip(("own", "cue", "rest"),
+      out["plan_mass"] = {str(level): dict(zip(("own", "cue", "each_other"),
                                                np.round(m.mean(0), 4).tolist()))
                           for level, m in test[3].items()}
       # The attribute world fills every object slot of every image.

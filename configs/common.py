@@ -3,6 +3,8 @@
 `python -m remote_jax.train --config configs/umre.py:mot=xattn,moe=off` passes
 "mot=xattn,moe=off" to `get_config(arg)`, which calls `parse_arg`.
 """
+import copy
+
 import ml_collections
 
 from remote_jax.data import DATASETS
@@ -206,7 +208,7 @@ def synth_tower(name="grid", **overrides):
                 invariance=1.0,                      # weight of the colour-invariance term
                 invariant_levels=3,                  # over the top N levels
                 world_size=DEMO_WORLD["image_size"],  # crops are cut from images of this size
-                **SYNTH_TOWERS[name])
+                **copy.deepcopy(SYNTH_TOWERS[name]))   # a caller's edit stays its own
   recipe.update(overrides)
   return recipe
 

@@ -14,8 +14,9 @@ The tower (remote_jax/towers.py, recipe model.vision.synth): 6 layers pretrained
 shape with a colour-invariant top, on crops with the world's noise. `tower=NAME` picks a
 recipe of configs/common.py SYNTH_TOWERS: `grid` (the default, issue 35's studies: the patch
 projection kept at its random init; the top reads the colour at 35.6%) or `slow_stem` (the
-patch projection trained at 0.3x the lr, less noise: 26.8% at the top, 100% at level 0). It is written once under data.cache_dir/towers and loaded as any
-pretrained encoder; it is frozen here (its RGB embeddings and layers; its new depth
+patch projection trained at 0.3x the lr, less noise: 26.8% at the top, 100% at level 0).
+It is written once under data.cache_dir/towers and loaded as any pretrained encoder; it is
+frozen here (its RGB embeddings and layers; its new depth
 projection, the box and depth-summary embeddings and everything above train). For layer-wise
 lr decay instead:
   --config.optim.frozen_patterns='()' --config.optim.layer_decay=0.8 \

@@ -73,8 +73,8 @@ def abstract_batch(meta, batch_size, batch_sh):
 def setup(config, total_steps=1, compile_train=False, pretrained=False):
   """REMOTE's Setup: model of config.model, mesh of config.mesh (`engine.build`), with the
   pretrained encoders of config.model loaded if `pretrained` (a scratch start)."""
+  config_lib.resolve(config)   # derived fields (data.num_objects...) and every check first
   meta = pipeline.dataset_meta(config.data)
-  config_lib.resolve(config)   # derived fields and every check, before compiling
   mesh = sharding.make_mesh(config.mesh)
   for field in ("batch_size", "eval_batch_size"):
     sharding.check_batch_size(mesh, config[field], field)

@@ -84,3 +84,47 @@ def test_forward_returns_each_fused_levels_vision_plan_and_none_for_plain_runs()
       assert (b, n % K, m) == (2, 0, level * n), level   # K objects; whole lower levels
       np.testing.assert_allclose(fused_probe.object_mass(plan, K).sum(-1)[
           np.asarray(batch["obj_mask"])], 1.0, rtol=1e-5)
+
+
+def test_read_shares_split_own_cue_and_each_other_object():
+  share = np.array([[0.4, 0.1, 0.3, 0.2],     # read object 0, its cue (tag) is object 2
+                    [0.1, 0.7, 0.1, 0.1],     # read object 1, its own cue (the own world)
+                    [0.5, 0.5, 0.0, 0.0]])    # read object 0 of an image of 2 objects
+  got = fused_probe.read_shares(share, np.array([0, 1, 0]), np.array([2, 1, 0]),
+                                np.array([4, 4, 2]))
+  np.testing.assert_allclose(got, [[0.4, 0.3, 0.15], [0.7, 0.0, 0.1], [0.5, 0.0, 0.5]])
+  with pytest.raises(ValueError, match="not image-wide over 3 objects"):
+    fused_probe.object_mass(np.ones((1, 4, 8)), 3)
+
+
+def test_object_features_read_a_tag_worlds_large_shapes_with_their_cue(tmp_path):
+  """A tiny tag world and an untrained tiny model: two read objects per example, each
+  labelled with its tag's colour, and every read object's plan mass accounted for."""
+  import json
+
+  from configs import ot_world_tag_study
+  from remote_jax import task
+  from remote_jax.data import attribute_world, builder, synth
+  config = ot_world_tag_study.get_config("size=tiny,mot=ot_paper,moe=off,pos=false,depth=false")
+  config.model.vision.pretrained_dir = ""   # an untrained tower: nothing to pretrain here
+  config.data.cache_dir = str(tmp_path)
+  config.data.attribute_world.update(n_train=4, n_val=4, n_test=6)
+  config.eval_batch_size = 8   # a multiple of the test mesh (8 CPU devices), 2 rows padded
+  s = task.setup(config)
+  reader = builder.make_reader(s.config.data)
+  forward = fused_probe.forward_fn(s.model)
+  levels, head, labels, mass = fused_probe.object_features(
+      s, forward, reader, s.state.params, "test", 6, slice(0, 4))
+  assert len(head) == len(labels["colour"]) == 6 * attribute_world.NUM_LARGE
+  assert all(len(x) == len(head) for x in levels["all"])
+  world = json.loads((reader.root / "world.json").read_text())["images"]
+  want = []
+  for line in reader.path("test").read_text().splitlines():
+    objects = world[json.loads(line)["img_id"]]
+    want += [synth.COLOURS[objects[c][0]] for c, *_ in filter(None, (
+        attribute_world.read_cue(objects, slot, "tag") for slot in range(len(objects))))]
+  assert [list(synth.COLOURS.values())[i] for i in labels["colour"]] == want
+  assert sorted(mass) == list(range(1, s.config.model.vision.num_layers + 1))
+  for shares in mass.values():
+    np.testing.assert_allclose(shares[:, 0] + shares[:, 1] + 2 * shares[:, 2], 1.0, rtol=1e-5)
+    assert (shares[:, 1] > 0).all()   # the tag is another object

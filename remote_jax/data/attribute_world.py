@@ -24,7 +24,8 @@ within the study's budget.
 
 `colour_source="tag"` (H3, docs/ot_world.md §5) moves the colour part's cue to OTHER
 positions than the read object's: each image holds 2 large grey shapes of 2 different shapes
-and 2 small TAGS, one in each of those shapes, one tag of a painted colour and one not.
+and 2 small TAGS (apart from them), one of each of those shapes, one tag of a painted
+colour and one not.
 "P painted a shape ." holds for the large shape whose tag (the small shape of its shape) is
 painted; triplets read the large shapes only. The read object's own tokens carry no colour,
 so a same-position `skip` cannot find the cue and `mot=none` cannot see it; the `uniform`
@@ -117,7 +118,15 @@ def _tag_scene(rng):
 
 def tag_of(shape, shapes):
   """The small tag of a large shape's shape in a tag scene."""
-  return next(s for s in shapes if s.size == TAG and s.shape == shape.shape)
+  return shapes[_tag_index([(s.size, s.shape) for s in shapes], shape.shape)]
+
+
+def _tag_index(objects, kind):
+  """The index of the tag of shape `kind` among (size, shape) pairs; ValueError if none."""
+  for i, (size, shape) in enumerate(objects):
+    if size == TAG and shape == kind:
+      return i
+  raise ValueError(f"the tag scene has no {TAG} {kind} (a world written by another version?)")
 
 
 def holds(relation, shape, shapes, colour_source="own"):
@@ -165,7 +174,7 @@ def read_cue(objects, slot, colour_source):
     return slot, colour, shape
   if size != LARGE:
     return None
-  cue = next(i for i, o in enumerate(objects) if o[2] == TAG and o[1] == shape)
+  cue = _tag_index([(o[2], o[1]) for o in objects], shape)
   return cue, objects[cue][0], shape
 
 

@@ -177,10 +177,19 @@ def test_named_recipes_train_the_patch_projection_as_stated_and_the_world_follow
   assert stem["grid"]["embeddings"]["patch_embedding"]["kernel"] == optim.FROZEN
   assert stem["slow_stem"]["embeddings"]["patch_embedding"]["kernel"] == "stem"
   assert {s["layers_0"]["fc1"]["kernel"] for s in stem.values()} == {optim.DEFAULT}
-  assert common.synth_tower("slow_stem")["optim"]["groups"]["stem"]["lr_mult"] == 0.3
   config = ot_world.get_config("tower=slow_stem,moe=off")
   config_lib.resolve(config)
   assert (config.data.attribute_world.pixel_noise, config.model.moe.variant) == (0.08, "off")
-  assert ot_world.get_config().model.vision.synth.to_dict() == common.synth_tower("grid")
+  # The studies' recipe (docs/ot_world.md §1), pinned: its tower's cache entry must not move.
+  grid = common.synth_tower()
+  assert ot_world.get_config().model.vision.synth.to_dict() == grid
+  assert {k: grid[k] for k in ("steps", "batch_size", "n_crops", "invariance",
+                               "invariant_levels", "pixel_noise")} == dict(
+      steps=4000, batch_size=128, n_crops=4096, invariance=1.0, invariant_levels=3,
+      pixel_noise=0.12)
+  assert (grid["optim"]["lr"], grid["optim"]["frozen_patterns"], grid["optim"]["groups"]) == (
+      1e-3, (common.TOWER_STEM,), {})
+  common.synth_tower("slow_stem")["optim"]["groups"]["stem"]["lr_mult"] = 9.0   # a copy
+  assert common.synth_tower("slow_stem")["optim"]["groups"]["stem"]["lr_mult"] == 0.3
   with pytest.raises(ValueError, match=r"tower='nope': allowed \['grid', 'slow_stem'\]"):
     ot_world.get_config("tower=nope")

@@ -11,6 +11,9 @@ from configs import ot_world
 from remote_jax.data import DATASETS, attribute_world, synth
 
 SMALL = dict(ot_world.ATTRIBUTE_WORLD, n_train=80, n_val=12, n_test=40, pixel_noise=0.1)
+# SMALL's own world as GENERATOR_VERSION 2 wrote it before the tag world (c5a5683): sha1[:12].
+GOLDEN = {"train_set.json": "6b988411a23f", "test_set.json": "d7ba084c303d",
+          "pos_umke.json": "bb4c8c0b9ea2", "world.json": "86a32b64a876"}
 
 
 @pytest.fixture(scope="module")
@@ -137,8 +140,15 @@ def test_tag_world_puts_the_colour_cue_in_the_same_shaped_tag(tag_dir):
   assert counts["train", "painted"] == counts["train", "drew"] == 20
   boxes = json.loads((tag_dir / "pos_umke.json").read_text())
   assert {len(b) for b in boxes.values()} == {attribute_world.num_objects("tag")}
-  plain = np.asarray(Image.open(tag_dir / "UMKE_IMG/train_00000.png"), np.float32)
-  assert plain.shape == (SMALL["image_size"],) * 2 + (3,)
+  # The large shapes are drawn grey: the mean over a large shape's box centre is grey.
+  image = np.asarray(Image.open(tag_dir / "UMKE_IMG/train_00000.png"), np.float32)
+  for name, box in boxes["train_00000.png"].items():
+    obj = truth["train_00000.png"][int(name.removeprefix("[OBJ").removesuffix("]"))]
+    l, t, r, b = (int(round(v * SMALL["image_size"])) for v in box)
+    centre = image[(3 * t + b) // 4:(t + 3 * b) // 4, (3 * l + r) // 4:(l + 3 * r) // 4]
+    want = (attribute_world.UNPAINTED_RGB if obj[2] == attribute_world.LARGE
+            else synth.COLOURS[obj[0]])
+    assert np.abs(centre.reshape(-1, 3).mean(0) - want).max() < 12, obj
 
 
 def test_the_object_count_follows_the_colour_source_and_a_bad_source_is_named():
@@ -159,9 +169,18 @@ def test_read_cue_names_the_object_whose_colour_decides(tag_dir, world_dir):
       for slot, obj in enumerate(objects):
         cue = attribute_world.read_cue(objects, slot, source)
         if source == "own":
-          assert cue == (slot, obj[0], obj[1])
+          assert cue == (slot, obj[0], obj[1])   # the object itself
         elif obj[2] == attribute_world.TAG:
           assert cue is None
         else:
           assert objects[cue[0]][1:3] == [obj[1], attribute_world.TAG] and cue[1:] == (
               objects[cue[0]][0], obj[1])
+
+
+def test_the_own_world_is_the_one_the_studies_ran_on(world_dir):
+  """The relations, boxes and ground truth of a small own world, pinned (sha1): a change to
+  the generator must bump GENERATOR_VERSION and say so (the tag world came without one)."""
+  import hashlib
+  digest = {name: hashlib.sha1((world_dir / name).read_bytes()).hexdigest()[:12]
+            for name in ("train_set.json", "test_set.json", "pos_umke.json", "world.json")}
+  assert digest == GOLDEN, digest
