@@ -229,10 +229,17 @@ def mi2rage_folds(cfg):
 
 # -- derived fields -------------------------------------------------------------------------
 
-def _attribute_world_objects(colour_source):
-  # The world states its own object count (imported here: the data package imports config).
-  from remote_jax.data import attribute_world
-  return attribute_world.num_objects(colour_source)
+# The attribute world's objects per image by data.attribute_world.colour_source: 3 shapes, or
+# 2 large shapes and their 2 tags (remote_jax/data/attribute_world.py draws them; stated here,
+# where data.num_objects follows it, because the data package imports this module).
+ATTRIBUTE_WORLD_OBJECTS = {"own": 3, "tag": 4}
+
+
+def attribute_world_objects(colour_source):
+  if colour_source not in ATTRIBUTE_WORLD_OBJECTS:
+    raise ValueError(f"data.attribute_world.colour_source={colour_source!r}: allowed "
+                     f"{list(ATTRIBUTE_WORLD_OBJECTS)}")
+  return ATTRIBUTE_WORLD_OBJECTS[colour_source]
 
 
 # (derived field, its source, how): the fields that copy or follow another. A config file
@@ -247,7 +254,7 @@ DERIVED = {
         ("data.attribute_world.pixel_noise", "model.vision.synth.pixel_noise", lambda v: v),
         ("model.vision.synth.world_size", "data.attribute_world.image_size", lambda v: v),
         # Its object count follows where the colour cue sits (3 shapes, or 2 and 2 tags).
-        ("data.num_objects", "data.attribute_world.colour_source", _attribute_world_objects),
+        ("data.num_objects", "data.attribute_world.colour_source", attribute_world_objects),
     ),
     "mi2rage": (
         ("data.image_size", "model.vision.image_size", lambda v: v),

@@ -47,6 +47,7 @@ import pathlib
 
 import numpy as np
 
+from remote_jax import config as config_lib
 from remote_jax.config import cfg_get, setting
 from remote_jax.data import synth, umre
 
@@ -64,8 +65,8 @@ TEMPLATES = {
 PARTS = {"painted": "colour", "drew": "shape"}
 WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "pixel_noise",
               "colour_source")
-# Where the colour part's cue sits: the read object itself, or its same-shaped tag.
-COLOUR_SOURCES = ("own", "tag")
+# Where the colour part's cue sits (colour_source): the read object itself ("own"), or its
+# same-shaped tag ("tag"); remote_jax/config.py ATTRIBUTE_WORLD_OBJECTS lists them.
 # The tag world's large shapes are UNPAINTED grey (in no part's rule), its tags small.
 UNPAINTED, UNPAINTED_RGB = "grey", (150, 150, 150)
 PALETTE = dict(synth.COLOURS, **{UNPAINTED: UNPAINTED_RGB})
@@ -179,11 +180,9 @@ def read_cue(objects, slot, colour_source):
 
 
 def num_objects(colour_source):
-  """Objects per image: 3 shapes, or 2 large shapes and their 2 tags."""
-  if colour_source not in COLOUR_SOURCES:
-    raise ValueError(f"data.attribute_world.colour_source={colour_source!r}: allowed "
-                     f"{list(COLOUR_SOURCES)}")
-  return 2 * NUM_LARGE if colour_source == "tag" else NUM_OBJECTS
+  """Objects per image: 3 shapes, or 2 large shapes and their 2 tags (the count data.num_objects
+  follows, remote_jax/config.py ATTRIBUTE_WORLD_OBJECTS; a bad source is a one-line error)."""
+  return config_lib.attribute_world_objects(colour_source)
 
 
 def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, pixel_noise,

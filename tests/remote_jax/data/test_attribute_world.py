@@ -42,7 +42,7 @@ def test_relations_follow_the_rule_on_the_objects_own_attribute(world_dir):
   for split in ("train", "val", "test"):
     for line in lines(world_dir, split):
       objects = truth[line["img_id"]]
-      assert len(objects) == attribute_world.NUM_OBJECTS
+      assert len(objects) == attribute_world.NUM_OBJECTS == attribute_world.num_objects("own")
       assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == 3
       painted = [o[0] in attribute_world.PAINTED_COLOURS for o in objects]
       assert any(painted) and not all(painted)
