@@ -55,7 +55,6 @@ def get_config(arg=None):
   del config.data["demo"]
   config.data.attribute_world = dict(ATTRIBUTE_WORLD,
                                      pixel_noise=config.model.vision.synth["pixel_noise"])
-  config.data.num_objects = 3   # follows data.attribute_world.colour_source
   config.model.mot.vision_scope = "image"
   # The pretrained tower; its depth projection (new, from the RGB kernel's channel mean) trains.
   config.optim.frozen_patterns = (r"^vision/(?!embeddings/depth_embedding/)",)

@@ -25,6 +25,17 @@ def lines(root, split):
   return [json.loads(x) for x in (root / f"{split}_set.json").read_text().splitlines()]
 
 
+def triplets(root):
+  """(split, line, the image's world.json objects, the line's object slot, its part) of every
+  line of a written world."""
+  truth = json.loads((root / "world.json").read_text())["images"]
+  for split in ("train", "val", "test"):
+    for line in lines(root, split):
+      slot = int(line["t"]["name"].removeprefix("[OBJ").removesuffix("]"))
+      part = "painted" if set(line["token"]) & {"painted", "coloured"} else "drew"
+      yield split, line, truth[line["img_id"]], slot, part
+
+
 def test_same_seed_same_world(world_dir, tmp_path):
   again = attribute_world.write_attribute_world(tmp_path / "b", **SMALL)
   other = attribute_world.write_attribute_world(tmp_path / "c", **dict(SMALL, seed=1))
@@ -37,25 +48,20 @@ def test_same_seed_same_world(world_dir, tmp_path):
 
 
 def test_relations_follow_the_rule_on_the_objects_own_attribute(world_dir):
-  truth = json.loads((world_dir / "world.json").read_text())["images"]
   counts = collections.Counter()
-  for split in ("train", "val", "test"):
-    for line in lines(world_dir, split):
-      objects = truth[line["img_id"]]
-      assert len(objects) == attribute_world.NUM_OBJECTS == attribute_world.num_objects("own")
-      assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == 3
-      painted = [o[0] in attribute_world.PAINTED_COLOURS for o in objects]
-      assert any(painted) and not all(painted)
-      words = set(line["token"])
-      assert not words & (set(synth.COLOURS) | set(synth.SHAPES))   # the text names nothing
-      part = "painted" if words & {"painted", "coloured"} else "drew"
-      slot = int(line["t"]["name"].removeprefix("[OBJ").removesuffix("]"))
-      colour, shape = objects[slot][:2]
-      rule = (colour in attribute_world.PAINTED_COLOURS if part == "painted"
-              else shape == attribute_world.DRAWN_SHAPE)
-      assert line["relation"] == (part if rule else "none")
-      assert line["h"]["name"].split() == line["token"][slice(*line["h"]["pos"])]
-      counts[split, line["relation"]] += 1
+  for split, line, objects, slot, part in triplets(world_dir):
+    assert len(objects) == attribute_world.NUM_OBJECTS == attribute_world.num_objects("own")
+    assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == 3
+    painted = [o[0] in attribute_world.PAINTED_COLOURS for o in objects]
+    assert any(painted) and not all(painted)
+    words = set(line["token"])
+    assert not words & (set(synth.COLOURS) | set(synth.SHAPES))   # the text names nothing
+    colour, shape = objects[slot][:2]
+    rule = (colour in attribute_world.PAINTED_COLOURS if part == "painted"
+            else shape == attribute_world.DRAWN_SHAPE)
+    assert line["relation"] == (part if rule else "none")
+    assert line["h"]["name"].split() == line["token"][slice(*line["h"]["pos"])]
+    counts[split, line["relation"]] += 1
   assert counts["train", "painted"] == counts["train", "drew"] == 20
   assert counts["train", "none"] == 40
 
@@ -119,24 +125,20 @@ def tag_dir(tmp_path_factory):
 def test_tag_world_puts_the_colour_cue_in_the_same_shaped_tag(tag_dir):
   truth = json.loads((tag_dir / "world.json").read_text())["images"]
   counts = collections.Counter()
-  for split in ("train", "val", "test"):
-    for line in lines(tag_dir, split):
-      objects = truth[line["img_id"]]
-      large = [o for o in objects if o[2] == attribute_world.LARGE]
-      tags = [o for o in objects if o[2] == attribute_world.TAG]
-      assert len(large) == len(tags) == attribute_world.NUM_LARGE
-      assert {o[0] for o in large} == {attribute_world.UNPAINTED}   # the read shapes: no colour
-      assert sorted(o[1] for o in large) == sorted(o[1] for o in tags)
-      assert sum(o[0] in attribute_world.PAINTED_COLOURS for o in tags) == 1
-      slot = int(line["t"]["name"].removeprefix("[OBJ").removesuffix("]"))
-      colour, shape, size = objects[slot][:3]
-      assert size == attribute_world.LARGE   # triplets read the large shapes only
-      tag_colour = next(o[0] for o in tags if o[1] == shape)
-      part = "painted" if set(line["token"]) & {"painted", "coloured"} else "drew"
-      rule = (tag_colour in attribute_world.PAINTED_COLOURS if part == "painted"
-              else shape == attribute_world.DRAWN_SHAPE)
-      assert line["relation"] == (part if rule else "none")
-      counts[split, line["relation"]] += 1
+  for split, line, objects, slot, part in triplets(tag_dir):
+    large = [o for o in objects if o[2] == attribute_world.LARGE]
+    tags = [o for o in objects if o[2] == attribute_world.TAG]
+    assert len(large) == len(tags) == attribute_world.NUM_LARGE
+    assert {o[0] for o in large} == {attribute_world.UNPAINTED}   # the read shapes: no colour
+    assert sorted(o[1] for o in large) == sorted(o[1] for o in tags)
+    assert sum(o[0] in attribute_world.PAINTED_COLOURS for o in tags) == 1
+    colour, shape, size = objects[slot][:3]
+    assert size == attribute_world.LARGE   # triplets read the large shapes only
+    tag_colour = next(o[0] for o in tags if o[1] == shape)
+    rule = (tag_colour in attribute_world.PAINTED_COLOURS if part == "painted"
+            else shape == attribute_world.DRAWN_SHAPE)
+    assert line["relation"] == (part if rule else "none")
+    counts[split, line["relation"]] += 1
   assert counts["train", "painted"] == counts["train", "drew"] == 20
   boxes = json.loads((tag_dir / "pos_umke.json").read_text())
   assert {len(b) for b in boxes.values()} == {attribute_world.num_objects("tag")}
