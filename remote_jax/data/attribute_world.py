@@ -52,7 +52,8 @@ from remote_jax.config import cfg_get, setting
 from remote_jax.data import synth, umre
 
 RELATIONS = ("none", "painted", "drew")
-NUM_OBJECTS = 3
+# Objects per image, stated once in remote_jax/config.py (data.num_objects follows them).
+NUM_OBJECTS = config_lib.ATTRIBUTE_WORLD_OBJECTS["own"]
 PAINTED_COLOURS = ("red", "yellow")
 DRAWN_SHAPE = "circle"
 TEMPLATES = {
@@ -71,7 +72,7 @@ WORLD_KEYS = ("seed", "n_train", "n_val", "n_test", "image_size", "pixel_noise",
 UNPAINTED, UNPAINTED_RGB = "grey", (150, 150, 150)
 PALETTE = dict(synth.COLOURS, **{UNPAINTED: UNPAINTED_RGB})
 LARGE, TAG = "large", "small"
-NUM_LARGE = 2
+NUM_LARGE = config_lib.ATTRIBUTE_WORLD_OBJECTS["tag"] // 2   # one tag per large shape
 # Part of the cache key: bump when the generated data changes.
 GENERATOR_VERSION = 2
 
@@ -179,18 +180,12 @@ def read_cue(objects, slot, colour_source):
   return cue, objects[cue][0], shape
 
 
-def num_objects(colour_source):
-  """Objects per image: 3 shapes, or 2 large shapes and their 2 tags (the count data.num_objects
-  follows, remote_jax/config.py ATTRIBUTE_WORLD_OBJECTS; a bad source is a one-line error)."""
-  return config_lib.attribute_world_objects(colour_source)
-
-
 def write_attribute_world(out_dir, *, seed, n_train, n_val, n_test, image_size, pixel_noise,
                           colour_source="own"):
   """Writes the world in UMRE layout under `out_dir` (UmreReader's default paths), with the
   buckets of PARTS per split ({split: {part: 0-based line indices}}) and the ground truth
   `world.json` (per image in slot order: colour, shape, size, nearness)."""
-  num_objects(colour_source)   # checks it
+  config_lib.attribute_world_objects(colour_source)   # a bad source is a one-line error
   out = pathlib.Path(out_dir)
   paths = umre.UmreReader.DEFAULT_PATHS
   (out / paths["images"]).mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from configs import ot_world
+from remote_jax import config as config_lib
 from remote_jax.data import DATASETS, attribute_world, synth
 
 SMALL = dict(ot_world.ATTRIBUTE_WORLD, n_train=80, n_val=12, n_test=40, pixel_noise=0.1)
@@ -50,7 +51,7 @@ def test_same_seed_same_world(world_dir, tmp_path):
 def test_relations_follow_the_rule_on_the_objects_own_attribute(world_dir):
   counts = collections.Counter()
   for split, line, objects, slot, part in triplets(world_dir):
-    assert len(objects) == attribute_world.NUM_OBJECTS == attribute_world.num_objects("own")
+    assert len(objects) == config_lib.attribute_world_objects("own")
     assert len({o[0] for o in objects}) == len({o[1] for o in objects}) == 3
     painted = [o[0] in attribute_world.PAINTED_COLOURS for o in objects]
     assert any(painted) and not all(painted)
@@ -141,7 +142,7 @@ def test_tag_world_puts_the_colour_cue_in_the_same_shaped_tag(tag_dir):
     counts[split, line["relation"]] += 1
   assert counts["train", "painted"] == counts["train", "drew"] == 20
   boxes = json.loads((tag_dir / "pos_umke.json").read_text())
-  assert {len(b) for b in boxes.values()} == {attribute_world.num_objects("tag")}
+  assert {len(b) for b in boxes.values()} == {config_lib.attribute_world_objects("tag")}
   # The large shapes are drawn grey: the mean over a large shape's box centre is grey.
   image = np.asarray(Image.open(tag_dir / "UMKE_IMG/train_00000.png"), np.float32)
   for name, box in boxes["train_00000.png"].items():
